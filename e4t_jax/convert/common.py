@@ -1,0 +1,256 @@
+"""Strict, torch-free conversion between PyTorch state dicts on disk and our Flax param pytrees.
+
+Our parameter names mirror the reference (see `models/layers.py`): the torch key of a Flax leaf is
+its path joined with '.', where a list-container segment `name_N` becomes `name.N`, and the leaf
+name maps `kernel`/`scale`/`embedding` -> `weight`. Kernels change layout (Linear [out, in] ->
+[in, out]; Conv2d OIHW -> HWIO). Everything is checked: a missing, unexpected or mis-shaped tensor
+raises `ConversionError` naming the key and the file.
+
+Safetensors are read and written here with numpy (+ ml_dtypes for bfloat16), lazily via memmap.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+
+from e4t_jax.errors import ConversionError
+
+# Module names under which the reference keeps `nn.ModuleList`s: `down_blocks.0` <-> `down_blocks_0`.
+LIST_CONTAINERS = frozenset({
+    'down_blocks', 'up_blocks', 'resnets', 'attentions', 'transformer_blocks', 'upsamplers',
+    'downsamplers', 'to_out', 'net', 'layers',
+})
+_LEAF_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight', 'bias': 'bias'}
+
+_ST_DTYPES = {
+    'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
+    'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_,
+}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+# ----------------------------------------------------------------------------- safetensors I/O
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a .safetensors file into numpy arrays (memory-mapped, no copy until used)."""
+  path = Path(path)
+  try:
+    with open(path, 'rb') as f:
+      (header_len,) = struct.unpack('<Q', f.read(8))
+      header = json.loads(f.read(header_len))
+  except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConversionError(f'{path}: not a readable safetensors file ({e}); re-export it.') from e
+  header.pop('__metadata__', None)
+  data = np.memmap(path, dtype=np.uint8, mode='r', offset=8 + header_len)
+  out = {}
+  for key, info in header.items():
+    dtype = _ST_DTYPES.get(info['dtype'])
+    if dtype is None:
+      raise ConversionError(f'{path}: tensor {key!r} has unsupported dtype {info["dtype"]}.')
+    start, end = info['data_offsets']
+    if end > data.size:
+      raise ConversionError(f'{path}: tensor {key!r} runs past the end of the file (truncated?).')
+    out[key] = data[start:end].view(dtype).reshape(info['shape'])
+  return out
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+  with open(path, 'rb') as f:
+    (header_len,) = struct.unpack('<Q', f.read(8))
+    return json.loads(f.read(header_len)).get('__metadata__', {}) or {}
+
+
+def atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[bytes]) -> None:
+  """Writes to a temporary file beside `path`, then renames: a reader never sees a partial file."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      for chunk in chunks:
+        f.write(chunk)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any],
+                      metadata: Mapping[str, str] | None = None) -> None:
+  """Writes numpy/JAX arrays as a .safetensors file (atomically)."""
+  header: dict[str, Any] = {}
+  if metadata:
+    header['__metadata__'] = {str(k): str(v) for k, v in metadata.items()}
+  arrays, offset = [], 0
+  for key in sorted(tensors):
+    arr = np.ascontiguousarray(np.asarray(tensors[key]))
+    if arr.dtype not in _ST_NAMES:
+      raise ConversionError(f'{path}: cannot store tensor {key!r} of dtype {arr.dtype}.')
+    header[key] = {'dtype': _ST_NAMES[arr.dtype], 'shape': list(arr.shape),
+                   'data_offsets': [offset, offset + arr.nbytes]}
+    offset += arr.nbytes
+    arrays.append(arr)
+  header_bytes = json.dumps(header, separators=(',', ':')).encode()
+  header_bytes += b' ' * (-len(header_bytes) % 8)  # 8-byte alignment of the data section
+  atomic_write_bytes(path, [struct.pack('<Q', len(header_bytes)), header_bytes,
+                            *(a.tobytes() for a in arrays)])
+
+
+# ----------------------------------------------------------------------------- model directories
+def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+  model_dir = Path(model_dir)
+  path = model_dir / 'config.json'
+  if not model_dir.is_dir():
+    raise ConversionError(f'{model_dir}: no such model directory.')
+  if not path.is_file():
+    raise ConversionError(f'{path}: missing; a diffusers/transformers model directory needs its config.json.')
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConversionError(f'{path}: invalid JSON ({e}).') from e
+
+
+def read_weights(model_dir: str | os.PathLike, weights_name: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """Reads `weights_name` (e.g. 'model.safetensors') or its sharded `<name>.index.json` in `model_dir`.
+
+  Returns (state_dict, key -> file it came from).
+  """
+  model_dir = Path(model_dir)
+  single = model_dir / weights_name
+  index = model_dir / f'{weights_name}.index.json'
+  files: list[Path]
+  if single.is_file():
+    files = [single]
+  elif index.is_file():
+    weight_map = json.loads(index.read_text())['weight_map']
+    files = [model_dir / name for name in sorted(set(weight_map.values()))]
+  else:
+    bins = sorted(p.name for p in model_dir.glob('*.bin'))
+    hint = f' (found {bins}: convert them to safetensors first, we never unpickle)' if bins else ''
+    raise ConversionError(f'{model_dir}: no {weights_name} or {weights_name}.index.json{hint}.')
+  state, origin = {}, {}
+  for file in files:
+    if not file.is_file():
+      raise ConversionError(f'{file}: listed in {index.name} but missing.')
+    for key, value in read_safetensors(file).items():
+      state[key] = value
+      origin[key] = str(file)
+  return state, origin
+
+
+def write_model_dir(model_dir: str | os.PathLike, state_dict: Mapping[str, Any], config: Mapping[str, Any],
+                    weights_name: str) -> None:
+  model_dir = Path(model_dir)
+  model_dir.mkdir(parents=True, exist_ok=True)
+  write_safetensors(model_dir / weights_name, state_dict, metadata={'format': 'pt'})
+  atomic_write_bytes(model_dir / 'config.json', [json.dumps(dict(config), indent=2, sort_keys=True).encode()])
+
+
+# ----------------------------------------------------------------------------- name + layout mapping
+_LIST_SEGMENT = re.compile(r'^(?P<name>.+)_(?P<index>\d+)$')
+
+
+def torch_key(path: tuple[str, ...], prefix: str = '') -> str:
+  """Flax param path -> PyTorch state-dict key, e.g. ('down_blocks_0', 'resnets_1', 'conv1', 'kernel')."""
+  parts = []
+  for segment in path[:-1]:
+    m = _LIST_SEGMENT.match(segment)
+    if m and m['name'] in LIST_CONTAINERS:
+      parts += [m['name'], m['index']]
+    else:
+      parts.append(segment)
+  parts.append(_LEAF_TO_TORCH.get(path[-1], path[-1]))
+  return prefix + '.'.join(parts)
+
+
+def to_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+  if path[-1] == 'kernel':
+    if value.ndim == 2:  # Dense [in, out] -> Linear [out, in]
+      return value.T
+    if value.ndim == 4:  # Conv HWIO -> OIHW
+      return value.transpose(3, 2, 0, 1)
+  return value
+
+
+def from_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+  if path[-1] == 'kernel':
+    if value.ndim == 2:
+      return value.T
+    if value.ndim == 4:  # OIHW -> HWIO
+      return value.transpose(2, 3, 1, 0)
+  return value
+
+
+def _shape_of(leaf: Any) -> tuple[int, ...]:
+  return tuple(getattr(leaf, 'shape', ()))
+
+
+def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params: Any, *, source: str,
+                         prefix: str = '', ignore: Iterable[str] = (), origin: Mapping[str, str] | None = None,
+                         dtype: Any = np.float32) -> dict:
+  """Builds our (unboxed) params tree from a PyTorch state dict, strictly.
+
+  Args:
+    state_dict: torch key -> array (torch layout).
+    abstract_params: our params tree (arrays or ShapeDtypeStructs; boxes are unwrapped) defining the
+      expected keys and shapes.
+    source: the directory/file named in errors.
+    prefix: prepended to every torch key (e.g. 'text_model.').
+    ignore: regexes of torch keys that are allowed but unused (buffers such as `position_ids`).
+    origin: torch key -> file, for error messages.
+  """
+  origin = origin or {}
+  flat = traverse_util.flatten_dict(_unbox(abstract_params))
+  ignore_res = [re.compile(p) for p in ignore]
+  expected = {torch_key(path, prefix): path for path in flat}
+  missing = sorted(k for k in expected if k not in state_dict)
+  unexpected = sorted(k for k in state_dict if k not in expected and not any(r.search(k) for r in ignore_res))
+  problems = []
+  if missing:
+    problems.append(f'missing {len(missing)} tensor(s): {", ".join(missing[:8])}' + (' …' if len(missing) > 8 else ''))
+  if unexpected:
+    problems.append(f'unexpected {len(unexpected)} tensor(s): {", ".join(unexpected[:8])}' +
+                    (' …' if len(unexpected) > 8 else ''))
+  out = {}
+  for key, path in expected.items():
+    if key not in state_dict:
+      continue
+    value = from_torch_layout(path, np.asarray(state_dict[key]))
+    want = _shape_of(flat[path])
+    if tuple(value.shape) != want:
+      where = origin.get(key, source)
+      problems.append(f'tensor {key!r} in {where} has shape {tuple(state_dict[key].shape)}, '
+                      f'expected {to_torch_layout(path, np.empty(want, np.int8)).shape} for this config')
+      continue
+    out[path] = np.asarray(value, dtype=dtype)
+  if problems:
+    raise ConversionError(f'{source}: weights do not match the model config: ' + '; '.join(problems) +
+                          '. Check that config.json belongs to these weights.')
+  return traverse_util.unflatten_dict(out)
+
+
+def params_to_state_dict(params: Any, prefix: str = '') -> dict[str, np.ndarray]:
+  """Our params tree -> PyTorch state dict (numpy, torch layout)."""
+  flat = traverse_util.flatten_dict(_unbox(params))
+  return {torch_key(path, prefix): np.ascontiguousarray(to_torch_layout(path, np.asarray(jax.device_get(v))))
+          for path, v in flat.items()}
+
+
+def _unbox(tree: Any) -> Any:
+  import flax.linen as nn
+  tree = nn.meta.unbox(tree)
+  if hasattr(tree, 'unfreeze'):
+    tree = tree.unfreeze()
+  return dict(tree)

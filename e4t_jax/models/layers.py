@@ -1,0 +1,140 @@
+"""Building blocks shared by every network: annotated Dense/Conv/Norm layers and the one attention.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`); the mapping from
+logical names to mesh axes lives in the config (`parallel.mesh.DEFAULT_LOGICAL_AXIS_RULES`), never here.
+
+Logical axis vocabulary:
+  embed       model width on the input side of a projection
+  mlp         hidden width of a feed-forward layer, or the output side of a projection head
+  heads       flattened heads * head_dim of a Q/K/V projection
+  conv_in / conv_out / conv_height / conv_width   the four axes of a conv kernel (HWIO)
+  norm        scale/bias of a normalization layer
+  vocab       rows of a token-embedding table
+  position    rows of a position-embedding table
+
+Parameter names mirror the PyTorch reference (diffusers / transformers) with `.N` list indices
+written `_N` (e.g. `to_out_0`), so one generic converter (`convert.common`) maps every model.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Axes = tuple[str | None, ...]
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def dense(features: int, axes: Axes, *, name: str, use_bias: bool = True,
+          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+          kernel_init=default_kernel_init) -> nn.Dense:
+  """A Dense layer whose kernel is annotated `axes` = (in_axis, out_axis) and bias `(out_axis,)`."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)))
+
+
+def conv(features: int, kernel_size: int, *, name: str, stride: int = 1, padding: int | str | None = None,
+         use_bias: bool = True, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> nn.Conv:
+  """An NHWC conv (HWIO kernel) with symmetric `kernel_size // 2` padding unless given."""
+  if padding is None:
+    padding = kernel_size // 2
+  if isinstance(padding, int):
+    padding = ((padding, padding), (padding, padding))
+  return nn.Conv(
+      features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding,
+      use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(
+          default_kernel_init, ('conv_height', 'conv_width', 'conv_in', 'conv_out')),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('conv_out',)))
+
+
+def group_norm(num_groups: int, *, name: str, epsilon: float = 1e-5, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32) -> nn.GroupNorm:
+  """GroupNorm as in PyTorch (statistics in float32, matching `torch.nn.GroupNorm`)."""
+  return nn.GroupNorm(
+      num_groups=num_groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('norm',)))
+
+
+def layer_norm(*, name: str, epsilon: float = 1e-5, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('norm',)))
+
+
+def embed(num_embeddings: int, features: int, axes: Axes, *, name: str, dtype: Dtype = jnp.float32,
+          param_dtype: Dtype = jnp.float32) -> nn.Embed:
+  return nn.Embed(
+      num_embeddings, features, dtype=dtype, param_dtype=param_dtype, name=name,
+      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes))
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
+                          causal: bool = False, key_mask: jax.Array | None = None,
+                          upcast: bool = False, implementation: str | None = None) -> jax.Array:
+  """Scaled dot-product attention, the single implementation used by the U-Net, VAE and CLIP.
+
+  Args:
+    query: [batch, q_len, heads, head_dim]; key/value: [batch, kv_len, heads, head_dim].
+    causal: mask future positions (CLIP text).
+    key_mask: optional [batch, kv_len] bool, True where a key may be attended to.
+    upcast: compute in float32 whatever the input dtype (diffusers' `upcast_attention`, SD 2.1).
+    implementation: None (let JAX choose), 'xla' or 'cudnn' (fused flash attention on GPU).
+  Returns:
+    [batch, q_len, heads, head_dim] in the query's dtype.
+  """
+  out_dtype = query.dtype
+  if upcast:
+    query, key, value = (x.astype(jnp.float32) for x in (query, key, value))
+  mask = None
+  if key_mask is not None:
+    mask = key_mask[:, None, None, :].astype(bool)  # [batch, 1, 1, kv_len]
+  out = jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=causal,
+                                     implementation=implementation)
+  return out.astype(out_dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with named Q/K/V/out projections.
+
+  `projection_names` picks the reference's parameter names: diffusers ('to_q', 'to_k', 'to_v',
+  'to_out_0') or CLIP ('q_proj', 'k_proj', 'v_proj', 'out_proj'). The E4T weight offsets target the
+  Q/K/V kernels by these names (they are merged into the params tree, not into this module).
+  """
+  heads: int
+  head_dim: int
+  out_features: int | None = None
+  qkv_bias: bool = False
+  out_bias: bool = True
+  upcast: bool = False
+  projection_names: Sequence[str] = ('to_q', 'to_k', 'to_v', 'to_out_0')
+  implementation: str | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: jax.Array, context: jax.Array | None = None, *, causal: bool = False,
+               key_mask: jax.Array | None = None) -> jax.Array:
+    # hidden: [batch, tokens, width]; context: [batch, context_tokens, context_width] (cross-attention)
+    q_name, k_name, v_name, out_name = self.projection_names
+    context = hidden if context is None else context
+    inner = self.heads * self.head_dim
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    q = dense(inner, ('embed', 'heads'), name=q_name, use_bias=self.qkv_bias, **kw)(hidden)
+    k = dense(inner, ('embed', 'heads'), name=k_name, use_bias=self.qkv_bias, **kw)(context)
+    v = dense(inner, ('embed', 'heads'), name=v_name, use_bias=self.qkv_bias, **kw)(context)
+    split = lambda x: x.reshape(x.shape[:-1] + (self.heads, self.head_dim))
+    out = dot_product_attention(split(q), split(k), split(v), causal=causal, key_mask=key_mask,
+                                upcast=self.upcast, implementation=self.implementation)
+    out = out.reshape(out.shape[:-2] + (inner,))
+    out_features = self.out_features or hidden.shape[-1]
+    return dense(out_features, ('heads', 'embed'), name=out_name, use_bias=self.out_bias, **kw)(out)
