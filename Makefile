@@ -1,0 +1,31 @@
+# The two commands: `make demo` and `make test`. Both create .venv (Python 3.11) and install the exact
+# pins in requirements/lock.txt on first use; the venv is reused until the pins or setup.py change.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON311 ?= $(shell command -v python3.11 || command -v python3)
+PINS_HASH := $(shell cat requirements/lock.txt setup.py | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(PINS_HASH)
+PYTEST_ARGS ?=
+
+.PHONY: demo test install clean-venv
+
+install: $(STAMP)
+
+$(STAMP): requirements/lock.txt setup.py
+	@$(PYTHON311) -c 'import sys; assert sys.version_info[:2] == (3, 11), "e4t-jax pins are for Python 3.11, got " + sys.version' 
+	@test -x $(PY) || $(PYTHON311) -m venv $(VENV)
+	@echo "installing pinned dependencies into $(VENV) (first run only; a few minutes)…"
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/lock.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/e4t demo
+
+test: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m pytest tests $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
