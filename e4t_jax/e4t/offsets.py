@@ -1,0 +1,100 @@
+"""Regularized low-rank weight offsets on the U-Net's attention projections (E4T, Sec. 3.2).
+
+The offsets are a separate params subtree, keyed by the target kernel's path in the U-Net params
+(e.g. 'down_blocks_0/attentions_0/transformer_blocks_0/attn2/to_k'), each a low-rank pair
+  down: [in, rank]   up: [rank, out]     ΔW = down @ up
+merged functionally into a copy of the frozen tree, never mutating it:
+  additive        W' = W + ΔW                (default; exportable as a LoRA)
+  multiplicative  W' = W ⊙ (1 + ΔW)          (the reference implementation's form)
+`up` starts at zero, so a fresh set of offsets leaves the pretrained U-Net exactly as it was.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from e4t_jax.errors import ConfigError
+
+# Q, K and V projections of every self- (attn1) and cross-attention (attn2) layer of the U-Net.
+DEFAULT_TARGETS = (r'attn[12]/to_[qkv]$',)
+MODES = ('additive', 'multiplicative')
+
+
+@dataclasses.dataclass(frozen=True)
+class OffsetsConfig:
+  rank: int = 4
+  mode: str = 'additive'
+  # Regexes matched (re.search) against the kernel's module path, e.g. 'mid_block/.../attn2/to_q'.
+  targets: Sequence[str] = DEFAULT_TARGETS
+  # Standard deviation of the `down` factor's initialization (scaled by 1/sqrt(in) below).
+  init_scale: float = 1.0
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ConfigError(f'weight offsets mode {self.mode!r} is not one of {MODES}.')
+    if self.rank < 1:
+      raise ConfigError(f'weight offsets rank must be >= 1, got {self.rank}.')
+
+
+def target_paths(unet_params: Mapping[str, Any], config: OffsetsConfig) -> list[str]:
+  """Module paths ('a/b/to_q') of the 2-D kernels the offsets apply to, in a stable order."""
+  patterns = [re.compile(p) for p in config.targets]
+  paths = []
+  for path, leaf in traverse_util.flatten_dict(dict(unet_params)).items():
+    module_path = '/'.join(path[:-1])
+    if path[-1] == 'kernel' and len(leaf.shape) == 2 and any(p.search(module_path) for p in patterns):
+      paths.append(module_path)
+  if not paths:
+    raise ConfigError(f'weight offsets targets {list(config.targets)} match no 2-D kernel of the U-Net.')
+  return sorted(paths)
+
+
+def init_offsets(key: jax.Array, unet_params: Mapping[str, Any], config: OffsetsConfig) -> dict[str, dict[str, jax.Array]]:
+  """Zero-effect offsets: `down` random (so gradients reach `up`), `up` zero."""
+  flat = traverse_util.flatten_dict(dict(unet_params))
+  offsets = {}
+  paths = target_paths(unet_params, config)
+  for path, k in zip(paths, jax.random.split(key, len(paths))):
+    fan_in, fan_out = flat[tuple(path.split('/')) + ('kernel',)].shape
+    offsets[path] = {
+        'down': config.init_scale * jax.random.normal(k, (fan_in, config.rank), jnp.float32) / jnp.sqrt(fan_in),
+        'up': jnp.zeros((config.rank, fan_out), jnp.float32),
+    }
+  return offsets
+
+
+def offset_matrix(pair: Mapping[str, jax.Array]) -> jax.Array:
+  return pair['down'] @ pair['up']  # [in, out]
+
+
+def merge_offsets(unet_params: Mapping[str, Any], offsets: Mapping[str, Mapping[str, jax.Array]],
+                  mode: str = 'additive') -> dict:
+  """A new U-Net params tree with the offsets folded into their target kernels."""
+  if mode not in MODES:
+    raise ConfigError(f'weight offsets mode {mode!r} is not one of {MODES}.')
+  flat = traverse_util.flatten_dict(dict(unet_params))
+  for path, pair in offsets.items():
+    key = tuple(path.split('/')) + ('kernel',)
+    if key not in flat:
+      raise ConfigError(f'weight offset for {path!r} has no matching U-Net kernel (offsets from another model?).')
+    kernel = flat[key]
+    delta = offset_matrix(pair).astype(kernel.dtype)
+    flat[key] = kernel + delta if mode == 'additive' else kernel * (1 + delta)
+  return traverse_util.unflatten_dict(flat)
+
+
+def offsets_l2(offsets: Mapping[str, Mapping[str, jax.Array]]) -> jax.Array:
+  """Σ ‖ΔW‖²_F over all offsets, without forming ΔW: ‖DU‖² = tr((DᵀD)(UUᵀ)), rank x rank products."""
+  total = jnp.zeros((), jnp.float32)
+  for pair in offsets.values():
+    total += jnp.sum((pair['down'].T @ pair['down']) * (pair['up'] @ pair['up'].T))
+  return total
+
+
+def count_offset_params(offsets: Mapping[str, Mapping[str, Any]]) -> int:
+  return sum(int(x.size) for pair in offsets.values() for x in pair.values())
