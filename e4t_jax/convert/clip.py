@@ -1,0 +1,191 @@
+"""Load / save transformers CLIP text and vision folders (config.json + safetensors) as our Flax models; torch-free.
+
+Accepted layouts, all strict (a missing, unexpected or mis-shaped tensor raises `ConversionError`
+naming the key and the file):
+  text encoder:  `CLIPTextModel` (keys `text_model.*` as on the Hub and in Stable Diffusion's
+                 `text_encoder/`, or unprefixed as transformers >= 5 saves them),
+                 `CLIPTextModelWithProjection` (its `text_projection` is ignored) and a full `CLIPModel`.
+  image encoder: `CLIPVisionModelWithProjection` (`vision_model.*` + `visual_projection`),
+                 `CLIPVisionModel` (`vision_model.*`, or unprefixed as transformers >= 5 saves it) and a
+                 full `CLIPModel` (its text tower, `text_projection` and `logit_scale` are ignored).
+Non-persistent buffers that old checkpoints still hold (`*.embeddings.position_ids`) are ignored.
+
+We always save the prefixed layout (`text_model.*`, `vision_model.*`): every transformers version
+loads it (transformers >= 5 strips the prefix on load), and it is what diffusers pipelines ship.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from e4t_jax.convert.common import (params_to_state_dict, read_config, read_weights, state_dict_to_params,
+                                    write_model_dir)
+from e4t_jax.errors import ConfigError, ConversionError
+from e4t_jax.models.clip import (CLIPTextConfig, CLIPTextTransformer, CLIPVisionConfig, CLIPVisionTransformer,
+                                 abstract_params)
+
+WEIGHTS_NAME = 'model.safetensors'
+TEXT_PREFIX = 'text_model.'
+VISION_PREFIX = 'vision_model.'
+PROJECTION = 'visual_projection'
+
+# Registered buffers (not parameters) that checkpoints written by transformers < 4.31 still contain.
+_BUFFERS = (r'(^|\.)embeddings\.position_ids$',)
+# What a full CLIPModel holds beyond each tower.
+_FULL_MODEL_NON_TEXT = (r'^vision_model\.', r'^visual_projection\.weight$', r'^text_projection\.weight$',
+                        r'^logit_scale$')
+_FULL_MODEL_NON_VISION = (r'^text_model\.', r'^text_projection\.weight$', r'^logit_scale$')
+
+
+def _unbox(tree: Any) -> dict:
+  """A plain nested dict of arrays from a (possibly boxed, possibly frozen) params tree."""
+  tree = nn.meta.unbox(tree)
+  return dict(tree.unfreeze() if hasattr(tree, 'unfreeze') else tree)
+
+
+def _is_full_clip(raw_config: dict[str, Any]) -> bool:
+  return raw_config.get('model_type') == 'clip' or 'text_config' in raw_config or 'vision_config' in raw_config
+
+
+def _read_config(model_dir: str | os.PathLike, from_transformers) -> tuple[Any, dict[str, Any]]:
+  raw = read_config(model_dir)
+  try:
+    return from_transformers(raw), raw
+  except ConfigError as e:
+    raise ConfigError(f'{Path(model_dir) / "config.json"}: {e}') from e
+
+
+def _split_vision(tree: dict[str, Any]) -> dict[str, Any]:
+  """Our flat vision tree -> transformers' nesting: {'vision_model': body, 'visual_projection': ...}."""
+  nested: dict[str, Any] = {'vision_model': {k: v for k, v in tree.items() if k != PROJECTION}}
+  if PROJECTION in tree:
+    nested[PROJECTION] = tree[PROJECTION]
+  return nested
+
+
+def _merge_vision(nested: dict[str, Any]) -> dict[str, Any]:
+  """Inverse of `_split_vision`."""
+  tree = dict(nested['vision_model'])
+  if PROJECTION in nested:
+    tree[PROJECTION] = nested[PROJECTION]
+  return tree
+
+
+def _check_params(params: Any, abstract: Any, where: str, what: str) -> None:
+  """Raises ConversionError unless `params` has exactly the leaves and shapes of `abstract`."""
+  expected = traverse_util.flatten_dict(_unbox(abstract))
+  given = traverse_util.flatten_dict(_unbox(params))
+  problems = [f'missing {"/".join(p)}' for p in sorted(set(expected) - set(given))]
+  problems += [f'unexpected {"/".join(p)}' for p in sorted(set(given) - set(expected))]
+  problems += [f'{"/".join(p)} has shape {tuple(given[p].shape)}, expected {tuple(expected[p].shape)}'
+               for p in sorted(set(given) & set(expected)) if tuple(given[p].shape) != tuple(expected[p].shape)]
+  if problems:
+    raise ConversionError(f'{where}: params do not match the {what} config: ' + '; '.join(problems[:8]) +
+                          (' …' if len(problems) > 8 else ''))
+
+
+def _strip_params_collection(params: Any) -> Any:
+  """Accepts both `params` and the `{'params': params}` variables dict."""
+  params = _unbox(params)
+  return params['params'] if set(params) == {'params'} else params
+
+
+# ----------------------------------------------------------------------------- text
+def load_text_encoder(model_dir: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[CLIPTextTransformer, dict]:
+  """Reads a transformers CLIP text folder (Stable Diffusion's `text_encoder/`).
+
+  Args:
+    model_dir: folder with config.json and model.safetensors (or model.safetensors.index.json shards).
+    dtype: compute dtype of the returned module; parameters are float32 whatever the stored dtype.
+  Returns:
+    (module, params), params the unboxed tree for `module.apply({'params': params}, input_ids)`,
+    placed on the default device.
+  Raises:
+    ConversionError: missing/unexpected/mis-shaped tensor, unreadable files.
+    ConfigError: a config option this port does not implement.
+  """
+  config, raw = _read_config(model_dir, CLIPTextConfig.from_transformers)
+  model = CLIPTextTransformer(config, dtype=dtype)
+  state_dict, origin = read_weights(model_dir, WEIGHTS_NAME)
+  ignore: list[str] = list(_BUFFERS)
+  if _is_full_clip(raw):
+    ignore += _FULL_MODEL_NON_TEXT
+  elif 'CLIPTextModelWithProjection' in (raw.get('architectures') or ()):
+    ignore.append(r'^text_projection\.weight$')
+  # transformers >= 5 saves a bare CLIPTextModel without the `text_model.` prefix.
+  prefix = TEXT_PREFIX if any(k.startswith(TEXT_PREFIX) for k in state_dict) else ''
+  params = state_dict_to_params(state_dict, abstract_params(model), source=str(model_dir), prefix=prefix,
+                                ignore=ignore, origin=origin, dtype=np.float32)
+  return model, jax.device_put(params)
+
+
+def save_text_encoder(model_dir: str | os.PathLike, config: CLIPTextConfig, params: Any) -> None:
+  """Writes a folder `transformers.CLIPTextModel.from_pretrained` loads (config.json + model.safetensors).
+
+  The params tree is checked against `config` first, so a mismatched pair is never written.
+  """
+  params = _strip_params_collection(params)
+  _check_params(params, abstract_params(CLIPTextTransformer(config)), str(model_dir), 'CLIP text')
+  write_model_dir(model_dir, params_to_state_dict(params, prefix=TEXT_PREFIX), config.to_transformers(),
+                  WEIGHTS_NAME)
+
+
+# ----------------------------------------------------------------------------- vision
+def load_image_encoder(model_dir: str | os.PathLike, dtype: Any = jnp.float32, *,
+                       with_projection: bool | None = None) -> tuple[CLIPVisionTransformer, dict]:
+  """Reads a transformers CLIP vision folder (`CLIPVisionModel[WithProjection]`) or a full `CLIPModel` folder.
+
+  Args:
+    model_dir: folder with config.json and model.safetensors (or model.safetensors.index.json shards).
+    dtype: compute dtype of the returned module; parameters are float32 whatever the stored dtype.
+    with_projection: build `visual_projection` (image_embeds). None: exactly when the folder has
+      `visual_projection.weight`; True: require it; False: skip it even if present.
+  Returns:
+    (module, params), params the unboxed tree for `module.apply({'params': params}, pixel_values)`,
+    placed on the default device.
+  Raises:
+    ConversionError: missing/unexpected/mis-shaped tensor, unreadable files.
+    ConfigError: a config option this port does not implement.
+  """
+  config, raw = _read_config(model_dir, CLIPVisionConfig.from_transformers)
+  state_dict, origin = read_weights(model_dir, WEIGHTS_NAME)
+  projection_key = f'{PROJECTION}.weight'
+  if with_projection is None:
+    with_projection = projection_key in state_dict
+  model = CLIPVisionTransformer(config, with_projection=with_projection, dtype=dtype)
+  ignore: list[str] = list(_BUFFERS)
+  if _is_full_clip(raw):
+    ignore += _FULL_MODEL_NON_VISION
+  if not with_projection:
+    ignore.append(rf'^{PROJECTION}\.weight$')
+  abstract = abstract_params(model)
+  # transformers keeps the tower under `vision_model.` and the projection at the top level; a bare
+  # CLIPVisionModel saved by transformers >= 5 has no prefix at all.
+  nested = any(k.startswith(VISION_PREFIX) for k in state_dict)
+  params = state_dict_to_params(state_dict, _split_vision(abstract) if nested else abstract,
+                                source=str(model_dir), ignore=ignore, origin=origin, dtype=np.float32)
+  if nested:
+    params = _merge_vision(params)
+  return model, jax.device_put(params)
+
+
+def save_image_encoder(model_dir: str | os.PathLike, config: CLIPVisionConfig, params: Any) -> None:
+  """Writes a folder transformers loads: a `CLIPVisionModelWithProjection` when `params` holds
+  `visual_projection`, else a `CLIPVisionModel`.
+
+  The params tree is checked against `config` first, so a mismatched pair is never written.
+  """
+  params = _strip_params_collection(params)
+  with_projection = PROJECTION in params
+  abstract = abstract_params(CLIPVisionTransformer(config, with_projection=with_projection))
+  _check_params(params, abstract, str(model_dir), 'CLIP vision')
+  write_model_dir(model_dir, params_to_state_dict(_split_vision(params)),
+                  config.to_transformers(with_projection=with_projection), WEIGHTS_NAME)
+
