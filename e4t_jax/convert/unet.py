@@ -1,0 +1,77 @@
+"""diffusers U-Net folder (config.json + diffusion_pytorch_model.safetensors) <-> our `UNet` params.
+
+Torch-free: safetensors are read/written with numpy (`convert.common`). Loading is strict: every
+tensor the config implies must be present with the right shape, and nothing else may be there.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from flax import traverse_util
+
+from e4t_jax.convert import common
+from e4t_jax.errors import ConfigError, ConversionError
+from e4t_jax.models.unet import UNet, UNetConfig, abstract_params
+
+WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
+
+
+def load_config(model_dir: str | os.PathLike) -> UNetConfig:
+  """Reads `model_dir/config.json` as a `UNetConfig` (ConfigError names the file on failure)."""
+  raw = common.read_config(model_dir)
+  try:
+    return UNetConfig.from_diffusers(raw)
+  except ConfigError as e:
+    raise ConfigError(f'{Path(model_dir) / "config.json"}: {e}') from e
+  except TypeError as e:  # a field of the wrong kind that the dataclass itself trips over
+    raise ConfigError(f'{Path(model_dir) / "config.json"}: invalid U-Net config ({e}).') from e
+
+
+def load_unet(model_dir: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[UNet, dict]:
+  """Loads a diffusers `UNet2DConditionModel` folder (e.g. `<sd-checkpoint>/unet`).
+
+  Args:
+    model_dir: folder with config.json and diffusion_pytorch_model.safetensors (or its sharded
+      `.index.json`).
+    dtype: compute dtype of the returned module; parameters are float32 whatever is on disk.
+  Returns:
+    (module, params): params is the plain (unboxed) tree of host numpy float32 arrays, for
+    `module.apply({'params': params}, ...)`; place it on devices with `jax.device_put` or the
+    sharding helpers.
+  """
+  config = load_config(model_dir)
+  model = UNet(config, dtype=dtype)
+  state, origin = common.read_weights(model_dir, WEIGHTS_NAME)
+  params = common.state_dict_to_params(state, abstract_params(model), source=str(model_dir), origin=origin)
+  return model, params
+
+
+def save_unet(model_dir: str | os.PathLike, config: UNetConfig, params: Any) -> None:
+  """Writes a folder `diffusers.UNet2DConditionModel.from_pretrained` loads (safetensors + config.json).
+
+  `params` may be boxed or unboxed, wrapped in {'params': ...} or not, on host or (sharded) on
+  devices; tensors keep their dtype. They are checked against `config` before anything is written.
+  """
+  params = nn.meta.unbox(params)
+  if set(params) == {'params'}:
+    params = params['params']
+  expected = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(UNet(config))))
+  given = traverse_util.flatten_dict(dict(params))
+  problems = []
+  missing = sorted(common.torch_key(p) for p in expected.keys() - given.keys())
+  unexpected = sorted(common.torch_key(p) for p in given.keys() - expected.keys())
+  if missing:
+    problems.append(f'missing {", ".join(missing[:8])}')
+  if unexpected:
+    problems.append(f'unexpected {", ".join(unexpected[:8])}')
+  for path in expected.keys() & given.keys():
+    if tuple(given[path].shape) != tuple(expected[path].shape):
+      problems.append(f'{common.torch_key(path)} has shape {tuple(given[path].shape)}, '
+                      f'expected {tuple(expected[path].shape)}')
+  if problems:
+    raise ConversionError(f'{model_dir}: params do not match the U-Net config: ' + '; '.join(problems) + '.')
+  common.write_model_dir(model_dir, common.params_to_state_dict(params), config.to_diffusers(), WEIGHTS_NAME)
