@@ -1,0 +1,196 @@
+"""The E4T model: frozen Stable Diffusion + CLIP image encoder, and the trainable domain encoder and
+weight offsets, as one params pytree with a clean trainable / frozen split.
+
+    params = {'unet', 'vae', 'text_encoder', 'image_encoder',   # frozen (pretrained)
+              'encoder', 'weight_offsets'}                       # trainable
+Parts of the image encoder can be made trainable by name patterns (`E4TConfig.trainable_patterns`);
+`split_params` returns the two subtrees, so gradients and optimizer state exist only for the
+trainable one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+import flax.linen as nn
+
+from e4t_jax.convert.pipeline import StableDiffusion, init_stable_diffusion
+from e4t_jax.diffusion.schedule import NoiseSchedule
+from e4t_jax.e4t.encoder import E4TEncoder, EncoderConfig
+from e4t_jax.e4t.offsets import OffsetsConfig, init_offsets
+from e4t_jax.errors import ConfigError
+from e4t_jax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
+from e4t_jax.models.layers import host_init
+from e4t_jax.models.unet import UNet, UNetConfig, UNetFeatures
+from e4t_jax.models.vae import AutoencoderKL, VAEConfig
+from e4t_jax.models.clip import CLIPTextConfig, CLIPTextTransformer
+from e4t_jax.tokenizer import CLIPTokenizer
+
+FROZEN = ('unet', 'vae', 'text_encoder', 'image_encoder')
+TRAINABLE = ('encoder', 'weight_offsets')
+
+
+@dataclasses.dataclass(frozen=True)
+class E4TConfig:
+  """The method's settings (paper / reference defaults)."""
+  coarse_word: str = 'face'
+  placeholder: str = '*'
+  embedding_scale: float = 0.1        # s in w* = w_coarse + s * f
+  lambda_embedding: float = 0.01      # λ_emb on ‖f‖² (the offset, not w*)
+  lambda_offsets: float = 1e-4        # λ_w on Σ‖ΔW‖²
+  # Prompt of the first, frozen U-Net pass whose contracting-path features the encoder reads.
+  coarse_prompt: str = 'a photo of a {coarse}'
+  encoder: EncoderConfig = EncoderConfig()
+  offsets: OffsetsConfig = OffsetsConfig()
+  # Regexes over 'image_encoder/...' param paths that are trained too (e.g. r'encoder/layers_3[01]/').
+  trainable_patterns: Sequence[str] = ()
+  use_loss_mask: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, 'trainable_patterns', tuple(self.trainable_patterns))
+    if not self.coarse_word.strip():
+      raise ConfigError('e4t.coarse_word must name the domain, e.g. "face", "cat" or "painting".')
+    if self.embedding_scale <= 0:
+      raise ConfigError(f'e4t.embedding_scale must be > 0, got {self.embedding_scale}.')
+    if self.lambda_embedding < 0 or self.lambda_offsets < 0:
+      raise ConfigError('e4t regularization weights must be >= 0.')
+
+
+@dataclasses.dataclass(frozen=True)
+class E4TModules:
+  """Everything static about an E4T model: the modules, the tokenizer and the token ids (hashable
+  by identity, so it can be closed over by jitted functions)."""
+  config: E4TConfig
+  unet: UNet
+  vae: AutoencoderKL
+  text_encoder: CLIPTextTransformer
+  image_encoder: CLIPVisionTransformer
+  encoder: E4TEncoder
+  tokenizer: CLIPTokenizer          # with the placeholder added
+  schedule: NoiseSchedule
+  placeholder_id: int
+  coarse_token_id: int
+  coarse_prompt_ids: np.ndarray      # [1, tokens] int32
+
+  @property
+  def image_size(self) -> int:
+    return self.unet.config.sample_size * self.vae.config.downsample_factor
+
+  def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+    return np.asarray(self.tokenizer(list(prompts)), np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class E4TModel:
+  modules: E4TModules
+  params: dict
+
+  @property
+  def config(self) -> E4TConfig:
+    return self.modules.config
+
+
+def coarse_token_id(tokenizer: CLIPTokenizer, coarse_word: str) -> int:
+  ids = tokenizer.encode(coarse_word)
+  if len(ids) != 1:
+    raise ConfigError(f'coarse word {coarse_word!r} is {len(ids)} tokens for the CLIP tokenizer; '
+                      'E4T needs a single-token word (e.g. "face", "cat", "painting").')
+  return ids[0]
+
+
+def build_modules(config: E4TConfig, sd: StableDiffusion, image_encoder: CLIPVisionTransformer,
+                  dtype: Any = jnp.float32) -> E4TModules:
+  tokenizer, placeholder_id = sd.tokenizer.with_placeholder(config.placeholder)
+  coarse_id = coarse_token_id(tokenizer, config.coarse_word)
+  coarse_prompt = config.coarse_prompt.format(coarse=config.coarse_word)
+  encoder = E4TEncoder(config.encoder, out_dim=sd.text_encoder.config.hidden_size, dtype=dtype)
+  return E4TModules(
+      config=config, unet=sd.unet, vae=sd.vae, text_encoder=sd.text_encoder, image_encoder=image_encoder,
+      encoder=encoder, tokenizer=tokenizer, schedule=NoiseSchedule.from_config(sd.scheduler_config),
+      placeholder_id=placeholder_id, coarse_token_id=coarse_id,
+      coarse_prompt_ids=np.asarray(tokenizer([coarse_prompt]), np.int32))
+
+
+def encoder_init_inputs(modules: E4TModules, batch: int = 1) -> tuple[tuple[jax.Array, ...], UNetFeatures]:
+  """Abstract-shaped example inputs of the E4T encoder (CLIP hidden states, U-Net features)."""
+  vision = modules.image_encoder.config
+  pixels = jnp.zeros((batch, vision.image_size, vision.image_size, 3))
+  image_encoder = modules.image_encoder
+  clip_out = jax.eval_shape(lambda: image_encoder.apply(image_encoder.init(jax.random.key(0), pixels), pixels))
+  unet_cfg = modules.unet.config
+  latents = jnp.zeros((batch, unet_cfg.sample_size, unet_cfg.sample_size, unet_cfg.in_channels))
+  t, context = jnp.zeros((batch,)), jnp.zeros((batch, 1, unet_cfg.cross_attention_dims()[0]))
+  unet = modules.unet
+  features = jax.eval_shape(lambda: unet.apply(unet.init(jax.random.key(0), latents, t, context),
+                                               latents, t, context, features_only=True))
+  as_zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+  return as_zeros(clip_out.hidden_states), as_zeros(features)
+
+
+def init_trainable(key: jax.Array, modules: E4TModules, unet_params: Any, boxed: bool = False) -> dict:
+  """Fresh encoder params (zero output layer) and zero-effect weight offsets."""
+  k_enc, k_off = jax.random.split(key)
+  clip_states, features = encoder_init_inputs(modules)
+  encoder_params = modules.encoder.init(k_enc, clip_states, features)['params']
+  if not boxed:
+    encoder_params = nn.meta.unbox(encoder_params)
+  return {'encoder': encoder_params,
+          'weight_offsets': init_offsets(k_off, unet_params, modules.config.offsets)}
+
+
+def init_e4t(key: jax.Array, config: E4TConfig, sd: StableDiffusion, image_encoder: CLIPVisionTransformer,
+             image_encoder_params: Any) -> E4TModel:
+  """An E4T model on top of a (converted or random) Stable Diffusion and CLIP image encoder."""
+  modules = build_modules(config, sd, image_encoder)
+  params = dict(sd.params)
+  params['image_encoder'] = image_encoder_params
+  unet_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), sd.params['unet'])
+  params.update(jax.jit(lambda k: init_trainable(k, modules, unet_shapes))(key))
+  return E4TModel(modules, params)
+
+
+def init_tiny(key: jax.Array, config: E4TConfig = E4TConfig(), *, unet: UNetConfig | None = None,
+              vae: VAEConfig | None = None, text: CLIPTextConfig | None = None,
+              vision: CLIPVisionConfig | None = None) -> E4TModel:
+  """A randomly initialized tiny E4T model (tests, CPU experiments)."""
+  k_sd, k_vision, k_e4t = jax.random.split(key, 3)
+  sd = init_stable_diffusion(k_sd, unet or UNetConfig.tiny(), vae or VAEConfig.tiny(), text or CLIPTextConfig.tiny())
+  vision = vision or CLIPVisionConfig.tiny()
+  image_encoder = CLIPVisionTransformer(vision, with_projection=False)
+  pixels = jnp.zeros((1, vision.image_size, vision.image_size, 3))
+  vision_params = host_init(jax.eval_shape(image_encoder.init, k_vision, pixels)['params'],
+                            seed=int(jax.random.randint(k_vision, (), 0, 2**31 - 1)))
+  return init_e4t(k_e4t, config, sd, image_encoder, vision_params)
+
+
+# ----------------------------------------------------------------------------- trainable / frozen split
+def is_trainable_path(path: tuple[str, ...], patterns: Sequence[str] = ()) -> bool:
+  if path[0] in TRAINABLE:
+    return True
+  if path[0] == 'image_encoder' and patterns:
+    joined = '/'.join(path)
+    return any(re.search(p, joined) for p in patterns)
+  return False
+
+
+def split_params(params: dict, patterns: Sequence[str] = ()) -> tuple[dict, dict]:
+  """(trainable, frozen): two nested dicts holding disjoint leaves of `params`."""
+  flat = traverse_util.flatten_dict(params)
+  trainable = {p: v for p, v in flat.items() if is_trainable_path(p, patterns)}
+  frozen = {p: v for p, v in flat.items() if not is_trainable_path(p, patterns)}
+  return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def merge_params(trainable: dict, frozen: dict) -> dict:
+  flat = traverse_util.flatten_dict(frozen)
+  flat.update(traverse_util.flatten_dict(trainable))
+  return traverse_util.unflatten_dict(flat)
+
+
+def count_params(tree: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
