@@ -1,0 +1,311 @@
+"""Compile-once personalization: `personalize_fn(params, image) -> Concept` (E4T, Sec. 3.4).
+
+`make_personalize_fn` lowers and compiles ONE program for given shapes: image scaling, VAE encoding,
+a `lax.scan` over the tuning steps (fresh noise and timestep each step, the E4T objective, an Adam
+update of the encoder and the weight offsets on a copy of the domain state), and the final concept.
+Per-concept values — the image, the PRNG key, the step count (up to the compiled maximum) — are array
+arguments, so every concept reuses the same executable.
+
+A `Concept` is the placeholder embedding w* plus the tuned low-rank weight offsets (kilobytes to a
+few MB), not a copy of the U-Net. Because w* is a single vector (exportable as a textual-inversion
+embedding), it is the tuned encoder's prediction averaged over a fixed set of timesteps and noise
+draws; the reference instead keeps the encoder in the sampling loop, which needs the whole encoder
+(and the image) at generation time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from e4t_jax.convert.common import read_safetensors, safetensors_metadata, write_safetensors
+from e4t_jax.diffusion import schedule as schedule_lib
+from e4t_jax.e4t import model as model_lib
+from e4t_jax.e4t.encoder import placeholder_embedding
+from e4t_jax.e4t.objective import e4t_loss, predict_offset
+from e4t_jax.e4t.prompts import token_embedding
+from e4t_jax.errors import CheckpointError, InputError
+from e4t_jax.models.vae import encode_to_latents
+
+CONCEPT_FORMAT = 'e4t-concept/1'
+
+
+# ----------------------------------------------------------------------------- the concept
+@flax.struct.dataclass
+class Concept:
+  """A personalized concept: w* and the tuned weight offsets (+ how it was made)."""
+  embedding: jax.Array                 # [width] the placeholder's token embedding w*
+  weight_offsets: dict                 # U-Net kernel path -> {'down': [in, r], 'up': [r, out]}
+  loss_trace: jax.Array                # [max_steps] float32, NaN for steps not run
+  steps: jax.Array                     # int32 scalar, tuning steps actually run
+  # Static, hashable metadata: (key, value) string pairs.
+  metadata: tuple = flax.struct.field(pytree_node=False, default=())
+
+  @property
+  def info(self) -> dict[str, str]:
+    return dict(self.metadata)
+
+  def save(self, path: str | os.PathLike) -> Path:
+    """Writes `<path>` as safetensors (tensors) + JSON metadata in its header, atomically."""
+    path = Path(path)
+    tensors = {'embedding': np.asarray(self.embedding, np.float32),
+               'loss_trace': np.asarray(self.loss_trace, np.float32),
+               'steps': np.asarray(self.steps, np.int32).reshape(())}
+    for kernel_path, pair in self.weight_offsets.items():
+      for name, value in pair.items():
+        tensors[f'weight_offsets/{kernel_path}/{name}'] = np.asarray(value, np.float32)
+    metadata = dict(self.metadata, format=CONCEPT_FORMAT)
+    write_safetensors(path, tensors, metadata={'e4t': json.dumps(metadata, sort_keys=True)})
+    return path
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> 'Concept':
+    path = Path(path)
+    if not path.is_file():
+      raise InputError(f'{path}: no such concept file (make one with `e4t personalize IMAGE`).')
+    try:
+      header = safetensors_metadata(path)
+      metadata = json.loads(header['e4t'])
+      tensors = read_safetensors(path)
+    except (KeyError, ValueError, OSError, Exception) as e:  # noqa: BLE001 - any parse failure is a bad file
+      if isinstance(e, CheckpointError):
+        raise
+      raise CheckpointError(f'{path}: not an e4t concept file or corrupt ({type(e).__name__}: {e}).') from e
+    if metadata.get('format') != CONCEPT_FORMAT:
+      raise CheckpointError(f'{path}: concept format {metadata.get("format")!r}, this e4t-jax reads {CONCEPT_FORMAT}.')
+    offsets: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+      if key.startswith('weight_offsets/'):
+        kernel_path, name = key[len('weight_offsets/'):].rsplit('/', 1)
+        offsets.setdefault(kernel_path, {})[name] = np.array(value)
+    metadata.pop('format')
+    return cls(embedding=np.array(tensors['embedding']), weight_offsets=offsets,
+               loss_trace=np.array(tensors['loss_trace']), steps=np.array(tensors['steps']),
+               metadata=tuple(sorted(metadata.items())))
+
+  def check_compatible(self, modules: model_lib.E4TModules, fingerprint: str, source: str = 'concept') -> None:
+    """Raises CheckpointError when this concept was made for another model."""
+    info = self.info
+    if info.get('base_fingerprint') != fingerprint:
+      raise CheckpointError(
+          f'{source}: made for base model {info.get("base_fingerprint", "?")[:12]}, but this model is '
+          f'{fingerprint[:12]}; personalize the image again with this model.')
+    width = modules.text_encoder.config.hidden_size
+    if tuple(np.shape(self.embedding)) != (width,):
+      raise CheckpointError(f'{source}: embedding width {np.shape(self.embedding)} does not fit text width {width}.')
+
+
+def model_fingerprint(model: model_lib.E4TModel) -> str:
+  """A short hash identifying the domain model a concept belongs to (configs + a few weights)."""
+  m = model.modules
+  h = hashlib.sha256()
+  for cfg in (m.unet.config, m.text_encoder.config, m.vae.config, m.image_encoder.config):
+    h.update(repr(cfg).encode())
+  h.update(repr((m.config.coarse_word, m.config.placeholder, m.config.offsets)).encode())
+  for leaf in (model.params['unet']['conv_in']['kernel'],
+               model.params['text_encoder']['embeddings']['token_embedding']['embedding'][m.coarse_token_id]):
+    h.update(np.asarray(leaf, np.float32).tobytes())
+  return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- tuning program
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+  num_steps: int = 5                  # the compiled maximum; a call may run fewer
+  learning_rate: float = 1e-4
+  batch_size: int = 1                 # noise/timestep draws of the one image per step
+  prompt: str = 'a photo of {}'
+  # Timesteps at which the final w* is read out (averaged); spread over the training range.
+  readout_timesteps: Sequence[int] = (100, 300, 500, 700, 900)
+
+
+def _tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Callable:
+  """The pure function compiled by `make_personalize_fn` (one concept)."""
+  config = modules.config
+  prompt_ids = modules.tokenize([tuning.prompt.format(config.placeholder)] * tuning.batch_size)
+  optimizer = optax.adam(tuning.learning_rate)
+  readout_t = np.asarray(tuning.readout_timesteps, np.int32)
+
+  def program(params, image, rng, num_steps):
+    # image: [S, S, 3] float32 in [0, 1] (already at the model resolution)
+    trainable, frozen = model_lib.split_params(params, config.trainable_patterns)
+    images = jnp.broadcast_to(image[None] * 2.0 - 1.0, (tuning.batch_size,) + image.shape)
+    batch = {'images': images, 'input_ids': jnp.asarray(prompt_ids)}
+
+    def loss_fn(trainable, key):
+      return e4t_loss(modules, model_lib.merge_params(trainable, frozen), batch, key)
+
+    def step(carry, i):
+      trainable, opt_state, healthy = carry
+      key = jax.random.fold_in(rng, i)
+
+      def update(operand):
+        trainable, opt_state = operand
+        loss, grads = jax.value_and_grad(lambda t: loss_fn(t, key)[0])(trainable)
+        updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), new_opt_state, loss
+
+      def skip(operand):
+        return operand[0], operand[1], jnp.array(jnp.nan, jnp.float32)
+
+      active = jnp.logical_and(i < num_steps, healthy)
+      new_trainable, new_opt_state, loss = jax.lax.cond(active, update, skip, (trainable, opt_state))
+      # A non-finite loss stops tuning: keep the last finite state and report it to the host.
+      apply = jnp.logical_and(active, jnp.isfinite(loss))
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+      healthy = jnp.logical_and(healthy, jnp.logical_or(~active, jnp.isfinite(loss)))
+      return (keep(new_trainable, trainable), keep(new_opt_state, opt_state), healthy), loss
+
+    init = (trainable, optimizer.init(trainable), jnp.array(True))
+    (trainable, _, healthy), losses = jax.lax.scan(step, init, jnp.arange(tuning.num_steps))
+
+    # Read out w*: the encoder's prediction averaged over fixed timesteps and noise draws.
+    merged = model_lib.merge_params(trainable, frozen)
+    k_vae, k_noise = jax.random.split(jax.random.fold_in(rng, tuning.num_steps))
+    latents = encode_to_latents(modules.vae, merged['vae'], images[:1], k_vae)
+    latents = jnp.broadcast_to(latents, (len(readout_t),) + latents.shape[1:])
+    noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
+    noisy = schedule_lib.add_noise(modules.schedule, latents, noise, jnp.asarray(readout_t))
+    readout_images = jnp.broadcast_to(images[:1], (len(readout_t),) + images.shape[1:])
+    offset = predict_offset(modules, merged, readout_images, noisy, jnp.asarray(readout_t))
+    w_star = placeholder_embedding(token_embedding(merged['text_encoder'], modules.coarse_token_id),
+                                   jnp.mean(offset, axis=0, keepdims=True), config.embedding_scale)[0]
+    return w_star, trainable['weight_offsets'], losses, jnp.minimum(num_steps, tuning.num_steps), healthy
+
+  return program
+
+
+def prepare_image(image: Any, size: int, source: str = 'image') -> np.ndarray:
+  """User image (HxWx3 uint8, or float in [0, 1]; a path is loaded) -> float32 [size, size, 3] in [0, 1].
+
+  Non-square images are center-cropped; the resize happens on the host so that one compiled program
+  serves images of every size.
+  """
+  from e4t_jax.data import images as images_lib  # PIL-based; imported lazily
+  if isinstance(image, (str, os.PathLike)):
+    source = str(image)
+    image = images_lib.load_image(image)
+  array = np.asarray(image)
+  if array.ndim == 2:
+    array = np.repeat(array[..., None], 3, axis=-1)
+  if array.ndim != 3 or array.shape[-1] not in (3, 4):
+    raise InputError(f'{source}: expected an HxWx3 image, got shape {array.shape}.')
+  array = array[..., :3]
+  if array.dtype != np.uint8:
+    if not np.issubdtype(array.dtype, np.floating):
+      raise InputError(f'{source}: pixel type {array.dtype}; pass uint8 or float in [0, 1].')
+    if not np.isfinite(array).all() or array.min() < -1e-3 or array.max() > 1 + 1e-3:
+      raise InputError(f'{source}: float pixels must be finite and in [0, 1] '
+                       f'(got [{np.nanmin(array):.3g}, {np.nanmax(array):.3g}]).')
+    array = np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)
+  array = images_lib.center_crop_resize(array, size)
+  return array.astype(np.float32) / 255.0
+
+
+class PersonalizeFn:
+  """The compiled personalization function (see `make_personalize_fn`)."""
+
+  def __init__(self, model: model_lib.E4TModel, tuning: TuningConfig, compiled, fingerprint: str):
+    self.model, self.tuning, self.compiled, self.fingerprint = model, tuning, compiled, fingerprint
+    self._default_key = jax.random.key(0)
+    m = model.modules
+    self._metadata = tuple(sorted({
+        'placeholder': m.config.placeholder, 'coarse_word': m.config.coarse_word,
+        'base_fingerprint': fingerprint, 'offsets_mode': m.config.offsets.mode,
+        'max_steps': str(tuning.num_steps), 'learning_rate': repr(tuning.learning_rate),
+    }.items()))
+
+  def __call__(self, params: Any, image: Any, rng: jax.Array | None = None, num_steps: int | None = None) -> Concept:
+    steps = self.tuning.num_steps if num_steps is None else int(num_steps)
+    if not 0 <= steps <= self.tuning.num_steps:
+      raise InputError(f'num_steps={steps}: this function was compiled for at most {self.tuning.num_steps} steps.')
+    pixels = prepare_image(image, self.model.modules.image_size)
+    key = self._default_key if rng is None else rng
+    w_star, offsets, losses, steps_run, healthy = self.compiled(params, pixels, key, np.int32(steps))
+    if not bool(healthy):
+      raise InputError('tuning produced a non-finite loss (NaN/inf); lower the learning rate or check the '
+                       'model weights. The concept was not saved.')
+    return Concept(embedding=w_star, weight_offsets=offsets, loss_trace=losses, steps=steps_run,
+                   metadata=self._metadata + (('steps', str(steps)),))
+
+  def cost_analysis(self) -> dict:
+    analysis = self.compiled.cost_analysis()
+    return analysis[0] if isinstance(analysis, (list, tuple)) else (analysis or {})
+
+  def memory_analysis(self) -> Any:
+    return self.compiled.memory_analysis()
+
+
+def enable_compilation_cache(cache_dir: str | os.PathLike) -> None:
+  """Persistent XLA compilation cache: a new process skips most of the compile (process-wide)."""
+  Path(cache_dir).mkdir(parents=True, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', str(cache_dir))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def make_personalize_fn(model: model_lib.E4TModel, num_steps: int = 5, *, tuning: TuningConfig | None = None,
+                        cache_dir: str | os.PathLike | None = None) -> PersonalizeFn:
+  """Lowers and compiles the tuning program once (AOT) for `model`'s shapes.
+
+  Returns `personalize_fn(params, image, rng=None, num_steps=None) -> Concept`; calling it with
+  params of the same shapes and any image never compiles again.
+  """
+  tuning = dataclasses.replace(tuning or TuningConfig(), num_steps=num_steps)
+  if num_steps < 0:
+    raise InputError(f'num_steps must be >= 0, got {num_steps}.')
+  if cache_dir is not None:
+    enable_compilation_cache(cache_dir)
+  program = _tuning_program(model.modules, tuning)
+  size = model.modules.image_size
+  abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)
+  compiled = jax.jit(program).lower(
+      abstract(model.params), jax.ShapeDtypeStruct((size, size, 3), jnp.float32),
+      jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.int32)).compile()
+  return PersonalizeFn(model, tuning, compiled, model_fingerprint(model))
+
+
+def personalize_many(model: model_lib.E4TModel, images: Sequence[Any], *, num_steps: int = 5,
+                     tuning: TuningConfig | None = None, seed: int = 0, mesh=None) -> list[Concept]:
+  """Personalizes N images at once: the tuning program vmapped over concepts, the concept axis
+  sharded over the mesh's data axis (N is padded to a multiple of the data-axis size)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  tuning = dataclasses.replace(tuning or TuningConfig(), num_steps=num_steps)
+  size = model.modules.image_size
+  pixels = np.stack([prepare_image(image, size, f'image {i}') for i, image in enumerate(images)])
+  count = len(pixels)
+  shards = 1 if mesh is None else mesh.shape['data']
+  padded = -(-count // shards) * shards
+  pixels = np.concatenate([pixels, np.repeat(pixels[:1], padded - count, axis=0)])
+  keys = jax.random.split(jax.random.key(seed), padded)
+  steps = np.full((padded,), num_steps, np.int32)
+  batched = jax.vmap(_tuning_program(model.modules, tuning), in_axes=(None, 0, 0, 0))
+  if mesh is not None:
+    over_data, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
+    batched = jax.jit(batched, in_shardings=(replicated, over_data, over_data, over_data),
+                      out_shardings=over_data)
+  else:
+    batched = jax.jit(batched)
+  w_star, offsets, losses, steps_run, healthy = batched(model.params, pixels, keys, steps)
+  fingerprint = model_fingerprint(model)
+  m = model.modules
+  metadata = tuple(sorted({'placeholder': m.config.placeholder, 'coarse_word': m.config.coarse_word,
+                           'base_fingerprint': fingerprint, 'offsets_mode': m.config.offsets.mode,
+                           'max_steps': str(num_steps), 'steps': str(num_steps),
+                           'learning_rate': repr(tuning.learning_rate)}.items()))
+  concepts = []
+  for i in range(count):
+    if not bool(healthy[i]):
+      raise InputError(f'image {i}: tuning produced a non-finite loss (NaN/inf).')
+    concepts.append(Concept(embedding=w_star[i], weight_offsets=jax.tree.map(lambda x: x[i], offsets),
+                            loss_trace=losses[i], steps=steps_run[i], metadata=metadata))
+  return concepts

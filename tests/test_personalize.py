@@ -1,0 +1,116 @@
+"""Compile-once personalization, concept files and batched concepts on a tiny random E4T model."""
+import jax
+import numpy as np
+import pytest
+
+from e4t_jax import personalize as personalize_lib
+from e4t_jax.e4t import model as model_lib
+from e4t_jax.e4t import offsets as offsets_lib
+from e4t_jax.e4t.encoder import EncoderConfig
+from e4t_jax.errors import CheckpointError, InputError
+
+CONFIG = model_lib.E4TConfig(coarse_word='face', encoder=EncoderConfig(hidden_dim=32),
+                             offsets=offsets_lib.OffsetsConfig(rank=2))
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  return model_lib.init_tiny(jax.random.key(0), CONFIG)
+
+
+@pytest.fixture(scope='module')
+def personalize_fn(tiny):
+  return personalize_lib.make_personalize_fn(tiny, num_steps=3,
+                                             tuning=personalize_lib.TuningConfig(learning_rate=1e-3))
+
+
+def _image(seed, size=40):
+  return np.random.default_rng(seed).integers(0, 256, (size, size + seed, 3), dtype=np.uint8)
+
+
+class _CompileCounter:
+  """Counts XLA backend compilations while active (jax.monitoring events)."""
+
+  def __init__(self):
+    self.count = 0
+    self.active = False
+    jax.monitoring.register_event_duration_secs_listener(self._listener)
+
+  def _listener(self, event, duration, **kwargs):
+    if self.active and event == '/jax/core/compile/backend_compile_duration':
+      self.count += 1
+
+
+def test_personalize_compiles_once(tiny, personalize_fn):
+  counter = _CompileCounter()
+  counter.active = True
+  concepts = [personalize_fn(tiny.params, _image(i), jax.random.key(i)) for i in range(5)]
+  counter.active = False
+  assert counter.count == 0, f'{counter.count} compilations for 5 concepts'
+  embeddings = np.stack([np.asarray(c.embedding) for c in concepts])
+  assert len({e.tobytes() for e in embeddings}) == 5  # different images/keys -> different concepts
+  assert all(int(c.steps) == 3 for c in concepts)
+
+
+def test_tuning_moves_the_encoder_prediction_and_offsets(tiny, personalize_fn):
+  concept = personalize_fn(tiny.params, _image(0))
+  coarse = np.asarray(tiny.params['text_encoder']['embeddings']['token_embedding']['embedding'][tiny.modules.coarse_token_id])
+  assert not np.allclose(np.asarray(concept.embedding), coarse)  # the encoder's output layer learned
+  assert any(np.abs(np.asarray(p['up'])).max() > 0 for p in concept.weight_offsets.values())
+  assert np.isfinite(np.asarray(concept.loss_trace)).all()
+
+
+def test_same_image_and_key_give_identical_concepts(tiny, personalize_fn):
+  a = personalize_fn(tiny.params, _image(1), jax.random.key(5))
+  b = personalize_fn(tiny.params, _image(1), jax.random.key(5))
+  np.testing.assert_array_equal(a.embedding, b.embedding)
+
+
+def test_fewer_steps_per_call_within_the_compiled_maximum(tiny, personalize_fn):
+  concept = personalize_fn(tiny.params, _image(2), num_steps=1)
+  trace = np.asarray(concept.loss_trace)
+  assert int(concept.steps) == 1 and np.isfinite(trace[0]) and np.isnan(trace[1:]).all()
+  zero = personalize_fn(tiny.params, _image(2), num_steps=0)  # the encoder alone
+  assert int(zero.steps) == 0
+  with pytest.raises(InputError, match='at most 3'):
+    personalize_fn(tiny.params, _image(2), num_steps=4)
+
+
+def test_concept_save_load_round_trip_and_compatibility(tiny, personalize_fn, tmp_path):
+  concept = personalize_fn(tiny.params, _image(3))
+  path = concept.save(tmp_path / 'me.e4t.safetensors')
+  loaded = personalize_lib.Concept.load(path)
+  np.testing.assert_array_equal(loaded.embedding, concept.embedding)
+  for key, pair in concept.weight_offsets.items():
+    np.testing.assert_array_equal(loaded.weight_offsets[key]['up'], pair['up'])
+  assert loaded.info['coarse_word'] == 'face' and loaded.info['steps'] == '3'
+  loaded.check_compatible(tiny.modules, personalize_fn.fingerprint)
+  with pytest.raises(CheckpointError, match='base model'):
+    loaded.check_compatible(tiny.modules, 'f' * 64)
+  assert path.stat().st_size < 200_000
+  assert not list(tmp_path.glob('.*.tmp'))  # atomic write left nothing behind
+
+
+def test_corrupt_concept_file_is_a_clear_error(tmp_path):
+  bad = tmp_path / 'bad.e4t.safetensors'
+  bad.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"not": json')
+  with pytest.raises(CheckpointError, match='bad.e4t.safetensors'):
+    personalize_lib.Concept.load(bad)
+  with pytest.raises(InputError, match='no such concept'):
+    personalize_lib.Concept.load(tmp_path / 'missing.safetensors')
+
+
+def test_bad_images_are_clear_errors(tiny, personalize_fn):
+  with pytest.raises(InputError, match='HxWx3'):
+    personalize_fn(tiny.params, np.zeros((4, 4, 4, 3), np.uint8))
+  with pytest.raises(InputError, match=r'\[0, 1\]'):
+    personalize_fn(tiny.params, np.full((32, 32, 3), 7.0, np.float32))
+
+
+def test_personalize_many_matches_shapes_and_shards_over_data(tiny):
+  from e4t_jax.parallel.mesh import make_mesh
+  mesh = make_mesh({'data': 2, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:2])
+  concepts = personalize_lib.personalize_many(tiny, [_image(i) for i in range(3)], num_steps=2, mesh=mesh)
+  assert len(concepts) == 3
+  assert len({np.asarray(c.embedding).tobytes() for c in concepts}) == 3
+  assert all(int(c.steps) == 2 for c in concepts)
