@@ -6,3 +6,17 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 _flags = os.environ.get('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in _flags:
   os.environ['XLA_FLAGS'] = (_flags + ' --xla_force_host_platform_device_count=8').strip()
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def tiny_e4t():
+  """One tiny random E4T model shared by every test module (init is the slow part)."""
+  import jax
+  from e4t_jax.e4t import model as model_lib
+  from e4t_jax.e4t.encoder import EncoderConfig
+  from e4t_jax.e4t.offsets import OffsetsConfig
+  config = model_lib.E4TConfig(coarse_word='face', encoder=EncoderConfig(hidden_dim=32, clip_layers=(-1, -2)),
+                               offsets=OffsetsConfig(rank=2))
+  return model_lib.init_tiny(jax.random.key(0), config)

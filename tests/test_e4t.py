@@ -9,18 +9,15 @@ import pytest
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t import objective
 from e4t_jax.e4t import offsets as offsets_lib
-from e4t_jax.e4t.encoder import EncoderConfig
 from e4t_jax.e4t.prompts import encode_prompt, token_embedding
 from e4t_jax.errors import ConfigError
 from e4t_jax.train import step as step_lib
 
-CONFIG = model_lib.E4TConfig(coarse_word='face', encoder=EncoderConfig(hidden_dim=32, clip_layers=(-1, -2)),
-                             offsets=offsets_lib.OffsetsConfig(rank=2))
 
 
 @pytest.fixture(scope='module')
-def tiny():
-  return model_lib.init_tiny(jax.random.key(0), CONFIG)
+def tiny(tiny_e4t):
+  return tiny_e4t
 
 
 @pytest.fixture(scope='module')
@@ -51,7 +48,7 @@ def _unet_out(modules, unet_params, seed=0):
 
 def test_zero_initialized_offsets_leave_unet_output_bit_identical(tiny):
   unet_params = tiny.params['unet']
-  merged = offsets_lib.merge_offsets(unet_params, tiny.params['weight_offsets'], CONFIG.offsets.mode)
+  merged = offsets_lib.merge_offsets(unet_params, tiny.params['weight_offsets'], tiny.config.offsets.mode)
   np.testing.assert_array_equal(_unet_out(tiny.modules, unet_params), _unet_out(tiny.modules, merged))
 
 

@@ -5,17 +5,13 @@ import pytest
 
 from e4t_jax import personalize as personalize_lib
 from e4t_jax.e4t import model as model_lib
-from e4t_jax.e4t import offsets as offsets_lib
-from e4t_jax.e4t.encoder import EncoderConfig
 from e4t_jax.errors import CheckpointError, InputError
 
-CONFIG = model_lib.E4TConfig(coarse_word='face', encoder=EncoderConfig(hidden_dim=32),
-                             offsets=offsets_lib.OffsetsConfig(rank=2))
 
 
 @pytest.fixture(scope='module')
-def tiny():
-  return model_lib.init_tiny(jax.random.key(0), CONFIG)
+def tiny(tiny_e4t):
+  return tiny_e4t
 
 
 @pytest.fixture(scope='module')

@@ -29,12 +29,32 @@ Axes = tuple[str | None, ...]
 default_kernel_init = nn.initializers.lecun_normal()
 
 
+class Dense(nn.Dense):
+  """nn.Dense that can pin its output's sharding to "batch only".
+
+  Output projections back to the residual width ('embed') constrain their result to be sharded over
+  the batch and replicated otherwise. Besides being the layout the residual stream wants, this avoids
+  an XLA SPMD partitioner bug (jaxlib 0.10.2) that swaps batch rows of `h + h @ w_out` when the batch
+  is split over (data, fsdp) and w_out over (tensor, fsdp) (tests/test_sharding.py reproduces it).
+  The constraint is a no-op unless a mesh and logical-axis rules are active
+  (`parallel.mesh.activation_sharding`).
+  """
+  constrain_output: bool = False
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    out = super().__call__(inputs)
+    if self.constrain_output:
+      out = nn.with_logical_constraint(out, ('batch',) + (None,) * (out.ndim - 1))
+    return out
+
+
 def dense(features: int, axes: Axes, *, name: str, use_bias: bool = True,
           dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
           kernel_init=default_kernel_init) -> nn.Dense:
   """A Dense layer whose kernel is annotated `axes` = (in_axis, out_axis) and bias `(out_axis,)`."""
-  return nn.Dense(
+  return Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+      constrain_output=axes[-1] == 'embed',
       kernel_init=nn.with_logical_partitioning(kernel_init, axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)))
 

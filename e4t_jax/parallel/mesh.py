@@ -8,6 +8,7 @@ copy on one device.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -117,3 +118,13 @@ def sharded_init(init_fn, mesh: Mesh, rules: Sequence[tuple[str, Any]], *args) -
   shardings = param_shardings(abstract, mesh, rules)
   params = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
   return params, shardings
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_LOGICAL_AXIS_RULES):
+  """Makes the models' activation constraints (`nn.with_logical_constraint`) live while tracing.
+
+  Trace (call) jitted model code inside this context when its inputs are sharded over the mesh.
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
