@@ -194,3 +194,29 @@ def merge_params(trainable: dict, frozen: dict) -> dict:
 
 def count_params(tree: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def abstract_model(config: E4TConfig, unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig,
+                   vision: CLIPVisionConfig, dtype: Any = jnp.float32) -> E4TModel:
+  """An E4T model whose params are `jax.ShapeDtypeStruct`s: for parameter counts, AOT lowering and
+  memory/FLOP analysis of full-size configs (e.g. `presets.sd15()` + `presets.clip_vit_h14()`) on a
+  CPU, without any weights."""
+  from e4t_jax.convert.pipeline import SD1_SCHEDULER_CONFIG
+  from e4t_jax.models import unet as unet_lib
+  unet_module, vae_module = UNet(unet, dtype=dtype), AutoencoderKL(vae, dtype=dtype)
+  text_module = CLIPTextTransformer(text, dtype=dtype)
+  vision_module = CLIPVisionTransformer(vision, with_projection=False, dtype=dtype)
+  key = jax.random.key(0)
+  side = vae.downsample_factor
+  shapes = lambda module, *inputs: nn.meta.unbox(jax.eval_shape(module.init, key, *inputs)['params'])
+  params = {
+      'unet': shapes(unet_module, *unet_lib.init_inputs(unet)),
+      'vae': shapes(vae_module, jnp.zeros((1, side, side, vae.in_channels))),
+      'text_encoder': shapes(text_module, jnp.zeros((1, 1), jnp.int32)),
+      'image_encoder': shapes(vision_module, jnp.zeros((1, vision.image_size, vision.image_size, 3))),
+  }
+  sd = StableDiffusion(unet_module, vae_module, text_module, CLIPTokenizer.default(), dict(SD1_SCHEDULER_CONFIG),
+                       params)
+  modules = build_modules(config, sd, vision_module, dtype=dtype)
+  params.update(jax.eval_shape(lambda k: init_trainable(k, modules, params['unet']), key))
+  return E4TModel(modules, params)
