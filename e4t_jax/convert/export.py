@@ -1,0 +1,167 @@
+"""A concept -> files diffusers loads into a `StableDiffusionPipeline` of the same base model.
+
+    export_concept_to_diffusers(concept, model, 'my-concept/')
+    # my-concept/learned_embeds.safetensors          w* as a textual-inversion embedding
+    # my-concept/pytorch_lora_weights.safetensors    the weight offsets as a LoRA on the U-Net
+    # my-concept/README.txt                          how to load both
+
+Textual inversion: diffusers' own format, one tensor {token: [1, width]} (`load_textual_inversion`
+takes a single-key file as token -> embedding). The token must not be in the CLIP vocabulary
+(diffusers refuses it), so the default placeholder '*' (vocab id 9) is exported as '<e4t-concept>';
+prompts in diffusers then read 'a photo of <e4t-concept>'.
+
+LoRA: the PEFT key layout `load_lora_weights` reads,
+    unet.<module>.lora_A.weight  [r, in]      unet.<module>.lora_B.weight  [out, r]
+with <module> the diffusers name of the projection (e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q).
+Our kernels act as x @ W with W [in, out] and ΔW = down @ up; torch's Linear weight is Wᵀ [out, in], so
+ΔWᵀ = upᵀ @ downᵀ = lora_B @ lora_A with lora_A = downᵀ and lora_B = upᵀ. No alphas are written:
+diffusers then takes alpha = rank, a scale of 1, so W' = W + lora_B @ lora_A exactly as our additive
+merge. Multiplicative offsets (W ⊙ (1 + ΔW)) are not a low-rank update and cannot be exported.
+Loading the LoRA needs diffusers' PEFT backend (`pip install peft`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from flax import traverse_util
+
+from e4t_jax.convert.common import atomic_write_bytes, torch_key, write_safetensors
+from e4t_jax.e4t import model as model_lib
+from e4t_jax.errors import CheckpointError, InputError
+from e4t_jax.personalize import Concept, model_fingerprint
+
+EMBEDDING_FILE = 'learned_embeds.safetensors'
+LORA_FILE = 'pytorch_lora_weights.safetensors'
+README_FILE = 'README.txt'
+# The token used in diffusers when the model's placeholder is a CLIP vocabulary string (such as '*').
+DEFAULT_EXPORT_TOKEN = '<e4t-concept>'
+UNET_PREFIX = 'unet.'
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusersExport:
+  """What `export_concept_to_diffusers` wrote, and the token to write in diffusers prompts."""
+  embedding: Path
+  lora: Path | None      # None when the concept has no weight offsets
+  readme: Path
+  token: str
+
+
+def _in_clip_vocabulary(modules: model_lib.E4TModules, token: str) -> bool:
+  """Whether `token` is a key of the BPE vocabulary (what transformers' `get_vocab()` holds)."""
+  # CLIPTokenizer has no public vocabulary lookup; its encoder's dict is the vocab.json mapping.
+  return token in modules.tokenizer._encoder.vocab  # noqa: SLF001
+
+
+def export_token(modules: model_lib.E4TModules, token: str | None = None) -> str:
+  """The token the exported embedding is loaded under: `token`, else the model's placeholder when
+  diffusers accepts it, else `DEFAULT_EXPORT_TOKEN`."""
+  if token is None:
+    placeholder = modules.config.placeholder
+    return DEFAULT_EXPORT_TOKEN if _in_clip_vocabulary(modules, placeholder) else placeholder
+  if not token or any(char.isspace() for char in token):
+    raise InputError(f'export token {token!r} must be one word without whitespace, e.g. {DEFAULT_EXPORT_TOKEN!r}.')
+  if _in_clip_vocabulary(modules, token) or token in modules.tokenizer.special_tokens.values():
+    raise InputError(f'export token {token!r} is already in the CLIP vocabulary, which diffusers refuses; '
+                     f'use a new string such as {DEFAULT_EXPORT_TOKEN!r}.')
+  return token
+
+
+def lora_module_name(kernel_path: str) -> str:
+  """Our offset key 'down_blocks_0/attentions_0/.../attn1/to_q' -> diffusers' module name
+  'down_blocks.0.attentions.0.....attn1.to_q'."""
+  return torch_key(tuple(kernel_path.split('/')) + ('kernel',))[:-len('.weight')]
+
+
+def lora_state_dict(concept: Concept, unet_params) -> dict[str, np.ndarray]:
+  """The concept's offsets as PEFT LoRA tensors (float32, torch layout), checked against the U-Net."""
+  flat = traverse_util.flatten_dict(dict(unet_params))
+  tensors = {}
+  for path, pair in sorted(concept.weight_offsets.items()):
+    down = np.asarray(pair['down'], np.float32)  # [in, r]
+    up = np.asarray(pair['up'], np.float32)      # [r, out]
+    kernel = flat.get(tuple(path.split('/')) + ('kernel',))
+    if kernel is None or down.ndim != 2 or up.ndim != 2 or down.shape[1] != up.shape[0] \
+        or tuple(kernel.shape) != (down.shape[0], up.shape[1]):
+      raise CheckpointError(f'weight offset {path!r} (down {down.shape}, up {up.shape}) does not fit this '
+                            'model\'s U-Net; the concept was made for another model.')
+    module = UNET_PREFIX + lora_module_name(path)
+    tensors[f'{module}.lora_A.weight'] = np.ascontiguousarray(down.T)  # [r, in]
+    tensors[f'{module}.lora_B.weight'] = np.ascontiguousarray(up.T)    # [out, r]
+  return tensors
+
+
+def _readme(token: str, out_dir: Path, has_lora: bool, info: dict[str, str]) -> str:
+  lines = [
+      'An E4T concept exported for diffusers (made with e4t-jax).',
+      '',
+      'Load it into a StableDiffusionPipeline of the SAME base model it was personalized with'
+      + (f' (e4t base fingerprint {info["base_fingerprint"][:12]}):' if 'base_fingerprint' in info else ':'),
+      '',
+      'from diffusers import StableDiffusionPipeline',
+      'pipe = StableDiffusionPipeline.from_pretrained("path/to/base-model")',
+      f'pipe.load_textual_inversion("{out_dir}/{EMBEDDING_FILE}", token="{token}")',
+  ]
+  if has_lora:
+    lines.append(f'pipe.load_lora_weights("{out_dir}", weight_name="{LORA_FILE}")  # needs `pip install peft`')
+  lines += [
+      f'image = pipe("a photo of {token}").images[0]',
+      '',
+      f'Write the concept as {token} in prompts (e4t-jax\'s placeholder was '
+      f'{info.get("placeholder", "?")!r}).',
+  ]
+  if has_lora:
+    lines.append('The LoRA has alpha = rank (scale 1): W\' = W + lora_B @ lora_A reproduces the tuned U-Net.')
+  return '\n'.join(lines) + '\n'
+
+
+def export_concept_to_diffusers(concept: Concept, model: model_lib.E4TModel, out_dir: str | os.PathLike, *,
+                                token: str | None = None) -> DiffusersExport:
+  """Writes the concept as a textual-inversion embedding + a U-Net LoRA for diffusers, and a README.
+
+  Args:
+    concept: the personalized concept (additive weight offsets).
+    model: the E4T model it was made with (the offsets are checked against its U-Net).
+    out_dir: the folder (created); existing files of the same names are replaced atomically.
+    token: the token to load the embedding under in diffusers; default the model's placeholder, or
+      '<e4t-concept>' when that is a CLIP vocabulary string such as '*'.
+  Returns:
+    The written paths and the token.
+  Raises:
+    InputError: multiplicative offsets (not expressible as a LoRA) or an unusable token.
+    CheckpointError: the concept does not fit the model.
+  """
+  modules = model.modules
+  info = concept.info
+  mode = info.get('offsets_mode', modules.config.offsets.mode)
+  if mode != 'additive' and concept.weight_offsets:
+    raise InputError(f'this concept has {mode} weight offsets (W * (1 + dW)), which a LoRA (W + B @ A) cannot '
+                     'represent; personalize with offsets mode "additive" to export it to diffusers.')
+  width = modules.text_encoder.config.hidden_size
+  embedding = np.asarray(concept.embedding, np.float32)
+  if embedding.shape != (width,):
+    raise CheckpointError(f'concept embedding shape {embedding.shape} does not fit this model\'s text width '
+                          f'{width}; it was made for another model.')
+  if 'base_fingerprint' in info and info['base_fingerprint'] != model_fingerprint(model):
+    raise CheckpointError(f'the concept was made for base model {info["base_fingerprint"][:12]}, not this '
+                          'one; export it with the model it was personalized with.')
+  token = export_token(modules, token)
+  out_dir = Path(out_dir)
+  if out_dir.exists() and not out_dir.is_dir():
+    raise InputError(f'{out_dir} exists and is not a directory; choose another output folder.')
+  out_dir.mkdir(parents=True, exist_ok=True)
+
+  metadata = {'format': 'pt', 'e4t': json.dumps(dict(info, token=token), sort_keys=True)}
+  embedding_path = out_dir / EMBEDDING_FILE
+  write_safetensors(embedding_path, {token: embedding[None]}, metadata=metadata)  # [1, width]
+  lora_path = None
+  if concept.weight_offsets:
+    lora_path = out_dir / LORA_FILE
+    write_safetensors(lora_path, lora_state_dict(concept, model.params['unet']), metadata=metadata)
+  readme_path = out_dir / README_FILE
+  atomic_write_bytes(readme_path, [_readme(token, out_dir, lora_path is not None, info).encode()])
+  return DiffusersExport(embedding=embedding_path, lora=lora_path, readme=readme_path, token=token)

@@ -1,0 +1,561 @@
+"""Text-to-image generation with personalized concepts, compiled once per shape.
+
+    images = generate(model, concept, ['a photo of * as a knight', 'a watercolor of *'], seed=0)
+    paths = save_images(images, 'out/', prompts, {'seed': 0, 'num_steps': 25})
+
+One jitted program does everything between token ids and pixels: the text encoder with w* swapped in
+at the placeholder (for the prompts and the negative prompts), the weight offsets folded into the
+U-Net once, the sampler loop as one `lax.scan` with classifier-free guidance, the VAE decode and the
+conversion to uint8. Everything that changes from call to call (params, concept embeddings and
+offsets, prompt ids, seeds, guidance scale, DDIM's eta) is an array argument, so a new prompt, seed,
+concept or guidance scale reuses the executable; only a new batch layout, resolution, step count or
+sampler compiles again.
+
+Several concepts in one batch: prompts are grouped by concept (C groups, padded to the largest group
+B), each group gets its own w* and its own offsets, and the U-Net is `jax.vmap`-ed over the groups
+with only the offset-targeted kernels batched ([C, in, out]); every other weight is shared. Prompts
+without a concept get zero offsets and the coarse word's embedding, so they share the same program.
+
+Noise is per image: with `seed=s`, image i starts from `jax.random.key(s + i)`, so an image can be
+reproduced on its own (`seed=s + i`, one prompt) whatever batch it was made in (DDIM with eta > 0
+adds per-step noise drawn for the whole batch, so there only the batch as a whole is reproducible).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from e4t_jax.convert.common import atomic_write_bytes
+from e4t_jax.diffusion import samplers as samplers_lib
+from e4t_jax.diffusion.schedule import NoiseSchedule
+from e4t_jax.e4t import model as model_lib
+from e4t_jax.e4t import offsets as offsets_lib
+from e4t_jax.e4t.prompts import encode_prompt
+from e4t_jax.errors import CheckpointError, ConfigError, InputError
+from e4t_jax.models.vae import decode_latents
+from e4t_jax.personalize import Concept, model_fingerprint
+
+# Generators kept alive per (modules, scheduler config); each holds its compiled programs.
+_MAX_CACHED_GENERATORS = 4
+_MAX_SEED = 2**32 - 1
+
+
+class GenerationWarning(UserWarning):
+  """A prompt that will not render as the user probably meant (no placeholder, truncated)."""
+
+
+# ----------------------------------------------------------------------------- the program
+@dataclasses.dataclass(frozen=True)
+class _ProgramKey:
+  """What one compiled program is specialized on besides array shapes (jit handles those)."""
+  latent_height: int
+  latent_width: int
+  num_steps: int
+  sampler: samplers_lib.SamplerConfig
+  stochastic: bool          # DDIM with eta != 0: per-step noise (eta becomes an array argument)
+  offsets_mode: str
+
+
+def _sampling_program(modules: model_lib.E4TModules, key: _ProgramKey, timesteps: np.ndarray):
+  """The pure function `Generator` jits: token ids + concepts -> uint8 images.
+
+  Args of the returned function:
+    unet_params, vae_params, text_params: the frozen Stable Diffusion params.
+    embeddings: [C, width] w* of each concept group (the coarse word's embedding for no concept).
+    offsets: {kernel path: {'down': [C, in, r], 'up': [C, r, out]}} (zeros for a group without a concept).
+    prompt_ids, negative_ids: [C, B, tokens] int32.
+    seeds: [C, B] uint32, the initial noise seed of each slot.
+    guidance_scale: float32 [].
+    eta: float32 [] (DDIM only; ignored unless `key.stochastic`).
+  Returns:
+    uint8 [C, B, H, W, 3].
+  """
+  unet, vae, text_encoder = modules.unet, modules.vae, modules.text_encoder
+  latent_shape = (key.latent_height, key.latent_width, unet.config.in_channels)
+
+  def program(unet_params, vae_params, text_params, embeddings, offsets, prompt_ids, negative_ids, seeds,
+              guidance_scale, eta):
+    num_groups, group_size, num_tokens = prompt_ids.shape
+
+    # Text states for both CFG halves, with each group's w* at its placeholder positions.
+    w_star = jnp.repeat(embeddings, group_size, axis=0)  # [C * B, width]
+
+    def encode(ids):  # [C, B, T] -> [C, B, T, D]
+      states = encode_prompt(text_encoder, text_params, ids.reshape(-1, num_tokens),
+                             placeholder_id=modules.placeholder_id, placeholder_embedding=w_star,
+                             substitute_id=modules.coarse_token_id)
+      return states.reshape(num_groups, group_size, *states.shape[1:])
+
+    cond_context, uncond_context = encode(prompt_ids), encode(negative_ids)
+
+    # Fold each group's offsets into its copies of the targeted kernels, once, outside the loop.
+    flat_unet = traverse_util.flatten_dict(unet_params)
+    kernel_key = lambda path: tuple(path.split('/')) + ('kernel',)
+    targets = traverse_util.unflatten_dict({kernel_key(path): flat_unet[kernel_key(path)] for path in offsets})
+    merged = {}  # {kernel key: [C, in, out]}
+    if offsets:
+      merged = jax.vmap(lambda group_offsets: traverse_util.flatten_dict(
+          offsets_lib.merge_offsets(targets, group_offsets, key.offsets_mode)))(offsets)
+
+    def group_denoise(group_kernels, x_t, t, cond, uncond):
+      flat = dict(flat_unet)
+      flat.update(group_kernels)
+      params = traverse_util.unflatten_dict(flat)
+      model_fn = lambda x, step, context: unet.apply({'params': params}, x, step, context)
+      return samplers_lib.guided_denoise_fn(model_fn, cond, uncond, guidance_scale)(x_t, t)
+
+    def denoise(x_t, t):  # x_t: [C * B, h, w, c]
+      grouped = x_t.reshape(num_groups, group_size, *x_t.shape[1:])
+      if num_groups == 1:  # the common case: no vmap, plain [B, ...] U-Net calls
+        out = group_denoise(jax.tree.map(lambda k: k[0], merged), grouped[0], t, cond_context[0],
+                            uncond_context[0])[None]
+      else:
+        out = jax.vmap(group_denoise, in_axes=(0, 0, None, 0, 0))(merged, grouped, t, cond_context, uncond_context)
+      return out.reshape(x_t.shape)
+
+    flat_seeds = seeds.reshape(-1)
+    latents = jax.vmap(lambda s: jax.random.normal(jax.random.key(s), latent_shape, jnp.float32))(flat_seeds)
+    if key.stochastic:
+      # DDIM's per-step noise: one stream for the whole batch, seeded by its first image.
+      latents = samplers_lib.sample(denoise, modules.schedule, latents, timesteps, key.sampler,
+                                    jax.random.fold_in(jax.random.key(flat_seeds[0]), 1), eta)
+    else:
+      latents = samplers_lib.sample(denoise, modules.schedule, latents, timesteps, key.sampler)
+    images = decode_latents(vae, vae_params, latents)  # [C * B, H, W, 3] about [-1, 1]
+    # As diffusers' postprocessing: [-1, 1] -> [0, 1], clamp, * 255, round.
+    pixels = jnp.round(jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+    return pixels.reshape(num_groups, group_size, *pixels.shape[1:])
+
+  return program
+
+
+# ----------------------------------------------------------------------------- the generator
+def image_seeds(seed: int | Sequence[int], count: int) -> list[int]:
+  """The initial-noise seed of each image: `seed + i` for an int, or the given per-image seeds."""
+  if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+    seeds = [int(seed) + i for i in range(count)]
+  else:
+    seeds = [int(s) for s in seed]
+    if len(seeds) != count:
+      raise InputError(f'{len(seeds)} seeds for {count} prompts; pass one seed or one per prompt.')
+  bad = [s for s in seeds if not 0 <= s <= _MAX_SEED]
+  if bad:
+    raise InputError(f'seed {bad[0]} is outside [0, 2**32 - 1]; pick a smaller non-negative seed.')
+  return seeds
+
+
+def _as_list(value: str | Sequence[str], name: str) -> list[str]:
+  values = [value] if isinstance(value, str) else list(value)
+  for v in values:
+    if not isinstance(v, str):
+      raise InputError(f'{name} must be strings, got {type(v).__name__}.')
+  return values
+
+
+def _concept_mode(concept: Concept, default: str) -> str:
+  return concept.info.get('offsets_mode', default)
+
+
+class Generator:
+  """Compiled generation programs of one model (see the module docstring); `generate` uses one.
+
+  Args:
+    modules: the model's static parts.
+    scheduler_config: the diffusers scheduler_config.json dict the samplers read their settings from;
+      defaults to Stable Diffusion 1.x's. Its noise schedule must be the model's.
+  """
+
+  def __init__(self, modules: model_lib.E4TModules, scheduler_config: Mapping[str, Any] | None = None):
+    self.modules = modules
+    self.scheduler_config = dict(modules.scheduler_config if scheduler_config is None else scheduler_config)
+    given = NoiseSchedule.from_config(self.scheduler_config)
+    if (given.num_train_timesteps != modules.schedule.num_train_timesteps
+        or given.prediction_type != modules.schedule.prediction_type
+        or not np.allclose(np.asarray(given.alphas_cumprod), np.asarray(modules.schedule.alphas_cumprod),
+                           rtol=1e-6, atol=0)):
+      raise ConfigError('scheduler_config describes another noise schedule than the model was trained with; '
+                        "pass the model's own scheduler/scheduler_config.json.")
+    self._programs: dict[_ProgramKey, Any] = {}
+    self._device_params: tuple[Any, dict] | None = None  # (the host params dict, its device copy)
+
+  @property
+  def num_programs(self) -> int:
+    """How many distinct programs (statics) were built; jit may hold several shapes of each."""
+    return len(self._programs)
+
+  def prompt_warnings(self, prompts: Sequence[str], concepts: Sequence[Concept | None]) -> list[str]:
+    """One line per prompt that will not render as meant (what `generate` warns about)."""
+    tokenizer, placeholder = self.modules.tokenizer, self.modules.config.placeholder
+    lines = []
+    for i, (prompt, concept) in enumerate(zip(prompts, concepts)):
+      if tokenizer.is_truncated(prompt):
+        lines.append(f'prompt {i} ({prompt[:40]!r}...) is longer than the text encoder\'s '
+                     f'{tokenizer.model_max_length} tokens; the end is cut off.')
+      ids = tokenizer([prompt])[0]
+      has_placeholder = bool(np.any(ids == self.modules.placeholder_id))
+      if concept is not None and not has_placeholder:
+        lines.append(f'prompt {i} ({prompt[:40]!r}) has no placeholder {placeholder!r} (or it was cut off): '
+                     'the concept\'s embedding is unused, only its weight offsets apply.')
+      if concept is None and has_placeholder:
+        lines.append(f'prompt {i} ({prompt[:40]!r}) uses the placeholder {placeholder!r} but no concept '
+                     f'was given: it renders as the coarse word {self.modules.config.coarse_word!r}.')
+    return lines
+
+  def _program(self, key: _ProgramKey):
+    program = self._programs.get(key)
+    if program is None:
+      timesteps = samplers_lib.make_timesteps(self.modules.schedule, key.num_steps, key.sampler)
+      program = jax.jit(_sampling_program(self.modules, key, timesteps))
+      self._programs[key] = program
+    return program
+
+  def _on_device(self, params: dict) -> dict:
+    """The Stable Diffusion params as device arrays; host (numpy) params are copied once, not per call."""
+    needed = {name: params[name] for name in ('unet', 'vae', 'text_encoder')}
+    if all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(needed)):
+      return needed
+    if self._device_params is None or self._device_params[0] is not params:
+      # Keyed by identity and holding a reference: params trees are not mutated in place in JAX code.
+      self._device_params = (params, jax.device_put(needed))
+    return self._device_params[1]
+
+  def _check_concept(self, concept: Concept, unet_params: Any, fingerprint: str | None, index: int) -> None:
+    source = f'concept of prompt {index}'
+    width = self.modules.text_encoder.config.hidden_size
+    if tuple(np.shape(concept.embedding)) != (width,):
+      raise CheckpointError(f'{source}: embedding shape {tuple(np.shape(concept.embedding))}, this model '
+                            f'needs ({width},); it was made for another model.')
+    expected = concept.info.get('base_fingerprint')
+    if expected is not None and fingerprint is not None and expected != fingerprint:
+      raise CheckpointError(f'{source}: made for base model {expected[:12]}, but this model is '
+                            f'{fingerprint[:12]}; personalize the image again with this model.')
+    flat = traverse_util.flatten_dict(unet_params)
+    for path, pair in concept.weight_offsets.items():
+      kernel = flat.get(tuple(path.split('/')) + ('kernel',))
+      shape = (np.shape(pair['down'])[0], np.shape(pair['up'])[-1])
+      if kernel is None or tuple(kernel.shape) != shape:
+        raise CheckpointError(f'{source}: weight offset {path!r} ({shape}) has no matching U-Net kernel; '
+                              'it was made for another model.')
+
+  def generate(self, model: model_lib.E4TModel, concept: Concept | Sequence[Concept | None] | None,
+               prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None, *,
+               num_steps: int = 25, guidance_scale: float = 7.5,
+               sampler: str | samplers_lib.SamplerConfig = 'dpmpp_2m', seed: int | Sequence[int] = 0,
+               eta: float = 0.0, height: int | None = None, width: int | None = None) -> np.ndarray:
+    """See `generate` (module level)."""
+    if model.modules is not self.modules:
+      raise ValueError('this Generator was built for another model; use generate() or a new Generator.')
+    m = self.modules
+    prompts = _as_list(prompts, 'prompts')
+    if not prompts:
+      raise InputError('no prompts given; pass at least one prompt.')
+    count = len(prompts)
+    if negative_prompts is None:
+      negative_prompts = [''] * count
+    negative_prompts = _as_list(negative_prompts, 'negative prompts')
+    if len(negative_prompts) == 1 and count > 1:
+      negative_prompts = negative_prompts * count
+    if len(negative_prompts) != count:
+      raise InputError(f'{len(negative_prompts)} negative prompts for {count} prompts; pass one or one per prompt.')
+    if concept is None or isinstance(concept, Concept):
+      concepts = [concept] * count
+    else:
+      concepts = list(concept)
+      if len(concepts) != count:
+        raise InputError(f'{len(concepts)} concepts for {count} prompts; pass one concept or one per prompt.')
+      for c in concepts:
+        if c is not None and not isinstance(c, Concept):
+          raise InputError(f'a concept must be a Concept (see Concept.load), got {type(c).__name__}.')
+    seeds = image_seeds(seed, count)
+
+    # Statics: resolution, steps, sampler.
+    factor = m.vae.config.downsample_factor
+    height = m.image_size if height is None else int(height)
+    width = m.image_size if width is None else int(width)
+    if height <= 0 or width <= 0 or height % factor or width % factor:
+      raise InputError(f'height and width must be positive multiples of {factor} (the VAE\'s downsampling), '
+                       f'got {height}x{width}.')
+    if isinstance(sampler, samplers_lib.SamplerConfig):
+      sampler_config = sampler
+    else:
+      sampler_config = samplers_lib.SamplerConfig.from_scheduler_config(sampler, self.scheduler_config)
+    if not 1 <= num_steps <= m.schedule.num_train_timesteps:
+      raise InputError(f'num_steps must be in [1, {m.schedule.num_train_timesteps}], got {num_steps}.')
+    if eta and sampler_config.name != 'ddim':
+      raise InputError(f'eta={eta} applies to the DDIM sampler only; use sampler="ddim" or eta=0.')
+    if not np.isfinite(guidance_scale):
+      raise InputError(f'guidance_scale must be a finite number, got {guidance_scale}.')
+
+    # Concepts: checked, then grouped (first-appearance order) and stacked.
+    present = [c for c in concepts if c is not None]
+    fingerprint = model_fingerprint(model) if any('base_fingerprint' in c.info for c in present) else None
+    checked: set[int] = set()
+    for i, c in enumerate(concepts):
+      if c is not None and id(c) not in checked:
+        self._check_concept(c, model.params['unet'], fingerprint, i)
+        checked.add(id(c))
+    modes = {_concept_mode(c, m.config.offsets.mode) for c in present}
+    if len(modes) > 1:
+      raise InputError(f'the concepts mix weight-offset modes {sorted(modes)}; generate them in separate calls.')
+    mode = modes.pop() if modes else m.config.offsets.mode
+    structures = {tuple(sorted((p, np.shape(v['down']), np.shape(v['up'])) for p, v in c.weight_offsets.items()))
+                  for c in present}
+    if len(structures) > 1:
+      raise InputError('the concepts have different weight offsets (targets or rank); generate them in '
+                       'separate calls.')
+
+    for line in self.prompt_warnings(prompts, concepts):
+      warnings.warn(line, GenerationWarning, stacklevel=3)
+
+    groups: dict[int, list[int]] = collections.OrderedDict()
+    for i, c in enumerate(concepts):
+      groups.setdefault(id(c), []).append(i)
+    group_concepts = [concepts[members[0]] for members in groups.values()]
+    group_size = max(len(members) for members in groups.values())
+    # Each group padded to B slots by repeating its first prompt (those images are dropped).
+    slots = [members + [members[0]] * (group_size - len(members)) for members in groups.values()]  # [C][B]
+
+    prompt_ids = m.tokenize(prompts)
+    negative_ids = m.tokenize(negative_prompts)
+    slot_index = np.asarray(slots, np.int64)  # [C, B]
+    text_table = model.params['text_encoder']['embeddings']['token_embedding']['embedding']
+    coarse = np.asarray(text_table[m.coarse_token_id], np.float32)
+    embeddings = np.stack([coarse if c is None else np.asarray(c.embedding, np.float32) for c in group_concepts])
+    # Groups without a concept get zero offsets shaped like the concepts' (or the model's own), so that
+    # plain and personalized prompts share one program: W + 0 and W ⊙ (1 + 0) are both W.
+    template = next((c.weight_offsets for c in present), model.params.get('weight_offsets', {}))
+    offsets = {}
+    for path, pair in template.items():
+      offsets[path] = {}
+      for name in ('down', 'up'):
+        offsets[path][name] = np.stack([np.zeros(np.shape(pair[name]), np.float32) if c is None
+                                        else np.asarray(c.weight_offsets[path][name], np.float32)
+                                        for c in group_concepts])
+
+    key = _ProgramKey(latent_height=height // factor, latent_width=width // factor, num_steps=int(num_steps),
+                      sampler=sampler_config, stochastic=bool(eta), offsets_mode=mode)
+    program = self._program(key)
+    params = self._on_device(model.params)
+    images = program(params['unet'], params['vae'], params['text_encoder'], embeddings,
+                     offsets, prompt_ids[slot_index], negative_ids[slot_index],
+                     np.asarray(seeds, np.uint32)[slot_index], np.asarray(guidance_scale, np.float32),
+                     np.asarray(eta, np.float32))
+    images = np.asarray(images)  # [C, B, H, W, 3]
+    out = np.empty((count,) + images.shape[2:], np.uint8)
+    for group, members in enumerate(groups.values()):
+      out[members] = images[group, :len(members)]
+    return out
+
+
+_GENERATORS: collections.OrderedDict = collections.OrderedDict()
+
+
+def get_generator(modules: model_lib.E4TModules, scheduler_config: Mapping[str, Any] | None = None) -> Generator:
+  """The cached `Generator` of `modules` (and scheduler config); built on first use."""
+  config_key = json.dumps(scheduler_config, sort_keys=True, default=str) if scheduler_config is not None else None
+  cache_key = (id(modules), config_key)
+  entry = _GENERATORS.get(cache_key)
+  # The entry keeps `modules` alive, so its id cannot be reused by another object while cached.
+  if entry is not None and entry.modules is modules:
+    _GENERATORS.move_to_end(cache_key)
+    return entry
+  generator = Generator(modules, scheduler_config)
+  _GENERATORS[cache_key] = generator
+  while len(_GENERATORS) > _MAX_CACHED_GENERATORS:
+    _GENERATORS.popitem(last=False)
+  return generator
+
+
+def generate(model: model_lib.E4TModel, concept: Concept | Sequence[Concept | None] | None,
+             prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None, *,
+             num_steps: int = 25, guidance_scale: float = 7.5,
+             sampler: str | samplers_lib.SamplerConfig = 'dpmpp_2m', seed: int | Sequence[int] = 0,
+             eta: float = 0.0, height: int | None = None, width: int | None = None,
+             scheduler_config: Mapping[str, Any] | None = None) -> np.ndarray:
+  """Generates one image per prompt.
+
+  Args:
+    model: the E4T model (its Stable Diffusion part does the drawing).
+    concept: None (the plain model), a `Concept` for every prompt, or a list with one `Concept` (or
+      None) per prompt; each prompt's placeholder gets its concept's w* and its U-Net its offsets.
+    prompts: the prompts; write the concept as the model's placeholder (e.g. 'a photo of *').
+    negative_prompts: the unconditional half of classifier-free guidance: one for all, or one per
+      prompt; default '' (as diffusers).
+    num_steps: sampler steps.
+    guidance_scale: classifier-free guidance weight (an array argument: changing it never recompiles).
+    sampler: 'dpmpp_2m' or 'ddim' (configured by `scheduler_config`), or a `SamplerConfig`.
+    seed: image i starts from noise seeded `seed + i`; or a list with one seed per prompt.
+    eta: DDIM's noise weight (0 = deterministic).
+    height, width: output size in pixels (multiples of the VAE's factor); default the model's.
+    scheduler_config: the diffusers scheduler_config.json dict of the base model; default Stable
+      Diffusion 1.x's (`E4TModules` does not keep it).
+  Returns:
+    uint8 [len(prompts), height, width, 3].
+  Raises:
+    InputError: unusable prompts, seeds, sizes or settings.
+    CheckpointError: a concept made for another model.
+    ConfigError: a scheduler_config whose noise schedule is not the model's.
+  Warns:
+    GenerationWarning: a prompt without the placeholder while a concept is given, the placeholder
+      without a concept, or a prompt cut off at the text encoder's context (`Generator.prompt_warnings`
+      returns the same lines without warning).
+  """
+  return get_generator(model.modules, scheduler_config).generate(
+      model, concept, prompts, negative_prompts, num_steps=num_steps, guidance_scale=guidance_scale,
+      sampler=sampler, seed=seed, eta=eta, height=height, width=width)
+
+
+# ----------------------------------------------------------------------------- files
+_LABEL_PADDING = 2
+_LABEL_LINES = 2
+
+
+def _wrap_label(text: str, font, max_width: int, max_lines: int) -> list[str]:
+  """Greedy character wrap to `max_width` pixels; the last line ends in '…' when text is left over."""
+  lines, current = [], ''
+  for char in text:
+    if font.getlength(current + char) <= max_width:
+      current += char
+      continue
+    lines.append(current)
+    current = char.lstrip()
+    if len(lines) == max_lines:
+      last = lines[-1]
+      while last and font.getlength(last + '…') > max_width:
+        last = last[:-1]
+      lines[-1] = last + '…'
+      return lines
+  if current:
+    lines.append(current)
+  return lines[:max_lines]
+
+
+def make_grid(images: np.ndarray | Sequence[np.ndarray], labels: Sequence[str] | None = None,
+              columns: int | None = None) -> np.ndarray:
+  """Tiles images (uint8 [N, H, W, 3]) into rows of `columns` with a small text label under each.
+
+  Args:
+    images: N images of one size.
+    labels: one caption per image (None: no label strip); drawn with PIL's default font, wrapped to
+      the image width over at most two lines.
+    columns: images per row; default about √N.
+  Returns:
+    uint8 [rows * (H + label), columns * W, 3] on a white background.
+  """
+  from PIL import Image, ImageDraw, ImageFont
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or len(images) == 0:
+    raise InputError(f'make_grid needs uint8 images [N, H, W, 3], got {images.dtype} {images.shape}.')
+  count, height, width = images.shape[:3]
+  if labels is not None and len(labels) != count:
+    raise InputError(f'{len(labels)} labels for {count} images; pass one label per image.')
+  columns = columns or int(np.ceil(np.sqrt(count)))
+  columns = max(1, min(columns, count))
+  rows = -(-count // columns)
+  font = ImageFont.load_default()
+  line_height = font.getbbox('Ag')[3] + 1
+  label_height = 0 if labels is None else _LABEL_LINES * line_height + 2 * _LABEL_PADDING
+  tile_height = height + label_height
+  canvas = Image.new('RGB', (columns * width, rows * tile_height), 'white')
+  draw = ImageDraw.Draw(canvas)
+  for i, image in enumerate(images):
+    x, y = (i % columns) * width, (i // columns) * tile_height
+    canvas.paste(Image.fromarray(image), (x, y))
+    if labels is not None:
+      lines = _wrap_label(str(labels[i]).replace('\n', ' '), font, width - 2 * _LABEL_PADDING, _LABEL_LINES)
+      for j, line in enumerate(lines):
+        draw.text((x + _LABEL_PADDING, y + height + _LABEL_PADDING + j * line_height), line, fill='black', font=font)
+  return np.asarray(canvas)
+
+
+def _png_bytes(image: np.ndarray, text: Mapping[str, str] | None = None) -> bytes:
+  from PIL import Image
+  from PIL.PngImagePlugin import PngInfo
+  info = PngInfo()
+  for key, value in (text or {}).items():
+    info.add_itxt(key, value)  # iTXt: UTF-8, so any prompt survives
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format='PNG', pnginfo=info)
+  return buffer.getvalue()
+
+
+def _slug(text: str, max_length: int = 40) -> str:
+  slug = re.sub(r'[^a-z0-9]+', '-', text.lower()).strip('-')[:max_length].strip('-')
+  return slug or 'image'
+
+
+def save_images(images: np.ndarray, out_dir: str | os.PathLike, prompts: Sequence[str],
+                settings: Mapping[str, Any] | None = None, *, negative_prompts: Sequence[str] | None = None,
+                seeds: Sequence[int] | None = None, grid_columns: int | None = None) -> list[Path]:
+  """Writes each image as a PNG (prompt, seed and settings in its text chunks) with a JSON sidecar,
+  and a labeled grid, every file atomically (a reader never sees a partial file).
+
+  Files: `NNN-<seed>-<prompt-slug>.png` + `.json` per image, and `grid.png`; files of the same name
+  from an earlier run are replaced.
+
+  Args:
+    images: uint8 [N, H, W, 3] (what `generate` returns).
+    out_dir: the folder (created).
+    prompts: the N prompts.
+    settings: JSON-able generation settings (steps, guidance, sampler, concept, seed, ...).
+    negative_prompts: one per image, if any.
+    seeds: each image's noise seed; default `image_seeds(settings['seed'], N)` when settings has an
+      int 'seed' (generate's convention), else none recorded.
+    grid_columns: images per grid row (default about √N).
+  Returns:
+    The image paths in prompt order, then the grid's path.
+  """
+  images = np.asarray(images)
+  prompts = _as_list(prompts, 'prompts')
+  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+    raise InputError(f'save_images needs uint8 images [N, H, W, 3], got {images.dtype} {images.shape}.')
+  if len(prompts) != len(images):
+    raise InputError(f'{len(prompts)} prompts for {len(images)} images; pass one prompt per image.')
+  settings = dict(settings or {})
+  if negative_prompts is not None:
+    negative_prompts = _as_list(negative_prompts, 'negative prompts')
+    if len(negative_prompts) != len(images):
+      raise InputError(f'{len(negative_prompts)} negative prompts for {len(images)} images.')
+  if seeds is None and isinstance(settings.get('seed'), (int, np.integer)):
+    seeds = image_seeds(int(settings['seed']), len(images))
+  try:
+    settings_json = json.dumps(settings, sort_keys=True)
+  except TypeError as e:
+    raise InputError(f'settings must be JSON-serializable ({e}).') from e
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  paths = []
+  for i, (image, prompt) in enumerate(zip(images, prompts)):
+    record = {'prompt': prompt, 'index': i}
+    if negative_prompts is not None:
+      record['negative_prompt'] = negative_prompts[i]
+    if seeds is not None:
+      record['seed'] = int(seeds[i])
+    stem = f'{i:03d}-' + (f'{int(seeds[i])}-' if seeds is not None else '') + _slug(prompt)
+    text = {k: str(v) for k, v in record.items()}
+    text.update(settings=settings_json, software='e4t-jax')
+    path = out_dir / f'{stem}.png'
+    atomic_write_bytes(path, [_png_bytes(image, text)])
+    sidecar = dict(record, settings=settings, file=path.name, height=int(image.shape[0]),
+                   width=int(image.shape[1]))
+    atomic_write_bytes(out_dir / f'{stem}.json', [json.dumps(sidecar, indent=2, sort_keys=True).encode()])
+    paths.append(path)
+  labels = [f'{p} (seed {seeds[i]})' if seeds is not None else p for i, p in enumerate(prompts)]
+  grid_path = out_dir / 'grid.png'
+  atomic_write_bytes(grid_path, [_png_bytes(make_grid(images, labels, grid_columns),
+                                            {'prompts': json.dumps(prompts), 'settings': settings_json,
+                                             'software': 'e4t-jax'})])
+  paths.append(grid_path)
+  return paths
