@@ -76,6 +76,7 @@ class E4TModules:
   placeholder_id: int
   coarse_token_id: int
   coarse_prompt_ids: np.ndarray      # [1, tokens] int32
+  base_tokenizer: CLIPTokenizer | None = dataclasses.field(default=None, hash=False, compare=False)  # no placeholder
   # The base model's diffusers scheduler_config.json (samplers read their settings from it).
   scheduler_config: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
 
@@ -114,7 +115,7 @@ def build_modules(config: E4TConfig, sd: StableDiffusion, image_encoder: CLIPVis
   return E4TModules(
       config=config, unet=sd.unet, vae=sd.vae, text_encoder=sd.text_encoder, image_encoder=image_encoder,
       encoder=encoder, tokenizer=tokenizer, schedule=NoiseSchedule.from_config(sd.scheduler_config),
-      scheduler_config=dict(sd.scheduler_config),
+      scheduler_config=dict(sd.scheduler_config), base_tokenizer=sd.tokenizer,
       placeholder_id=placeholder_id, coarse_token_id=coarse_id,
       coarse_prompt_ids=np.asarray(tokenizer([coarse_prompt]), np.int32))
 

@@ -1,0 +1,34 @@
+"""E4T model folders: save -> load is exact; wrong or broken folders are clear errors."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from e4t_jax.e4t import io as io_lib
+from e4t_jax.errors import CheckpointError
+
+
+def test_save_then_load_is_bit_exact(tiny_e4t, tmp_path):
+  io_lib.save_model(tiny_e4t, tmp_path / 'model')
+  loaded = io_lib.load_model(tmp_path / 'model')
+  assert loaded.config == tiny_e4t.config
+  assert loaded.modules.placeholder_id == tiny_e4t.modules.placeholder_id
+  flat_a = dict(jax.tree_util.tree_flatten_with_path(tiny_e4t.params)[0])
+  flat_b = dict(jax.tree_util.tree_flatten_with_path(loaded.params)[0])
+  assert flat_a.keys() == flat_b.keys()
+  for key in flat_a:
+    np.testing.assert_array_equal(np.asarray(flat_a[key]), np.asarray(flat_b[key]), err_msg=str(key))
+
+
+def test_not_a_model_folder_is_a_clear_error(tmp_path):
+  with pytest.raises(CheckpointError, match='not an e4t model folder'):
+    io_lib.load_model(tmp_path)
+
+
+def test_foreign_format_is_refused(tiny_e4t, tmp_path):
+  io_lib.save_model(tiny_e4t, tmp_path / 'model')
+  manifest = tmp_path / 'model' / 'e4t.json'
+  manifest.write_text(json.dumps(dict(json.loads(manifest.read_text()), format='something-else/9')))
+  with pytest.raises(CheckpointError, match='something-else'):
+    io_lib.load_model(tmp_path / 'model')
