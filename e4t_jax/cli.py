@@ -12,10 +12,109 @@ from e4t_jax import __version__
 from e4t_jax.errors import E4TError
 
 EXAMPLES = """examples:
-  e4t demo                               # the foundation demo on the embedded tiny model
-  e4t demo --out outputs/demo
-  e4t convert check sd15/                # load a local diffusers Stable Diffusion folder strictly
+  e4t demo                                         # end to end on the embedded model -> outputs/demo/
+  e4t personalize me.png --out concepts/           # one concept per image (embedded model by default)
+  e4t personalize a.jpg b.jpg --model faces/ --steps 15 --out concepts/
+  e4t generate concepts/me.e4t.safetensors "a pop-art painting of *" "* wearing a space suit" --out renders/
+  e4t prepare photos/ --out shards/ --num-shards 64 --size 512
+  e4t convert check sd15/                          # strictly load a local diffusers Stable Diffusion folder
+  e4t convert concept-to-diffusers concepts/me.e4t.safetensors --out me-diffusers/
+  e4t bench personalize --config tiny --baseline torch --json bench.json
+
+A model is an e4t model folder (written by `e4t pretrain` / e4t_jax.save_model); without --model the
+embedded demo model is used. Bad input gives one line on stderr and exit code 2.
 """
+
+
+def _load_model(path: str | None):
+  import e4t_jax
+  if path is None:
+    print('e4t: using the embedded demo model (pass --model DIR for a domain model)', file=sys.stderr)
+    return e4t_jax.load_demo()
+  return e4t_jax.load(path)
+
+
+def _progress(iterable, total: int, desc: str):
+  from tqdm import tqdm
+  return tqdm(iterable, total=total, desc=desc, unit='img', disable=not sys.stderr.isatty())
+
+
+def _cmd_personalize(args: argparse.Namespace) -> int:
+  import time
+  import jax
+  from e4t_jax import personalize as personalize_lib
+  from e4t_jax.data import images as images_lib
+  from e4t_jax.errors import InputError
+  paths = [Path(p) for p in args.images]
+  loaded = [(p, images_lib.load_image(p)) for p in paths]  # validate every input before any work
+  out_dir = Path(args.out)
+  targets = [out_dir / f'{p.stem}.e4t.safetensors' for p in paths]
+  if len(set(targets)) != len(targets):
+    raise InputError('two input images share a file name stem; their concepts would overwrite each other.')
+  model = _load_model(args.model)
+  t0 = time.perf_counter()
+  personalize_fn = personalize_lib.make_personalize_fn(
+      model, num_steps=args.steps, tuning=personalize_lib.TuningConfig(learning_rate=args.learning_rate),
+      cache_dir=args.cache_dir)
+  print(f'compiled the {args.steps}-step tuning program in {time.perf_counter() - t0:.1f} s')
+  timings = []
+  for index, ((path, image), target) in enumerate(_progress(zip(loaded, targets), len(loaded), 'personalizing')):
+    t0 = time.perf_counter()
+    concept = personalize_fn(model.params, image, jax.random.key(args.seed + index))
+    jax.block_until_ready(concept.embedding)
+    timings.append(time.perf_counter() - t0)
+    concept.save(target)
+    print(f'{path} -> {target} ({target.stat().st_size / 1024:.1f} KiB, {timings[-1]:.2f} s, '
+          f'final loss {float(concept.loss_trace[max(int(concept.steps) - 1, 0)]):.4f})')
+  print(f'{len(paths)} concept(s) in {out_dir}/, {sum(timings) / len(timings):.2f} s per concept after compile')
+  return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+  import warnings
+  from e4t_jax import generate as generate_lib
+  from e4t_jax.personalize import Concept
+  concept = Concept.load(args.concept) if args.concept and args.concept != 'none' else None  # fail fast
+  model = _load_model(args.model)
+  prompts = args.prompts
+  settings = {'steps': args.steps, 'guidance_scale': args.guidance_scale, 'sampler': args.sampler,
+              'seed': args.seed, 'concept': args.concept}
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always', generate_lib.GenerationWarning)
+    images = generate_lib.generate(model, concept, prompts, args.negative_prompt, num_steps=args.steps,
+                                   guidance_scale=args.guidance_scale, sampler=args.sampler, seed=args.seed)
+  for warning in caught:
+    print(f'e4t: warning: {warning.message}', file=sys.stderr)
+  paths = generate_lib.save_images(images, args.out, prompts, settings)
+  print(f'{len(prompts)} image(s) and the grid {paths[-1]} written to {args.out}/')
+  return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+  from e4t_jax.data.sources import write_array_record_shards
+  shards = write_array_record_shards(args.folder, args.out, args.num_shards, size=args.size,
+                                     mask_folder=args.masks)
+  print(f'{len(shards)} ArrayRecord shard(s) in {args.out}/ (see manifest.json for counts and skipped files)')
+  return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+  from e4t_jax.convert.export import export_concept_to_diffusers
+  from e4t_jax.personalize import Concept
+  concept = Concept.load(args.concept)
+  model = _load_model(args.model)
+  result = export_concept_to_diffusers(concept, model, args.out, token=args.token)
+  print(f'textual inversion: {result.embedding}\nLoRA: {result.lora}\nusage: {result.readme} '
+        f'(token {result.token!r})')
+  return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+  from e4t_jax import bench
+  result = bench.run_personalize_bench(args.config, num_steps=args.steps, num_concepts=args.concepts,
+                                       baseline=args.baseline, abstract=args.abstract, json_out=args.json)
+  print(bench.format_table(result))
+  return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -45,11 +144,59 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument('--seed', type=int, default=0)
   demo.set_defaults(func=_cmd_demo)
 
-  convert = sub.add_parser('convert', help='convert / check model weights')
+  personalize = sub.add_parser('personalize', help='personalize the model to each image (a concept file each)')
+  personalize.add_argument('images', nargs='+', help='image files (jpg/png/webp; non-square images are center-cropped)')
+  personalize.add_argument('--out', required=True, help='output directory for <image-stem>.e4t.safetensors')
+  personalize.add_argument('--model', help='e4t model folder (default: the embedded demo model)')
+  personalize.add_argument('--steps', type=int, default=5, help='tuning steps (default 5)')
+  personalize.add_argument('--learning-rate', type=float, default=1e-4)
+  personalize.add_argument('--seed', type=int, default=0)
+  personalize.add_argument('--cache-dir', help='persistent compilation cache (later runs skip most of the compile)')
+  personalize.set_defaults(func=_cmd_personalize)
+
+  generate = sub.add_parser('generate', help='render prompts with a concept ("*" is the concept)')
+  generate.add_argument('concept', help='a .e4t.safetensors concept file, or "none" for the plain model')
+  generate.add_argument('prompts', nargs='+', help='prompts; "*" stands for the concept')
+  generate.add_argument('--out', required=True, help='output directory (PNGs + JSON sidecars + grid.png)')
+  generate.add_argument('--model', help='e4t model folder (default: the embedded demo model)')
+  generate.add_argument('--negative-prompt', default=None)
+  generate.add_argument('--steps', type=int, default=25)
+  generate.add_argument('--guidance-scale', type=float, default=7.5)
+  generate.add_argument('--sampler', default='dpmpp_2m', choices=['dpmpp_2m', 'ddim'])
+  generate.add_argument('--seed', type=int, default=0)
+  generate.set_defaults(func=_cmd_generate)
+
+  prepare = sub.add_parser('prepare', help='pack an image folder into ArrayRecord shards for pretraining')
+  prepare.add_argument('folder', help='image folder (searched recursively)')
+  prepare.add_argument('--out', required=True)
+  prepare.add_argument('--num-shards', type=int, default=16)
+  prepare.add_argument('--size', type=int, default=None, help='center-crop + resize to SIZE (default: keep files)')
+  prepare.add_argument('--masks', default=None, help='folder of loss masks with matching names (faces)')
+  prepare.set_defaults(func=_cmd_prepare)
+
+  bench = sub.add_parser('bench', help='benchmarks (JSON output)')
+  bench_sub = bench.add_subparsers(dest='bench_command', required=True, metavar='WHAT')
+  bench_personalize = bench_sub.add_parser('personalize', help='compile time, per-concept latency, memory')
+  bench_personalize.add_argument('--config', default='tiny')
+  bench_personalize.add_argument('--steps', type=int, default=5)
+  bench_personalize.add_argument('--concepts', type=int, default=20)
+  bench_personalize.add_argument('--baseline', choices=['torch'], default=None)
+  bench_personalize.add_argument('--abstract', action='store_true', help='full-size AOT analysis, no weights')
+  bench_personalize.add_argument('--json', default=None, help='write the results here')
+  bench_personalize.set_defaults(func=_cmd_bench)
+
+  convert = sub.add_parser('convert', help='convert / check model weights, export concepts')
   convert_sub = convert.add_subparsers(dest='convert_command', required=True, metavar='WHAT')
   check = convert_sub.add_parser('check', help='strictly load a local diffusers Stable Diffusion folder')
   check.add_argument('model_dir', help='folder with unet/, vae/, text_encoder/, tokenizer/, scheduler/')
   check.set_defaults(func=_cmd_convert_check)
+  export = convert_sub.add_parser('concept-to-diffusers',
+                                  help='textual-inversion embedding + U-Net LoRA that diffusers pipelines load')
+  export.add_argument('concept')
+  export.add_argument('--out', required=True)
+  export.add_argument('--model', help='the e4t model folder the concept was made with (default: embedded)')
+  export.add_argument('--token', default=None, help='token to register in diffusers (default <e4t-concept>)')
+  export.set_defaults(func=_cmd_export)
   return parser
 
 

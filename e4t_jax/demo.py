@@ -27,8 +27,6 @@ def run(out_dir: Path, seed: int = 0, pretrain_steps: int = 10, tuning_steps: in
   from e4t_jax.data.loader import make_loader
   from e4t_jax.data.sources import SyntheticSource
   from e4t_jax.e4t import model as model_lib
-  from e4t_jax.e4t.encoder import EncoderConfig
-  from e4t_jax.e4t.offsets import OffsetsConfig
   from e4t_jax.train import step as step_lib
 
   out_dir = Path(out_dir)
@@ -37,9 +35,8 @@ def run(out_dir: Path, seed: int = 0, pretrain_steps: int = 10, tuning_steps: in
   started = time.perf_counter()
 
   _log('building the tiny E4T model (SD-architecture U-Net, VAE, CLIP text + vision; random weights)')
-  config = model_lib.E4TConfig(coarse_word='face', encoder=EncoderConfig(hidden_dim=64, clip_layers=(-1, -2)),
-                               offsets=OffsetsConfig(rank=4))
-  model = model_lib.init_tiny(jax.random.key(seed), config)
+  import e4t_jax
+  model = e4t_jax.load_demo()
   metrics['parameters'] = {name: model_lib.count_params(tree) for name, tree in model.params.items()}
 
   _log('round-tripping the base model through the diffusers/transformers folder layout')

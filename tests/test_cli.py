@@ -1,0 +1,48 @@
+"""The `e4t` command line: end to end on the embedded model, and one clear line + exit 2 for bad input."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from e4t_jax import cli
+
+
+def _write_image(path, size=(40, 56)):
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, size + (3,), dtype=np.uint8)).save(path)
+  return path
+
+
+@pytest.mark.parametrize('make_input, message', [
+    (lambda d: d / 'missing.png', 'no such file'),
+    (lambda d: (d / 'text.png').write_text('not an image') and d / 'text.png', 'not an image'),
+    (lambda d: (d / 'empty.jpg').write_bytes(b'') or d / 'empty.jpg', 'empty'),
+])
+def test_bad_image_is_one_line_and_exit_code_2(tmp_path, capsys, make_input, message):
+  code = cli.main(['personalize', str(make_input(tmp_path)), '--out', str(tmp_path / 'out')])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2
+  assert len(err) == 1 and err[0].startswith('e4t: error:') and message in err[0], err
+  assert not (tmp_path / 'out').exists()  # nothing written on failure
+
+
+def test_missing_concept_file_is_exit_code_2(tmp_path, capsys):
+  code = cli.main(['generate', str(tmp_path / 'nope.e4t.safetensors'), 'a photo of *', '--out', str(tmp_path)])
+  assert code == 2 and 'no such concept file' in capsys.readouterr().err
+
+
+def test_personalize_then_generate_writes_the_expected_files(tmp_path, capsys):
+  image = _write_image(tmp_path / 'me.png')
+  assert cli.main(['personalize', str(image), '--out', str(tmp_path / 'concepts'), '--steps', '2']) == 0
+  concept = tmp_path / 'concepts' / 'me.e4t.safetensors'
+  assert concept.is_file()
+  out = tmp_path / 'renders'
+  assert cli.main(['generate', str(concept), 'a photo of *', 'a drawing of a face', '--out', str(out),
+                   '--steps', '2', '--seed', '3']) == 0
+  err = capsys.readouterr().err
+  assert "has no placeholder '*'" in err  # the second prompt warns
+  pngs = sorted(p.name for p in out.glob('*.png'))
+  assert 'grid.png' in pngs and len(pngs) == 3
+  sidecars = sorted(out.glob('*.json'))
+  assert json.loads(sidecars[0].read_text())['prompt'] == 'a photo of *'
+  assert Image.open(out / pngs[0]).text['prompt'] == 'a photo of *'
