@@ -93,7 +93,8 @@ def run(out_dir: Path, seed: int = 0, pretrain_steps: int = 10, tuning_steps: in
   if generate_lib is not None:
     prompts = ['a photo of *', 'a painting of *', 'a photo of * on the beach', 'a drawing of a face']
     concept = personalize_lib.Concept.load(concept_dir / 'concept_0.e4t.safetensors')
-    images = generate_lib.generate(model, concept, prompts, num_steps=10, seed=seed)
+    # Several concepts (or none) in one batch: the last prompt renders the plain domain model.
+    images = generate_lib.generate(model, [concept, concept, concept, None], prompts, num_steps=10, seed=seed)
     paths = generate_lib.save_images(images, out_dir / 'generated', prompts, {'seed': seed, 'steps': 10})
     metrics['generated'] = [str(p) for p in paths]
 
