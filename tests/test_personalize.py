@@ -110,3 +110,23 @@ def test_personalize_many_matches_shapes_and_shards_over_data(tiny):
   assert len(concepts) == 3
   assert len({np.asarray(c.embedding).tobytes() for c in concepts}) == 3
   assert all(int(c.steps) == 2 for c in concepts)
+
+
+def test_non_finite_loss_stops_tuning_with_a_clear_error(tiny, personalize_fn):
+  params = dict(tiny.params)
+  encoder = dict(params['encoder'])
+  encoder['out'] = dict(encoder['out'], bias=np.full(np.shape(encoder['out']['bias']), np.nan, np.float32))
+  params['encoder'] = encoder
+  with pytest.raises(InputError, match='non-finite'):
+    personalize_fn(params, _image(4))
+
+
+def test_persistent_compilation_cache_directory_is_populated(tiny, tmp_path):
+  import jax
+  try:
+    personalize_lib.make_personalize_fn(tiny, num_steps=1, cache_dir=tmp_path / 'xla-cache')
+    assert any((tmp_path / 'xla-cache').iterdir()), 'the compiled program was not written to the cache'
+  finally:  # later tests in this process must not write into a deleted temp dir
+    from jax.experimental.compilation_cache import compilation_cache
+    jax.config.update('jax_compilation_cache_dir', None)
+    compilation_cache.reset_cache()
