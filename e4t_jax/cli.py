@@ -109,6 +109,35 @@ def _cmd_export(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_diffusers_to_e4t(args: argparse.Namespace) -> int:
+  import jax
+  from e4t_jax.convert import load_image_encoder, load_stable_diffusion
+  from e4t_jax.e4t import io, model as model_lib
+  sd = load_stable_diffusion(args.sd_dir)
+  vision, vision_params = load_image_encoder(args.image_encoder)
+  config = model_lib.E4TConfig(coarse_word=args.coarse_word, placeholder=args.placeholder)
+  model = model_lib.init_e4t(jax.random.key(args.seed), config, sd, vision, vision_params)
+  io.save_model(model, args.out)
+  print(f'{args.out}/: an untrained E4T model (fresh encoder, zero weight offsets) on {args.sd_dir}; '
+        'pretrain it with `e4t pretrain`.')
+  return 0
+
+
+def _cmd_e4t_to_diffusers(args: argparse.Namespace) -> int:
+  from e4t_jax.convert import save_image_encoder, save_stable_diffusion
+  from e4t_jax.convert.pipeline import StableDiffusion
+  from e4t_jax.e4t import io
+  model = io.load_model(args.model_dir)
+  m = model.modules
+  sd = StableDiffusion(m.unet, m.vae, m.text_encoder, m.base_tokenizer, dict(m.scheduler_config),
+                       {k: model.params[k] for k in ('unet', 'vae', 'text_encoder')})
+  save_stable_diffusion(args.out, sd)
+  save_image_encoder(Path(args.out) / 'image_encoder', m.image_encoder.config, model.params['image_encoder'])
+  print(f'{args.out}/: the base Stable Diffusion folder (diffusers) + image_encoder/ (transformers). '
+        'Concepts carry the weight offsets: export them with `e4t convert concept-to-diffusers`.')
+  return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
   from e4t_jax import bench
   result = bench.run_personalize_bench(args.config, num_steps=args.steps, num_concepts=args.concepts,
@@ -197,6 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
   export.add_argument('--model', help='the e4t model folder the concept was made with (default: embedded)')
   export.add_argument('--token', default=None, help='token to register in diffusers (default <e4t-concept>)')
   export.set_defaults(func=_cmd_export)
+  to_e4t = convert_sub.add_parser('diffusers-to-e4t', help='a diffusers SD folder + CLIP vision tower -> an e4t model')
+  to_e4t.add_argument('sd_dir')
+  to_e4t.add_argument('--image-encoder', required=True, help='transformers CLIPVisionModel / CLIPModel folder')
+  to_e4t.add_argument('--out', required=True)
+  to_e4t.add_argument('--coarse-word', default='face')
+  to_e4t.add_argument('--placeholder', default='*')
+  to_e4t.add_argument('--seed', type=int, default=0)
+  to_e4t.set_defaults(func=_cmd_diffusers_to_e4t)
+  to_diffusers = convert_sub.add_parser('e4t-to-diffusers', help='an e4t model -> diffusers SD folder + image encoder')
+  to_diffusers.add_argument('model_dir')
+  to_diffusers.add_argument('--out', required=True)
+  to_diffusers.set_defaults(func=_cmd_e4t_to_diffusers)
   return parser
 
 

@@ -46,3 +46,16 @@ def test_personalize_then_generate_writes_the_expected_files(tmp_path, capsys):
   sidecars = sorted(out.glob('*.json'))
   assert json.loads(sidecars[0].read_text())['prompt'] == 'a photo of *'
   assert Image.open(out / pngs[0]).text['prompt'] == 'a photo of *'
+
+
+def test_convert_e4t_to_diffusers_and_back(tiny_e4t, tmp_path):
+  from e4t_jax.e4t import io
+  io.save_model(tiny_e4t, tmp_path / 'model')
+  assert cli.main(['convert', 'e4t-to-diffusers', str(tmp_path / 'model'), '--out', str(tmp_path / 'sd')]) == 0
+  assert (tmp_path / 'sd' / 'unet' / 'diffusion_pytorch_model.safetensors').is_file()
+  assert cli.main(['convert', 'diffusers-to-e4t', str(tmp_path / 'sd'), '--image-encoder',
+                   str(tmp_path / 'sd' / 'image_encoder'), '--out', str(tmp_path / 'again')]) == 0
+  again = io.load_model(tmp_path / 'again')
+  np.testing.assert_array_equal(np.asarray(again.params['unet']['conv_in']['kernel']),
+                                np.asarray(tiny_e4t.params['unet']['conv_in']['kernel']))
+  assert cli.main(['convert', 'check', str(tmp_path / 'sd')]) == 0
