@@ -30,6 +30,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from e4t_jax.tokenizer import bytes_to_unicode  # noqa: E402  (the one byte table, shared with the tokenizer)
+
 BPE_MEMBER = 'open_clip/bpe_simple_vocab_16e6.txt.gz'
 LICENSE_MEMBER_SUFFIX = '.dist-info/licenses/LICENSE'
 # OpenAI CLIP keeps lines[1 : 49152 - 256 - 2 + 1] of the file: 48894 merges.
@@ -39,21 +42,6 @@ BOS_TOKEN = '<|startoftext|>'
 EOS_TOKEN = '<|endoftext|>'
 MODEL_MAX_LENGTH = 77
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / 'e4t_jax' / 'assets' / 'clip_tokenizer'
-
-
-def bytes_to_unicode() -> dict[int, str]:
-  """OpenAI CLIP / GPT-2 table from each byte to a printable unicode character."""
-  printable = (list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) +
-               list(range(ord('®'), ord('ÿ') + 1)))
-  byte_values = printable[:]
-  char_codes = printable[:]
-  extra = 0
-  for byte in range(256):
-    if byte not in byte_values:
-      byte_values.append(byte)
-      char_codes.append(256 + extra)
-      extra += 1
-  return dict(zip(byte_values, (chr(code) for code in char_codes)))
 
 
 def build_vocab_and_merges(bpe_text: str) -> tuple[dict[str, int], list[tuple[str, str]]]:

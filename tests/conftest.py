@@ -20,3 +20,36 @@ def tiny_e4t():
   config = model_lib.E4TConfig(coarse_word='face', encoder=EncoderConfig(hidden_dim=32, clip_layers=(-1, -2)),
                                offsets=OffsetsConfig(rank=2))
   return model_lib.init_tiny(jax.random.key(0), config)
+
+
+class CompileCounter:
+  """Counts XLA backend compilations inside `with counter:` blocks (one jax.monitoring listener)."""
+  _instance = None
+
+  def __init__(self):
+    import jax
+    self.count = 0
+    self.active = False
+    jax.monitoring.register_event_duration_secs_listener(self._listener)
+
+  @classmethod
+  def shared(cls) -> 'CompileCounter':
+    if cls._instance is None:
+      cls._instance = cls()
+    return cls._instance
+
+  def _listener(self, event, duration, **kwargs):
+    if self.active and event == '/jax/core/compile/backend_compile_duration':
+      self.count += 1
+
+  def __enter__(self):
+    self.count, self.active = 0, True
+    return self
+
+  def __exit__(self, *exc):
+    self.active = False
+
+
+@pytest.fixture
+def compile_counter():
+  return CompileCounter.shared()

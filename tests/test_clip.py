@@ -340,7 +340,7 @@ def test_vision_round_trip_into_transformers(tmp_path, with_projection):
 
 def test_save_rejects_params_of_another_config(tmp_path):
   params = nn.meta.unbox(abstract_params(CLIPTextTransformer(CLIPTextConfig.tiny())))
-  with pytest.raises(ConversionError, match=r'position_embedding/embedding has shape \(77, 32\), expected \(77, 64\)'):
+  with pytest.raises(ConversionError, match=r'embeddings.position_embedding.weight has shape \(77, 32\), expected \(77, 64\)'):
     save_text_encoder(tmp_path, CLIPTextConfig.tiny(hidden_size=64, intermediate_size=128), params)
   assert not (tmp_path / 'model.safetensors').exists()
 

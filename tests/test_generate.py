@@ -56,26 +56,6 @@ def other_concept(tiny):
   return _random_concept(tiny, 2)
 
 
-class _CompileCounter:
-  """Counts XLA backend compilations while active (jax.monitoring events)."""
-
-  def __init__(self):
-    self.count = 0
-    self.active = False
-    jax.monitoring.register_event_duration_secs_listener(self._listener)
-
-  def _listener(self, event, duration, **kwargs):
-    if self.active and event == '/jax/core/compile/backend_compile_duration':
-      self.count += 1
-
-  def __enter__(self):
-    self.active = True
-    return self
-
-  def __exit__(self, *exc):
-    self.active = False
-
-
 @pytest.fixture(scope='module')
 def first_images(tiny, concept):
   return generate_lib.generate(tiny, concept, PROMPTS, num_steps=STEPS, seed=0)
@@ -96,8 +76,9 @@ def test_same_seed_same_images_and_other_seed_other_images(tiny, concept, first_
   assert not np.array_equal(other, first_images)
 
 
-def test_new_prompts_seeds_guidance_and_concepts_do_not_recompile(tiny, concept, other_concept, first_images):
-  with _CompileCounter() as counter:
+def test_new_prompts_seeds_guidance_and_concepts_do_not_recompile(tiny, concept, other_concept, first_images,
+                                                                   compile_counter):
+  with compile_counter as counter:
     a = generate_lib.generate(tiny, concept, ['a photo of * at the beach', 'a drawing of *'], num_steps=STEPS, seed=3)
     b = generate_lib.generate(tiny, concept, ['a photo of * at the beach', 'a drawing of *'], num_steps=STEPS, seed=3,
                               guidance_scale=np.float32(2.0), negative_prompts='blurry')

@@ -24,24 +24,9 @@ def _image(seed, size=40):
   return np.random.default_rng(seed).integers(0, 256, (size, size + seed, 3), dtype=np.uint8)
 
 
-class _CompileCounter:
-  """Counts XLA backend compilations while active (jax.monitoring events)."""
-
-  def __init__(self):
-    self.count = 0
-    self.active = False
-    jax.monitoring.register_event_duration_secs_listener(self._listener)
-
-  def _listener(self, event, duration, **kwargs):
-    if self.active and event == '/jax/core/compile/backend_compile_duration':
-      self.count += 1
-
-
-def test_personalize_compiles_once(tiny, personalize_fn):
-  counter = _CompileCounter()
-  counter.active = True
-  concepts = [personalize_fn(tiny.params, _image(i), jax.random.key(i)) for i in range(5)]
-  counter.active = False
+def test_personalize_compiles_once(tiny, personalize_fn, compile_counter):
+  with compile_counter as counter:
+    concepts = [personalize_fn(tiny.params, _image(i), jax.random.key(i)) for i in range(5)]
   assert counter.count == 0, f'{counter.count} compilations for 5 concepts'
   embeddings = np.stack([np.asarray(c.embedding) for c in concepts])
   assert len({e.tobytes() for e in embeddings}) == 5  # different images/keys -> different concepts

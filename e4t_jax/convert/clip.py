@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from e4t_jax.convert.common import (params_to_state_dict, read_config, read_weights, state_dict_to_params,
+from e4t_jax.convert.common import (check_params_match, params_to_state_dict, read_config, read_weights, state_dict_to_params,
                                     write_model_dir)
 from e4t_jax.errors import ConfigError, ConversionError
 from e4t_jax.models.clip import (CLIPTextConfig, CLIPTextTransformer, CLIPVisionConfig, CLIPVisionTransformer,
@@ -79,16 +79,7 @@ def _merge_vision(nested: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_params(params: Any, abstract: Any, where: str, what: str) -> None:
-  """Raises ConversionError unless `params` has exactly the leaves and shapes of `abstract`."""
-  expected = traverse_util.flatten_dict(_unbox(abstract))
-  given = traverse_util.flatten_dict(_unbox(params))
-  problems = [f'missing {"/".join(p)}' for p in sorted(set(expected) - set(given))]
-  problems += [f'unexpected {"/".join(p)}' for p in sorted(set(given) - set(expected))]
-  problems += [f'{"/".join(p)} has shape {tuple(given[p].shape)}, expected {tuple(expected[p].shape)}'
-               for p in sorted(set(given) & set(expected)) if tuple(given[p].shape) != tuple(expected[p].shape)]
-  if problems:
-    raise ConversionError(f'{where}: params do not match the {what} config: ' + '; '.join(problems[:8]) +
-                          (' …' if len(problems) > 8 else ''))
+  check_params_match(params, abstract, where=where, what=what)
 
 
 def _strip_params_collection(params: Any) -> Any:

@@ -248,9 +248,28 @@ def params_to_state_dict(params: Any, prefix: str = '') -> dict[str, np.ndarray]
           for path, v in flat.items()}
 
 
-def _unbox(tree: Any) -> Any:
+def unbox(tree: Any) -> dict:
+  """Plain nested dict of a params tree: boxes (nn.Partitioned) removed, `{'params': ...}` unwrapped."""
   import flax.linen as nn
   tree = nn.meta.unbox(tree)
   if hasattr(tree, 'unfreeze'):
     tree = tree.unfreeze()
-  return dict(tree)
+  tree = dict(tree)
+  return dict(tree['params']) if set(tree) == {'params'} else tree
+
+
+_unbox = unbox
+
+
+def check_params_match(params: Any, abstract_params: Any, *, where: str, what: str, prefix: str = '') -> None:
+  """Raises ConversionError unless `params` has exactly the leaves and shapes of `abstract_params`
+  (checked before a save, so a mismatched params/config pair is never written). Names torch keys."""
+  expected = traverse_util.flatten_dict(unbox(abstract_params))
+  given = traverse_util.flatten_dict(unbox(params))
+  problems = [f'missing {torch_key(p, prefix)}' for p in sorted(set(expected) - set(given))]
+  problems += [f'unexpected {torch_key(p, prefix)}' for p in sorted(set(given) - set(expected))]
+  problems += [f'{torch_key(p, prefix)} has shape {tuple(given[p].shape)}, expected {tuple(expected[p].shape)}'
+               for p in sorted(set(given) & set(expected)) if tuple(given[p].shape) != tuple(expected[p].shape)]
+  if problems:
+    raise ConversionError(f'{where}: params do not match the {what} config: ' + '; '.join(problems[:8]) +
+                          (' …' if len(problems) > 8 else ''))

@@ -56,22 +56,6 @@ def save_unet(model_dir: str | os.PathLike, config: UNetConfig, params: Any) -> 
   `params` may be boxed or unboxed, wrapped in {'params': ...} or not, on host or (sharded) on
   devices; tensors keep their dtype. They are checked against `config` before anything is written.
   """
-  params = nn.meta.unbox(params)
-  if set(params) == {'params'}:
-    params = params['params']
-  expected = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(UNet(config))))
-  given = traverse_util.flatten_dict(dict(params))
-  problems = []
-  missing = sorted(common.torch_key(p) for p in expected.keys() - given.keys())
-  unexpected = sorted(common.torch_key(p) for p in given.keys() - expected.keys())
-  if missing:
-    problems.append(f'missing {", ".join(missing[:8])}')
-  if unexpected:
-    problems.append(f'unexpected {", ".join(unexpected[:8])}')
-  for path in expected.keys() & given.keys():
-    if tuple(given[path].shape) != tuple(expected[path].shape):
-      problems.append(f'{common.torch_key(path)} has shape {tuple(given[path].shape)}, '
-                      f'expected {tuple(expected[path].shape)}')
-  if problems:
-    raise ConversionError(f'{model_dir}: params do not match the U-Net config: ' + '; '.join(problems) + '.')
+  params = common.unbox(params)
+  common.check_params_match(params, abstract_params(UNet(config)), where=str(model_dir), what='U-Net')
   common.write_model_dir(model_dir, common.params_to_state_dict(params), config.to_diffusers(), WEIGHTS_NAME)

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from e4t_jax.convert.common import (params_to_state_dict, read_config, read_weights, state_dict_to_params,
+from e4t_jax.convert.common import (check_params_match, params_to_state_dict, read_config, read_weights,
+                                    state_dict_to_params,
                                     write_model_dir)
 from e4t_jax.errors import ConfigError, ConversionError
 from e4t_jax.models.vae import AutoencoderKL, VAEConfig, abstract_params
@@ -68,15 +69,7 @@ def save_vae(model_dir: str | os.PathLike, config: VAEConfig, params: Any) -> No
 
   The params tree is checked against `config` first, so a mismatched pair is never written.
   """
-  expected = traverse_util.flatten_dict(_unbox(abstract_params(AutoencoderKL(config))))
-  given = traverse_util.flatten_dict(_unbox(params))
-  problems = [f'missing {"/".join(p)}' for p in sorted(set(expected) - set(given))]
-  problems += [f'unexpected {"/".join(p)}' for p in sorted(set(given) - set(expected))]
-  problems += [f'{"/".join(p)} has shape {tuple(given[p].shape)}, expected {tuple(expected[p].shape)}'
-               for p in sorted(set(given) & set(expected)) if tuple(given[p].shape) != tuple(expected[p].shape)]
-  if problems:
-    raise ConversionError(f'{model_dir}: params do not match the VAE config: ' + '; '.join(problems[:8]) +
-                          (' …' if len(problems) > 8 else ''))
+  check_params_match(params, abstract_params(AutoencoderKL(config)), where=str(model_dir), what='VAE')
   write_model_dir(model_dir, params_to_state_dict(params), config.to_diffusers(), WEIGHTS_NAME)
 
 
