@@ -442,6 +442,9 @@ def _wrap_label(text: str, font, max_width: int, max_lines: int) -> list[str]:
   return lines[:max_lines]
 
 
+_MIN_GRID_TILE = 128
+
+
 def make_grid(images: np.ndarray | Sequence[np.ndarray], labels: Sequence[str] | None = None,
               columns: int | None = None) -> np.ndarray:
   """Tiles images (uint8 [N, H, W, 3]) into rows of `columns` with a small text label under each.
@@ -452,7 +455,8 @@ def make_grid(images: np.ndarray | Sequence[np.ndarray], labels: Sequence[str] |
       the image width over at most two lines.
     columns: images per row; default about √N.
   Returns:
-    uint8 [rows * (H + label), columns * W, 3] on a white background.
+    uint8 [rows * (H' + label), columns * W', 3] on a white background, where H', W' are the image
+    size enlarged by the smallest integer factor that makes tiles at least 128 px.
   """
   from PIL import Image, ImageDraw, ImageFont
   images = np.asarray(images)
@@ -461,6 +465,12 @@ def make_grid(images: np.ndarray | Sequence[np.ndarray], labels: Sequence[str] |
   count, height, width = images.shape[:3]
   if labels is not None and len(labels) != count:
     raise InputError(f'{len(labels)} labels for {count} images; pass one label per image.')
+  # Tiny images (the demo model renders 32 px) are enlarged by an integer factor (nearest neighbour)
+  # to at least _MIN_GRID_TILE px, so the grid is readable and the labels fit.
+  scale = max(1, -(-_MIN_GRID_TILE // max(height, width)))
+  if scale > 1:
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    height, width = height * scale, width * scale
   columns = columns or int(np.ceil(np.sqrt(count)))
   columns = max(1, min(columns, count))
   rows = -(-count // columns)

@@ -157,16 +157,24 @@ def test_save_images_writes_pngs_with_metadata_sidecars_and_a_grid(tmp_path, fir
     assert sidecar['prompt'] == PROMPTS[i] and sidecar['seed'] == i and sidecar['settings'] == settings
     assert sidecar['negative_prompt'] == ['', 'blurry'][i]
   with Image.open(paths[-1]) as grid:
-    assert grid.size[0] == 2 * first_images.shape[2] and grid.size[1] > first_images.shape[1]
+    scale = -(-128 // first_images.shape[2])  # small images are enlarged to >= 128 px tiles
+    assert grid.size[0] == 2 * scale * first_images.shape[2] and grid.size[1] > scale * first_images.shape[1]
   assert not [p for p in (tmp_path / 'out').iterdir() if p.name.endswith('.tmp')]
 
 
 def test_make_grid_layout():
-  images = np.zeros((5, 16, 24, 3), np.uint8)
+  images = np.zeros((5, 160, 240, 3), np.uint8)
   grid = generate_lib.make_grid(images, [f'label {i}' for i in range(5)], columns=3)
-  assert grid.dtype == np.uint8 and grid.shape[1] == 3 * 24 and grid.shape[0] > 2 * 16
-  assert (grid[16:, :24] < 255).any()  # some label ink under the first image
-  assert generate_lib.make_grid(images, None, columns=5).shape == (16, 5 * 24, 3)
+  assert grid.dtype == np.uint8 and grid.shape[1] == 3 * 240 and grid.shape[0] > 2 * 160
+  assert (grid[160:, :240] < 255).any()  # some label ink under the first image
+  assert generate_lib.make_grid(images, None, columns=5).shape == (160, 5 * 240, 3)
+
+
+def test_make_grid_enlarges_tiny_images_by_an_integer_factor():
+  images = np.arange(2 * 32 * 32 * 3, dtype=np.uint32).astype(np.uint8).reshape(2, 32, 32, 3)
+  grid = generate_lib.make_grid(images, None, columns=2)
+  assert grid.shape == (128, 256, 3)
+  np.testing.assert_array_equal(grid[::4, :128:4], images[0])  # nearest neighbour, exact
 
 
 # ----------------------------------------------------------------------------- export
