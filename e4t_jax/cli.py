@@ -13,6 +13,8 @@ from e4t_jax.errors import E4TError
 
 EXAMPLES = """examples:
   e4t demo                                         # end to end on the embedded model -> outputs/demo/
+  e4t pretrain --config configs/faces.py --workdir runs/faces --config.model.base=sd15/
+  e4t pretrain --config tiny --workdir runs/tiny --config.train.num_steps=200
   e4t personalize me.png --out concepts/           # one concept per image (embedded model by default)
   e4t personalize a.jpg b.jpg --model faces/ --steps 15 --out concepts/
   e4t generate concepts/me.e4t.safetensors "a pop-art painting of *" "* wearing a space suit" --out renders/
@@ -138,6 +140,11 @@ def _cmd_e4t_to_diffusers(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+  from e4t_jax.train import loop
+  return loop.main_pretrain(args.config, args.workdir, args.overrides)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
   from e4t_jax import bench
   result = bench.run_personalize_bench(args.config, num_steps=args.steps, num_concepts=args.concepts,
@@ -172,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument('--out', default='outputs/demo', help='output directory (default: outputs/demo)')
   demo.add_argument('--seed', type=int, default=0)
   demo.set_defaults(func=_cmd_demo)
+
+  pretrain = sub.add_parser(
+      'pretrain', help='domain pretraining (resumes from the latest checkpoint in --workdir)',
+      description='Overrides follow the config: --config.optimizer.learning_rate=1e-4 --config.train.num_steps=500')
+  pretrain.add_argument('--config', default='configs/tiny.py', help='a configs/*.py file or its name (tiny, faces, …)')
+  pretrain.add_argument('--workdir', required=True, help='checkpoints, metrics.jsonl and the final model/')
+  pretrain.set_defaults(func=_cmd_pretrain, overrides=[])
 
   personalize = sub.add_parser('personalize', help='personalize the model to each image (a concept file each)')
   personalize.add_argument('images', nargs='+', help='image files (jpg/png/webp; non-square images are center-cropped)')
@@ -242,7 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args, unknown = parser.parse_known_args(argv)
+  overrides = [a for a in unknown if a.startswith('--config.')]
+  if len(overrides) != len(unknown) or (overrides and args.command != 'pretrain'):
+    parser.error(f'unrecognized arguments: {" ".join(a for a in unknown if a not in overrides) or " ".join(overrides)}')
+  if args.command == 'pretrain':
+    args.overrides = overrides
   try:
     return int(args.func(args) or 0)
   except E4TError as e:
