@@ -7,6 +7,8 @@ PYTHON311 ?= $(shell command -v python3.11 || command -v python3)
 PINS_HASH := $(shell cat requirements/lock.txt setup.py | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(PINS_HASH)
 PYTEST_ARGS ?=
+# Two workers, one test file each at a time: the suite is compile-bound and single-threaded per file.
+PYTEST_WORKERS ?= 2
 
 .PHONY: demo test install clean-venv
 
@@ -25,7 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/e4t demo
 
 test: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m pytest tests $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(PY) -m pytest tests -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
