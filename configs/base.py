@@ -47,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.base = 'tiny'           # a diffusers Stable Diffusion folder, or 'tiny' (random, CPU)
   config.model.image_encoder = ''      # a transformers CLIP vision folder (unused for 'tiny')
   config.model.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+  # nn.remat per U-Net block: '' (off) | 'nothing_saveable' | 'dots_saveable' | 'everything_saveable'
+  config.model.remat_policy = ''
 
   config.e4t = ml_collections.ConfigDict()
   config.e4t.coarse_word = 'face'      # a single CLIP token naming the domain

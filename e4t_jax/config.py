@@ -161,6 +161,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks cross-field rules the dataclass builders do not see."""
   if config.model.dtype not in DTYPES:
     raise ConfigError(f'model.dtype {config.model.dtype!r} is not one of {DTYPES}.')
+  from e4t_jax.models.unet import REMAT_POLICIES  # pylint: disable=g-import-not-at-top
+  if config.model.get('remat_policy', '') not in ('', *REMAT_POLICIES):
+    raise ConfigError(f'model.remat_policy {config.model.remat_policy!r} is not one of {["", *REMAT_POLICIES]}.')
   if config.mesh.frozen_sharding not in FROZEN_SHARDINGS:
     raise ConfigError(f'mesh.frozen_sharding {config.mesh.frozen_sharding!r} is not one of {FROZEN_SHARDINGS}.')
   if not config.e4t.templates or any('{}' not in t for t in config.e4t.templates):

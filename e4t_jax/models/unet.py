@@ -532,6 +532,15 @@ class UNetFeatures:
 
 
 # ----------------------------------------------------------------------------- the U-Net
+# What a rematerialized block keeps from its forward pass (the rest is recomputed in the backward):
+# nothing, only matmul/conv results, or everything (remat off in effect, for A/B measurements).
+REMAT_POLICIES = {
+    'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'everything_saveable': jax.checkpoint_policies.everything_saveable,
+}
+
+
 class UNet(nn.Module):
   """diffusers `UNet2DConditionModel` (SD 1.x/2.x), NHWC.
 
@@ -544,6 +553,16 @@ class UNet(nn.Module):
   config: UNetConfig
   dtype: Dtype = jnp.float32
   attention_implementation: str | None = None
+  # Rematerialization per down/mid/up block (`nn.remat`): None (off) or a name in REMAT_POLICIES.
+  remat_policy: str | None = None
+
+  def _block_class(self, cls: type, static_argnums: tuple[int, ...] = ()) -> type:
+    """`cls`, or `nn.remat(cls)` with the configured policy (parameter paths are unchanged)."""
+    if self.remat_policy in (None, 'none'):
+      return cls
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}.')
+    return nn.remat(cls, policy=REMAT_POLICIES[self.remat_policy], static_argnums=static_argnums)
 
   def _block_kwargs(self, out_channels: int, num_layers: int, *, heads: int,
                     transformer_layers: int) -> dict[str, Any]:
@@ -594,7 +613,7 @@ class UNet(nn.Module):
     x = layers.conv(channels[0], cfg.conv_in_kernel, name='conv_in', dtype=self.dtype)(sample)
     skips: list[jax.Array] = [x]
     for i, block_type in enumerate(cfg.down_block_types):
-      block = DownBlock2D(
+      block = self._block_class(DownBlock2D)(
           **self._block_kwargs(channels[i], layers_per_block[i], heads=heads[i],
                                transformer_layers=transformer_layers[i]),
           cross_attention=block_type == CROSS_ATTN_DOWN, add_downsample=i < len(channels) - 1,
@@ -602,7 +621,7 @@ class UNet(nn.Module):
       x, block_skips = block(x, temb, context)
       skips.extend(block_skips)
 
-    x = UNetMidBlock2DCrossAttn(
+    x = self._block_class(UNetMidBlock2DCrossAttn)(
         **self._block_kwargs(channels[-1], 1, heads=heads[-1], transformer_layers=transformer_layers[-1]),
         output_scale_factor=cfg.mid_block_scale_factor, name='mid_block')(x, temb, context)
     features = UNetFeatures(down=tuple(skips), mid=x)
@@ -615,12 +634,12 @@ class UNet(nn.Module):
       num_layers = layers_per_block[::-1][i] + 1
       block_skips, skips = skips[-num_layers:], skips[:-num_layers]
       is_final = i == len(channels) - 1
-      block = UpBlock2D(
+      # upsample_size is a static shape: argument 5 of the lifted call (self is 0).
+      block = self._block_class(UpBlock2D, static_argnums=(5,))(
           **self._block_kwargs(reversed_channels[i], num_layers, heads=heads[::-1][i],
                                transformer_layers=transformer_layers[::-1][i]),
           cross_attention=block_type == CROSS_ATTN_UP, name=f'up_blocks_{i}')
-      x = block(x, tuple(block_skips), temb, context,
-                upsample_size=None if is_final else tuple(skips[-1].shape[1:3]))
+      x = block(x, tuple(block_skips), temb, context, None if is_final else tuple(skips[-1].shape[1:3]))
 
     x = layers.group_norm(cfg.norm_num_groups, epsilon=cfg.norm_eps, name='conv_norm_out', dtype=self.dtype)(x)
     x = layers.conv(cfg.out_channels, cfg.conv_out_kernel, name='conv_out', dtype=self.dtype)(nn.silu(x))

@@ -57,8 +57,10 @@ StepHook = Callable[[int, dict, dict], None]  # (step, this process's host batch
 
 
 # ----------------------------------------------------------------------------- model
-def _with_dtype(modules: model_lib.E4TModules, dtype: Any) -> model_lib.E4TModules:
-  """The same modules computing in `dtype` (params stay float32)."""
+def _with_dtype(modules: model_lib.E4TModules, dtype: Any, remat_policy: str = '') -> model_lib.E4TModules:
+  """The same modules computing in `dtype` (params stay float32), the U-Net rematerialized per block."""
+  if remat_policy:
+    modules = dataclasses.replace(modules, unet=modules.unet.clone(remat_policy=remat_policy))
   if dtype == jnp.float32:
     return modules
   return dataclasses.replace(
@@ -79,7 +81,8 @@ def build_model(config: ml_collections.ConfigDict) -> model_lib.E4TModel:
     sd = load_stable_diffusion(config.model.base)
     image_encoder, image_encoder_params = load_image_encoder(config.model.image_encoder, with_projection=False)
     model = model_lib.init_e4t(key, e4t_config, sd, image_encoder, image_encoder_params)
-  return model_lib.E4TModel(_with_dtype(model.modules, jnp.dtype(config.model.dtype)), model.params)
+  return model_lib.E4TModel(_with_dtype(model.modules, jnp.dtype(config.model.dtype), config.model.remat_policy),
+                            model.params)
 
 
 def model_param_shardings(model: model_lib.E4TModel, mesh, rules) -> dict:
