@@ -16,6 +16,7 @@ RUNTIME = [
     'numpy',
     'regex',
     'tqdm',
+    'tensorboardX',  # TensorBoard event files without TensorFlow
 ]
 # Torch side: only for parity tests, the PyTorch baseline benchmark and export checks.
 TORCH = ['torch==2.13.0', 'diffusers', 'transformers']
