@@ -30,11 +30,10 @@ for (( i = 0; i < NUM_PROCESSES; i++ )); do
     env_vars+=(JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS")
   fi
   if (( i == 0 )); then
-    env "${env_vars[@]}" .venv/bin/python -c 'import sys; from e4t_jax.train.loop import main_pretrain; sys.exit(main_pretrain(sys.argv[1], sys.argv[2], sys.argv[3:]))' \
-      "$CONFIG" "$WORKDIR" "$@" &
+    env "${env_vars[@]}" .venv/bin/e4t pretrain --config "$CONFIG" --workdir "$WORKDIR" "$@" &
   else
-    env "${env_vars[@]}" .venv/bin/python -c 'import sys; from e4t_jax.train.loop import main_pretrain; sys.exit(main_pretrain(sys.argv[1], sys.argv[2], sys.argv[3:]))' \
-      "$CONFIG" "$WORKDIR" "$@" > "$WORKDIR/process_$i.log" 2>&1 &
+    env "${env_vars[@]}" .venv/bin/e4t pretrain --config "$CONFIG" --workdir "$WORKDIR" "$@" \
+      > "$WORKDIR/process_$i.log" 2>&1 &
   fi
   pids+=($!)
 done
