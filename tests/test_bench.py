@@ -1,0 +1,105 @@
+"""The personalization benchmark (`e4t_jax.bench`) on the tiny model.
+
+One benchmark run serves the first two tests (two compiles of the tuning program, one in a second
+process sharing the persistent cache, a few concepts, and, when torch is installed, the PyTorch
+baseline; about 45 s on an idle 2-core CPU):
+  - a smoke test: every documented JSON key, no compilation in the latency loop, positive latencies;
+  - the baseline's parity: torch re-runs our first concept with the JAX program's own noise,
+    timesteps and VAE draws, from the same weights, and its loss trace must match ours.
+Left to the benchmark run itself (docs/performance.md), as each costs minutes of CPU: the batched
+section (`batch` > 0 compiles the vmapped program twice, ~1 min) and the full-size abstract compile.
+The abstract FLOP accounting is checked here on the tiny config, lowering only.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from e4t_jax import bench
+
+HAS_TORCH = all(importlib.util.find_spec(name) for name in ('torch', 'diffusers', 'transformers'))
+
+TOP_KEYS = {'schema', 'mode', 'config', 'date', 'machine', 'settings', 'missing', 'compile', 'latency', 'batched',
+            'memory', 'concept_file_bytes', 'loss_trace_first', 'baseline'}
+COMPILE_KEYS = {'cold_s', 'cold_trace_s', 'cold_lower_s', 'cold_backend_s', 'cold_cache_misses', 'warm_s',
+                'warm_backend_s', 'warm_trace_s', 'warm_lower_s', 'warm_cache_hits', 'warm_cache_misses',
+                'warm_process_s', 'warm_speedup', 'cache_bytes'}
+LATENCY_KEYS = {'n', 'p50_s', 'p95_s', 'mean_s', 'min_s', 'max_s', 'concepts_per_s', 'compilations'}
+MEMORY_KEYS = {'compiled', 'compiled_batched', 'peak_rss_bytes'}
+BASELINE_KEYS = {'framework', 'mode', 'torch', 'diffusers', 'transformers', 'jax_device', 'convert_s', 'warmup',
+                 'by_threads', 'torch_num_threads', 'torch_default_num_threads', 'n', 'p50_s', 'p95_s', 'mean_s',
+                 'min_s', 'max_s', 'jax_over_torch_p50', 'jax_over_best_torch_p50', 'parity'}
+NUM_CONCEPTS = 3
+NUM_STEPS = 2
+
+
+@pytest.fixture(scope='module')
+def bench_run(tmp_path_factory):
+  json_out = tmp_path_factory.mktemp('bench') / 'bench.json'
+  # Small on purpose: 3 concepts, 2 steps, no batched section, one torch thread count, one warm-up run.
+  result = bench.run_personalize_bench('tiny', num_steps=NUM_STEPS, num_concepts=NUM_CONCEPTS, batch=0,
+                                       baseline='torch' if HAS_TORCH else None, json_out=json_out,
+                                       torch_warmup=1, torch_threads=(1,))
+  return result, json_out
+
+
+def test_smoke_has_every_key_and_never_compiles_in_the_loop(bench_run):
+  result, json_out = bench_run
+  assert json.loads(json_out.read_text()) == json.loads(json.dumps(result))  # the file is the result
+  assert TOP_KEYS <= set(result)
+  assert result['schema'] == bench.SCHEMA and result['mode'] == 'concrete'
+  assert COMPILE_KEYS <= set(result['compile'])
+  assert LATENCY_KEYS <= set(result['latency'])
+  assert MEMORY_KEYS <= set(result['memory'])
+
+  assert result['latency']['compilations'] == 0
+  assert result['latency']['n'] == NUM_CONCEPTS
+  assert 0 < result['latency']['min_s'] <= result['latency']['p50_s'] <= result['latency']['p95_s']
+  assert result['compile']['cold_s'] > 0 and result['compile']['warm_s'] > 0
+  assert result['compile']['warm_cache_hits'] >= 1  # the second process read the shared cache
+  assert result['batched'] is None and any('batched' in item for item in result['missing'])
+  assert result['memory']['compiled']['argument_size_in_bytes'] > 0
+  assert result['memory']['peak_rss_bytes'] > 0
+  assert result['concept_file_bytes'] > 0
+  assert len(result['loss_trace_first']) == NUM_STEPS
+  assert any('remat' in item for item in result['missing'])
+  assert 'compile' in bench.format_table(result)
+
+
+def test_torch_baseline_runs_the_same_tuning(bench_run):
+  pytest.importorskip('torch')
+  pytest.importorskip('diffusers')
+  pytest.importorskip('transformers')
+  result, _ = bench_run
+  baseline = result['baseline']
+  assert BASELINE_KEYS <= set(baseline)
+  assert baseline['n'] == NUM_CONCEPTS and baseline['p50_s'] > 0 and baseline['jax_over_torch_p50'] > 0
+  parity = baseline['parity']
+  assert len(parity['torch_loss_trace']) == len(parity['jax_loss_trace']) == NUM_STEPS
+  # Same weights and random draws: the first step's loss agrees to float32 rounding.
+  assert parity['first_step_rel_diff'] < 1e-3, parity
+  # Later steps follow the same Adam trajectory (rounding differences only).
+  assert parity['max_rel_diff'] < 1e-2, parity
+  assert 'torch eager' in bench.format_table(result)
+
+
+def test_abstract_flop_accounting_on_the_tiny_config():
+  records = []
+  bench.abstract_analysis('tiny', 'float32', 3, compile_program=False, emit=records.append)
+  (lowered,) = records
+  step, program = lowered['lowered_step']['flops'], lowered['lowered_program']['flops']
+  assert step > 0 and program > 0
+  # The scan body counts once in XLA's analysis; the estimate adds the other (num_steps - 1) steps.
+  assert lowered['flops_total_estimate'] == pytest.approx(program + 2 * step)
+
+
+def test_rejects_unknown_configs_and_full_size_execution():
+  from e4t_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match='unknown benchmark config'):
+    bench.run_personalize_bench('sd99')
+  with pytest.raises(ConfigError, match='abstract'):
+    bench.run_personalize_bench('sd15')
+  with pytest.raises(ConfigError, match='baseline'):
+    bench.run_personalize_bench('tiny', baseline='tensorflow')
