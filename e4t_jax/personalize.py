@@ -31,10 +31,10 @@ from e4t_jax.convert.common import read_safetensors, safetensors_metadata, write
 from e4t_jax.diffusion import schedule as schedule_lib
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t.encoder import placeholder_embedding
-from e4t_jax.e4t.objective import e4t_loss, predict_offset
+from e4t_jax.e4t.objective import e4t_loss, image_features, predict_offset
 from e4t_jax.e4t.prompts import token_embedding
 from e4t_jax.errors import CheckpointError, InputError
-from e4t_jax.models.vae import encode_to_latents
+from e4t_jax.models.vae import scale_latents
 
 CONCEPT_FORMAT = 'e4t-concept/1'
 
@@ -140,9 +140,15 @@ def _tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Call
     trainable, frozen = model_lib.split_params(params, config.trainable_patterns)
     images = jnp.broadcast_to(image[None] * 2.0 - 1.0, (tuning.batch_size,) + image.shape)
     batch = {'images': images, 'input_ids': jnp.asarray(prompt_ids)}
+    # The image's VAE posterior, CLIP features and the coarse prompt do not change between steps:
+    # compute them once, outside the loop (unless parts of CLIP train, config.trainable_patterns).
+    cached = None
+    if not config.trainable_patterns:
+      cached = image_features(modules, params, images[:1])
 
     def loss_fn(trainable, key):
-      return e4t_loss(modules, model_lib.merge_params(trainable, frozen), batch, key)
+      features = None if cached is None else cached.repeat(tuning.batch_size)
+      return e4t_loss(modules, model_lib.merge_params(trainable, frozen), batch, key, features)
 
     def step(carry, i):
       trainable, opt_state, healthy = carry
@@ -171,12 +177,14 @@ def _tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Call
     # Read out w*: the encoder's prediction averaged over fixed timesteps and noise draws.
     merged = model_lib.merge_params(trainable, frozen)
     k_vae, k_noise = jax.random.split(jax.random.fold_in(rng, tuning.num_steps))
-    latents = encode_to_latents(modules.vae, merged['vae'], images[:1], k_vae)
+    features = image_features(modules, merged, images[:1]) if cached is None else cached
+    latents = scale_latents(modules.vae.config, features.posterior.sample(k_vae))
     latents = jnp.broadcast_to(latents, (len(readout_t),) + latents.shape[1:])
     noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
     noisy = schedule_lib.add_noise(modules.schedule, latents, noise, jnp.asarray(readout_t))
     readout_images = jnp.broadcast_to(images[:1], (len(readout_t),) + images.shape[1:])
-    offset = predict_offset(modules, merged, readout_images, noisy, jnp.asarray(readout_t))
+    offset = predict_offset(modules, merged, readout_images, noisy, jnp.asarray(readout_t),
+                            features.repeat(len(readout_t)))
     w_star = placeholder_embedding(token_embedding(merged['text_encoder'], modules.coarse_token_id),
                                    jnp.mean(offset, axis=0, keepdims=True), config.embedding_scale)[0]
     return w_star, trainable['weight_offsets'], losses, jnp.minimum(num_steps, tuning.num_steps), healthy
@@ -274,11 +282,33 @@ def make_personalize_fn(model: model_lib.E4TModel, num_steps: int = 5, *, tuning
   return PersonalizeFn(model, tuning, compiled, model_fingerprint(model))
 
 
+_BATCHED_PROGRAMS: dict[tuple, tuple[Any, Any]] = {}
+
+
+def _batched_program(modules: model_lib.E4TModules, tuning: TuningConfig, mesh) -> Callable:
+  """The vmapped tuning program, jitted once per (modules, tuning, mesh) and reused across calls."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  key = (id(modules), tuning, None if mesh is None else (id(mesh), tuple(mesh.shape.items())))
+  cached = _BATCHED_PROGRAMS.get(key)
+  if cached is not None and cached[0] is modules:  # the entry keeps `modules` alive: ids cannot be reused
+    return cached[1]
+  batched = jax.vmap(_tuning_program(modules, tuning), in_axes=(None, 0, 0, 0))
+  if mesh is not None:
+    over_data, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
+    batched = jax.jit(batched, in_shardings=(replicated, over_data, over_data, over_data), out_shardings=over_data)
+  else:
+    batched = jax.jit(batched)
+  if len(_BATCHED_PROGRAMS) >= 4:
+    _BATCHED_PROGRAMS.pop(next(iter(_BATCHED_PROGRAMS)))
+  _BATCHED_PROGRAMS[key] = (modules, batched)
+  return batched
+
+
 def personalize_many(model: model_lib.E4TModel, images: Sequence[Any], *, num_steps: int = 5,
                      tuning: TuningConfig | None = None, seed: int = 0, mesh=None) -> list[Concept]:
   """Personalizes N images at once: the tuning program vmapped over concepts, the concept axis
-  sharded over the mesh's data axis (N is padded to a multiple of the data-axis size)."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  sharded over the mesh's data axis (N is padded to a multiple of the data-axis size). The batched
+  program is compiled once per (model, tuning, mesh, N) and reused by later calls."""
   tuning = dataclasses.replace(tuning or TuningConfig(), num_steps=num_steps)
   size = model.modules.image_size
   pixels = np.stack([prepare_image(image, size, f'image {i}') for i, image in enumerate(images)])
@@ -288,13 +318,7 @@ def personalize_many(model: model_lib.E4TModel, images: Sequence[Any], *, num_st
   pixels = np.concatenate([pixels, np.repeat(pixels[:1], padded - count, axis=0)])
   keys = jax.random.split(jax.random.key(seed), padded)
   steps = np.full((padded,), num_steps, np.int32)
-  batched = jax.vmap(_tuning_program(model.modules, tuning), in_axes=(None, 0, 0, 0))
-  if mesh is not None:
-    over_data, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
-    batched = jax.jit(batched, in_shardings=(replicated, over_data, over_data, over_data),
-                      out_shardings=over_data)
-  else:
-    batched = jax.jit(batched)
+  batched = _batched_program(model.modules, tuning, mesh)
   w_star, offsets, losses, steps_run, healthy = batched(model.params, pixels, keys, steps)
   fingerprint = model_fingerprint(model)
   m = model.modules

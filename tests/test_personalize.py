@@ -88,13 +88,16 @@ def test_bad_images_are_clear_errors(tiny, personalize_fn):
     personalize_fn(tiny.params, np.full((32, 32, 3), 7.0, np.float32))
 
 
-def test_personalize_many_matches_shapes_and_shards_over_data(tiny):
+def test_personalize_many_matches_shapes_and_shards_over_data(tiny, compile_counter):
   from e4t_jax.parallel.mesh import make_mesh
   mesh = make_mesh({'data': 2, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:2])
   concepts = personalize_lib.personalize_many(tiny, [_image(i) for i in range(3)], num_steps=2, mesh=mesh)
   assert len(concepts) == 3
   assert len({np.asarray(c.embedding).tobytes() for c in concepts}) == 3
   assert all(int(c.steps) == 2 for c in concepts)
+  with compile_counter as counter:  # the batched program is cached: new images, no compilation
+    personalize_lib.personalize_many(tiny, [_image(i + 5) for i in range(3)], num_steps=2, mesh=mesh, seed=1)
+  assert counter.count == 0
 
 
 def test_non_finite_loss_stops_tuning_with_a_clear_error(tiny, personalize_fn):

@@ -22,7 +22,9 @@ from e4t_jax.e4t import offsets as offsets_lib
 from e4t_jax.e4t.encoder import placeholder_embedding
 from e4t_jax.e4t.prompts import encode_prompt, token_embedding
 from e4t_jax.models.clip import clip_preprocess
-from e4t_jax.models.vae import encode_to_latents
+import flax
+
+from e4t_jax.models.vae import AutoencoderKL, DiagonalGaussian, scale_latents
 
 
 def latent_mask(mask: jax.Array, latent_size: int) -> jax.Array:
@@ -42,23 +44,47 @@ def masked_mse(prediction: jax.Array, target: jax.Array, weights: jax.Array | No
   return jnp.sum(squared_error * weights) / jnp.maximum(jnp.sum(weights), 1e-6)
 
 
-def predict_offset(modules, params: Mapping[str, Any], images: jax.Array, noisy_latents: jax.Array,
-                   timesteps: jax.Array) -> jax.Array:
-  """The encoder's embedding offset f [batch, width] for images in [-1, 1] and their noised latents."""
+@flax.struct.dataclass
+class ImageFeatures:
+  """What the objective computes from the concept image alone, independent of the noise draw and of
+  the trainable encoder/offsets. Per-concept tuning computes it once, outside the step loop (about 40%
+  of a full-size tuning step); pretraining recomputes it for every new batch."""
+  posterior: DiagonalGaussian                  # VAE posterior of the image latents
+  clip_hidden_states: tuple[jax.Array, ...]    # CLIP vision hidden states of the clean image
+  coarse_context: jax.Array                    # [batch, tokens, width] text states of the coarse prompt
+
+  def repeat(self, batch: int) -> 'ImageFeatures':
+    """The features of the first image, broadcast to `batch` copies."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x[:1], (batch,) + x.shape[1:]), self)
+
+
+def image_features(modules, params: Mapping[str, Any], images: jax.Array) -> ImageFeatures:
+  """Image-only features for images in [-1, 1] ([batch, H, W, 3])."""
   batch = images.shape[0]
-  coarse_ids = jnp.broadcast_to(jnp.asarray(modules.coarse_prompt_ids), (batch, modules.coarse_prompt_ids.shape[1]))
-  coarse_context = encode_prompt(modules.text_encoder, params['text_encoder'], coarse_ids)
-  # Pass 1: the pretrained U-Net (no offsets), contracting path only; nothing trains through it.
-  features = modules.unet.apply({'params': params['unet']}, noisy_latents, timesteps, coarse_context,
-                                features_only=True)
-  features = jax.lax.stop_gradient(features)
+  posterior = modules.vae.apply({'params': params['vae']}, images, method=AutoencoderKL.encode)
   pixels = clip_preprocess((images + 1.0) / 2.0, modules.image_encoder.config.image_size)
   clip_out = modules.image_encoder.apply({'params': params['image_encoder']}, pixels)
-  return modules.encoder.apply({'params': params['encoder']}, clip_out.hidden_states, features)
+  coarse_ids = jnp.broadcast_to(jnp.asarray(modules.coarse_prompt_ids), (batch, modules.coarse_prompt_ids.shape[1]))
+  coarse_context = encode_prompt(modules.text_encoder, params['text_encoder'], coarse_ids)
+  # The VAE and text encoder are frozen; CLIP may be partly trainable (E4TConfig.trainable_patterns).
+  return ImageFeatures(posterior=jax.lax.stop_gradient(posterior), clip_hidden_states=clip_out.hidden_states,
+                       coarse_context=jax.lax.stop_gradient(coarse_context))
 
 
-def e4t_loss(modules, params: Mapping[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def predict_offset(modules, params: Mapping[str, Any], images: jax.Array, noisy_latents: jax.Array,
+                   timesteps: jax.Array, features: ImageFeatures | None = None) -> jax.Array:
+  """The encoder's embedding offset f [batch, width] for images in [-1, 1] and their noised latents."""
+  if features is None:
+    features = image_features(modules, params, images)
+  # Pass 1: the pretrained U-Net (no offsets), contracting path only; nothing trains through it.
+  unet_features = modules.unet.apply({'params': params['unet']}, noisy_latents, timesteps, features.coarse_context,
+                                     features_only=True)
+  unet_features = jax.lax.stop_gradient(unet_features)
+  return modules.encoder.apply({'params': params['encoder']}, features.clip_hidden_states, unet_features)
+
+
+def e4t_loss(modules, params: Mapping[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array,
+             features: ImageFeatures | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The E4T objective on one batch.
 
   Args:
@@ -67,18 +93,21 @@ def e4t_loss(modules, params: Mapping[str, Any], batch: Mapping[str, jax.Array],
     batch: 'images' [batch, H, W, 3] in [-1, 1]; 'input_ids' [batch, tokens] prompts containing the
       placeholder; optional 'mask' [batch, H, W] in [0, 1] (used when config.use_loss_mask).
     rng: a PRNG key; the VAE sample, noise and timesteps are drawn from it.
+    features: `image_features` of batch['images'] when already computed (per-concept tuning).
   Returns:
     (loss, metrics) with metrics 'loss', 'diffusion_loss', 'embedding_reg', 'offsets_reg', 'offset_norm'.
   """
   config = modules.config
   images = batch['images']
   k_vae, k_noise, k_t = jax.random.split(rng, 3)
-  latents = jax.lax.stop_gradient(encode_to_latents(modules.vae, params['vae'], images, k_vae))
+  if features is None:
+    features = image_features(modules, params, images)
+  latents = scale_latents(modules.vae.config, features.posterior.sample(k_vae))
   noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
   timesteps = schedule_lib.sample_timesteps(k_t, latents.shape[0], modules.schedule)
   noisy = schedule_lib.add_noise(modules.schedule, latents, noise, timesteps)
 
-  offset = predict_offset(modules, params, images, noisy, timesteps)  # f: [batch, width]
+  offset = predict_offset(modules, params, images, noisy, timesteps, features)  # f: [batch, width]
   w_star = placeholder_embedding(token_embedding(params['text_encoder'], modules.coarse_token_id), offset,
                                  config.embedding_scale)
   context = encode_prompt(modules.text_encoder, params['text_encoder'], batch['input_ids'],
