@@ -102,4 +102,6 @@ def run(out_dir: Path, seed: int = 0, pretrain_steps: int = 10, tuning_steps: in
   atomic_write_bytes(out_dir / 'metrics.json', [json.dumps(metrics, indent=2).encode()])
   _log(f'done in {metrics["total_seconds"]} s; outputs in {out_dir}/ (metrics.json, concepts/, input_*.png'
        + (', generated/' if generate_lib is not None else '') + ')')
+  if generate_lib is not None:
+    _log(f'the grid: {out_dir / "generated" / "grid.png"}')
   return metrics
