@@ -86,6 +86,7 @@ import argparse
 import collections
 import contextlib
 import datetime
+import dataclasses
 import json
 import os
 import platform
@@ -112,7 +113,9 @@ from e4t_jax.errors import ConfigError
 SCHEMA = 'e4t-bench-personalize/1'
 CONFIGS = ('tiny', 'sd15')
 BASELINES = (None, 'torch')
-ABSTRACT_DTYPES = ('float32', 'bfloat16')
+# Variants of the abstract analysis: compute dtype, and '+remat' = the U-Net rematerialized per block
+# with the 'nothing_saveable' policy (memory for recompute).
+ABSTRACT_DTYPES = ('float32', 'bfloat16', 'float32+remat', 'bfloat16+remat')
 
 # jax.monitoring event names (jax/_src/dispatch.py, compiler.py).
 BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
@@ -124,7 +127,6 @@ CACHE_MISS_EVENT = '/jax/compilation_cache/cache_misses'
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 _MISSING_ALWAYS = (
     'GPU/TPU numbers: measured on a CPU-only machine; no accelerator figures.',
-    'remat on/off: the U-Net has per-block remat (UNet(remat_policy=...)); this benchmark does not measure it yet.',
 )
 
 
@@ -395,8 +397,13 @@ def abstract_analysis(config_name: str, dtype_name: str, num_steps: int, compile
   Calls `emit` with a 'lowered' record, then (when `compile_program`) a 'compiled' record; the
   benchmark runs this in a worker process (`--abstract-worker`) that prints each record at once.
   """
-  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[dtype_name]
+  base_dtype, _, remat = dtype_name.partition('+')
+  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[base_dtype]
   model = build_abstract_model(config_name, dtype)
+  if remat:
+    model = model_lib.E4TModel(
+        dataclasses.replace(model.modules, unet=model.modules.unet.clone(remat_policy='nothing_saveable')),
+        model.params)
   modules, params = model.modules, model.params
   tuning = personalize_lib.TuningConfig(num_steps=num_steps)
   size = modules.image_size
