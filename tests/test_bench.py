@@ -64,7 +64,7 @@ def test_smoke_has_every_key_and_never_compiles_in_the_loop(bench_run):
   assert result['memory']['peak_rss_bytes'] > 0
   assert result['concept_file_bytes'] > 0
   assert len(result['loss_trace_first']) == NUM_STEPS
-  assert any('remat' in item for item in result['missing'])
+  assert any('GPU/TPU' in item for item in result['missing'])  # accelerator figures are said to be missing
   assert 'compile' in bench.format_table(result)
 
 
