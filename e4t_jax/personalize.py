@@ -30,6 +30,7 @@ import optax
 from e4t_jax.convert.common import read_safetensors, safetensors_metadata, write_safetensors
 from e4t_jax.diffusion import schedule as schedule_lib
 from e4t_jax.e4t import model as model_lib
+from e4t_jax.e4t import offsets as offsets_lib
 from e4t_jax.e4t.encoder import placeholder_embedding
 from e4t_jax.e4t.objective import e4t_loss, image_features, predict_offset
 from e4t_jax.e4t.prompts import token_embedding
@@ -60,9 +61,7 @@ class Concept:
     tensors = {'embedding': np.asarray(self.embedding, np.float32),
                'loss_trace': np.asarray(self.loss_trace, np.float32),
                'steps': np.asarray(self.steps, np.int32).reshape(())}
-    for kernel_path, pair in self.weight_offsets.items():
-      for name, value in pair.items():
-        tensors[f'weight_offsets/{kernel_path}/{name}'] = np.asarray(value, np.float32)
+    tensors.update({k: np.asarray(v, np.float32) for k, v in offsets_lib.flatten_offsets(self.weight_offsets).items()})
     metadata = dict(self.metadata, format=CONCEPT_FORMAT)
     write_safetensors(path, tensors, metadata={'e4t': json.dumps(metadata, sort_keys=True)})
     return path
@@ -82,13 +81,8 @@ class Concept:
       raise CheckpointError(f'{path}: not an e4t concept file or corrupt ({type(e).__name__}: {e}).') from e
     if metadata.get('format') != CONCEPT_FORMAT:
       raise CheckpointError(f'{path}: concept format {metadata.get("format")!r}, this e4t-jax reads {CONCEPT_FORMAT}.')
-    offsets: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in tensors.items():
-      if key.startswith('weight_offsets/'):
-        kernel_path, name = key[len('weight_offsets/'):].rsplit('/', 1)
-        offsets.setdefault(kernel_path, {})[name] = np.array(value)
     metadata.pop('format')
-    return cls(embedding=np.array(tensors['embedding']), weight_offsets=offsets,
+    return cls(embedding=np.array(tensors['embedding']), weight_offsets=offsets_lib.unflatten_offsets(tensors),
                loss_trace=np.array(tensors['loss_trace']), steps=np.array(tensors['steps']),
                metadata=tuple(sorted(metadata.items())))
 
@@ -219,6 +213,16 @@ def prepare_image(image: Any, size: int, source: str = 'image') -> np.ndarray:
   return array.astype(np.float32) / 255.0
 
 
+def concept_metadata(model: model_lib.E4TModel, tuning: TuningConfig, fingerprint: str) -> tuple:
+  """The static (key, value) metadata every concept of `model` tuned with `tuning` carries."""
+  m = model.modules
+  return tuple(sorted({
+      'placeholder': m.config.placeholder, 'coarse_word': m.config.coarse_word,
+      'base_fingerprint': fingerprint, 'offsets_mode': m.config.offsets.mode,
+      'max_steps': str(tuning.num_steps), 'learning_rate': repr(tuning.learning_rate),
+  }.items()))
+
+
 class PersonalizeFn:
   """The compiled personalization function (see `make_personalize_fn`)."""
 
@@ -226,11 +230,7 @@ class PersonalizeFn:
     self.model, self.tuning, self.compiled, self.fingerprint = model, tuning, compiled, fingerprint
     self._default_key = jax.random.key(0)
     m = model.modules
-    self._metadata = tuple(sorted({
-        'placeholder': m.config.placeholder, 'coarse_word': m.config.coarse_word,
-        'base_fingerprint': fingerprint, 'offsets_mode': m.config.offsets.mode,
-        'max_steps': str(tuning.num_steps), 'learning_rate': repr(tuning.learning_rate),
-    }.items()))
+    self._metadata = concept_metadata(model, tuning, fingerprint)
 
   def __call__(self, params: Any, image: Any, rng: jax.Array | None = None, num_steps: int | None = None) -> Concept:
     steps = self.tuning.num_steps if num_steps is None else int(num_steps)
@@ -321,11 +321,7 @@ def personalize_many(model: model_lib.E4TModel, images: Sequence[Any], *, num_st
   batched = _batched_program(model.modules, tuning, mesh)
   w_star, offsets, losses, steps_run, healthy = batched(model.params, pixels, keys, steps)
   fingerprint = model_fingerprint(model)
-  m = model.modules
-  metadata = tuple(sorted({'placeholder': m.config.placeholder, 'coarse_word': m.config.coarse_word,
-                           'base_fingerprint': fingerprint, 'offsets_mode': m.config.offsets.mode,
-                           'max_steps': str(num_steps), 'steps': str(num_steps),
-                           'learning_rate': repr(tuning.learning_rate)}.items()))
+  metadata = concept_metadata(model, tuning, fingerprint) + (('steps', str(num_steps)),)
   concepts = []
   for i in range(count):
     if not bool(healthy[i]):

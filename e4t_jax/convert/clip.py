@@ -19,13 +19,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from e4t_jax.convert.common import (check_params_match, params_to_state_dict, read_config, read_weights, state_dict_to_params,
+from e4t_jax.convert.common import (check_params_match, params_to_state_dict, unbox, read_config, read_weights, state_dict_to_params,
                                     write_model_dir)
 from e4t_jax.errors import ConfigError, ConversionError
 from e4t_jax.models.clip import (CLIPTextConfig, CLIPTextTransformer, CLIPVisionConfig, CLIPVisionTransformer,
@@ -42,12 +40,6 @@ _BUFFERS = (r'(^|\.)embeddings\.position_ids$',)
 _FULL_MODEL_NON_TEXT = (r'^vision_model\.', r'^visual_projection\.weight$', r'^text_projection\.weight$',
                         r'^logit_scale$')
 _FULL_MODEL_NON_VISION = (r'^text_model\.', r'^text_projection\.weight$', r'^logit_scale$')
-
-
-def _unbox(tree: Any) -> dict:
-  """A plain nested dict of arrays from a (possibly boxed, possibly frozen) params tree."""
-  tree = nn.meta.unbox(tree)
-  return dict(tree.unfreeze() if hasattr(tree, 'unfreeze') else tree)
 
 
 def _is_full_clip(raw_config: dict[str, Any]) -> bool:
@@ -80,12 +72,6 @@ def _merge_vision(nested: dict[str, Any]) -> dict[str, Any]:
 
 def _check_params(params: Any, abstract: Any, where: str, what: str) -> None:
   check_params_match(params, abstract, where=where, what=what)
-
-
-def _strip_params_collection(params: Any) -> Any:
-  """Accepts both `params` and the `{'params': params}` variables dict."""
-  params = _unbox(params)
-  return params['params'] if set(params) == {'params'} else params
 
 
 # ----------------------------------------------------------------------------- text
@@ -122,7 +108,7 @@ def save_text_encoder(model_dir: str | os.PathLike, config: CLIPTextConfig, para
 
   The params tree is checked against `config` first, so a mismatched pair is never written.
   """
-  params = _strip_params_collection(params)
+  params = unbox(params)  # accepts {'params': ...} too
   _check_params(params, abstract_params(CLIPTextTransformer(config)), str(model_dir), 'CLIP text')
   write_model_dir(model_dir, params_to_state_dict(params, prefix=TEXT_PREFIX), config.to_transformers(),
                   WEIGHTS_NAME)
@@ -173,7 +159,7 @@ def save_image_encoder(model_dir: str | os.PathLike, config: CLIPVisionConfig, p
 
   The params tree is checked against `config` first, so a mismatched pair is never written.
   """
-  params = _strip_params_collection(params)
+  params = unbox(params)  # accepts {'params': ...} too
   with_projection = PROJECTION in params
   abstract = abstract_params(CLIPVisionTransformer(config, with_projection=with_projection))
   _check_params(params, abstract, str(model_dir), 'CLIP vision')

@@ -212,7 +212,7 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params: 
     origin: torch key -> file, for error messages.
   """
   origin = origin or {}
-  flat = traverse_util.flatten_dict(_unbox(abstract_params))
+  flat = traverse_util.flatten_dict(unbox(abstract_params))
   ignore_res = [re.compile(p) for p in ignore]
   expected = {torch_key(path, prefix): path for path in flat}
   missing = sorted(k for k in expected if k not in state_dict)
@@ -243,7 +243,7 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params: 
 
 def params_to_state_dict(params: Any, prefix: str = '') -> dict[str, np.ndarray]:
   """Our params tree -> PyTorch state dict (numpy, torch layout)."""
-  flat = traverse_util.flatten_dict(_unbox(params))
+  flat = traverse_util.flatten_dict(unbox(params))
   return {torch_key(path, prefix): np.ascontiguousarray(to_torch_layout(path, np.asarray(jax.device_get(v))))
           for path, v in flat.items()}
 
@@ -257,8 +257,6 @@ def unbox(tree: Any) -> dict:
   tree = dict(tree)
   return dict(tree['params']) if set(tree) == {'params'} else tree
 
-
-_unbox = unbox
 
 
 def check_params_match(params: Any, abstract_params: Any, *, where: str, what: str, prefix: str = '') -> None:

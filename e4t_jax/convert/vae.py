@@ -5,11 +5,9 @@ import os
 import re
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from e4t_jax.convert.common import (check_params_match, params_to_state_dict, read_config, read_weights,
                                     state_dict_to_params,
@@ -72,7 +70,3 @@ def save_vae(model_dir: str | os.PathLike, config: VAEConfig, params: Any) -> No
   check_params_match(params, abstract_params(AutoencoderKL(config)), where=str(model_dir), what='VAE')
   write_model_dir(model_dir, params_to_state_dict(params), config.to_diffusers(), WEIGHTS_NAME)
 
-
-def _unbox(tree: Any) -> dict:
-  tree = nn.meta.unbox(tree)
-  return dict(tree.unfreeze() if hasattr(tree, 'unfreeze') else tree)

@@ -24,7 +24,7 @@ from e4t_jax.convert.common import atomic_write_bytes, read_safetensors, write_s
 from e4t_jax.convert.pipeline import StableDiffusion, load_stable_diffusion, save_stable_diffusion
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t.encoder import EncoderConfig
-from e4t_jax.e4t.offsets import OffsetsConfig
+from e4t_jax.e4t.offsets import OffsetsConfig, flatten_offsets, unflatten_offsets
 from e4t_jax.errors import CheckpointError, ConfigError
 from e4t_jax.tokenizer import CLIPTokenizer
 
@@ -58,9 +58,7 @@ def save_model(model: model_lib.E4TModel, model_dir: str | os.PathLike) -> Path:
   save_stable_diffusion(model_dir / 'base', sd)
   save_image_encoder(model_dir / 'image_encoder', m.image_encoder.config, model.params['image_encoder'])
   flat = traverse_util.flatten_dict({'encoder': model.params['encoder']}, sep='/')
-  for kernel_path, pair in model.params['weight_offsets'].items():
-    for name, value in pair.items():
-      flat[f'weight_offsets/{kernel_path}/{name}'] = value
+  flat.update(flatten_offsets(model.params['weight_offsets']))
   write_safetensors(model_dir / 'trainable.safetensors', {k: np.asarray(jax.device_get(v), np.float32)
                                                           for k, v in flat.items()})
   manifest = {'format': MODEL_FORMAT, 'config': config_to_dict(m.config)}
@@ -90,9 +88,7 @@ def load_model(model_dir: str | os.PathLike) -> model_lib.E4TModel:
   expected = jax.eval_shape(lambda k: model_lib.init_trainable(k, modules, unet_shapes), jax.random.key(0))
   stored = read_safetensors(model_dir / 'trainable.safetensors')
   flat_expected = traverse_util.flatten_dict({'encoder': expected['encoder']}, sep='/')
-  for kernel_path, pair in expected['weight_offsets'].items():
-    for name, value in pair.items():
-      flat_expected[f'weight_offsets/{kernel_path}/{name}'] = value
+  flat_expected.update(flatten_offsets(expected['weight_offsets']))
   missing = sorted(set(flat_expected) - set(stored))
   unexpected = sorted(set(stored) - set(flat_expected))
   bad_shapes = [k for k in flat_expected if k in stored and tuple(stored[k].shape) != tuple(flat_expected[k].shape)]
@@ -101,10 +97,5 @@ def load_model(model_dir: str | os.PathLike) -> model_lib.E4TModel:
                           f'unexpected {unexpected[:3]}, mis-shaped {bad_shapes[:3]}).')
   encoder = traverse_util.unflatten_dict({k: np.array(v) for k, v in stored.items() if k.startswith('encoder/')},
                                          sep='/')['encoder']
-  offsets: dict[str, dict[str, np.ndarray]] = {}
-  for key, value in stored.items():
-    if key.startswith('weight_offsets/'):
-      kernel_path, name = key[len('weight_offsets/'):].rsplit('/', 1)
-      offsets.setdefault(kernel_path, {})[name] = np.array(value)
-  params.update(encoder=jax.device_put(encoder), weight_offsets=jax.device_put(offsets))
+  params.update(encoder=jax.device_put(encoder), weight_offsets=jax.device_put(unflatten_offsets(stored)))
   return model_lib.E4TModel(modules, params)

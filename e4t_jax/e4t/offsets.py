@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from e4t_jax.errors import ConfigError
@@ -98,3 +99,21 @@ def offsets_l2(offsets: Mapping[str, Mapping[str, jax.Array]]) -> jax.Array:
 
 def count_offset_params(offsets: Mapping[str, Mapping[str, Any]]) -> int:
   return sum(int(x.size) for pair in offsets.values() for x in pair.values())
+
+
+OFFSETS_PREFIX = 'weight_offsets/'
+
+
+def flatten_offsets(offsets: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+  """{kernel_path: {'down', 'up'}} -> {'weight_offsets/<kernel_path>/<down|up>': array} (file keys)."""
+  return {f'{OFFSETS_PREFIX}{path}/{name}': value for path, pair in offsets.items() for name, value in pair.items()}
+
+
+def unflatten_offsets(flat: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+  """Inverse of `flatten_offsets`; keys without the offsets prefix are ignored."""
+  offsets: dict[str, dict[str, np.ndarray]] = {}
+  for key, value in flat.items():
+    if key.startswith(OFFSETS_PREFIX):
+      path, name = key[len(OFFSETS_PREFIX):].rsplit('/', 1)
+      offsets.setdefault(path, {})[name] = np.array(value)
+  return offsets
