@@ -88,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_accumulation = 1
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = 'synthetic'     # 'synthetic' | 'folder' | 'array_record' | 'tfds'
+  config.data.source = 'synthetic'     # 'synthetic' | 'synthetic_faces' (captioned) | 'folder' | 'array_record' | 'tfds'
   config.data.path = ''                # image folder, shard glob, or TFDS name
   config.data.mask_path = ''           # folder source: one mask per image
   config.data.tfds_split = 'train'

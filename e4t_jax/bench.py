@@ -371,7 +371,8 @@ def _one_step_program(modules: model_lib.E4TModules, tuning: personalize_lib.Tun
   gradient, the Adam update), outside any loop: XLA's cost analysis counts a while-loop body once
   whatever the trip count, so per-step FLOPs must come from a program without the loop."""
   config = modules.config
-  prompt_ids = modules.tokenize([tuning.prompt.format(config.placeholder)] * tuning.batch_size)
+  prompt_ids = modules.tokenize([personalize_lib.tuning_prompt(modules, tuning).format(config.placeholder)]
+                               * tuning.batch_size)
   optimizer = optax.adam(tuning.learning_rate)
 
   def step(params, opt_state, image, key, features=None):
@@ -938,7 +939,8 @@ class TorchE4T:
     batch = tuning.batch_size
     image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None] * 2.0 - 1.0
     images = image_t.expand(batch, -1, -1, -1)
-    prompt_ids = torch.tensor(self.modules.tokenize([tuning.prompt.format(self.config.placeholder)] * batch),
+    prompt = personalize_lib.tuning_prompt(self.modules, tuning)
+    prompt_ids = torch.tensor(self.modules.tokenize([prompt.format(self.config.placeholder)] * batch),
                               dtype=torch.long)
     side = self.modules.unet.config.sample_size
     latent_shape = (batch, self.modules.unet.config.in_channels, side, side)

@@ -22,10 +22,17 @@ EXAMPLES = """examples:
   e4t convert check sd15/                          # strictly load a local diffusers Stable Diffusion folder
   e4t convert concept-to-diffusers concepts/me.e4t.safetensors --out me-diffusers/
   e4t bench personalize --config tiny --baseline torch --json bench.json
+  e4t eval --methods e4t:0,e4t:5,ti:500 --identities 50 --out results.json   # identity / prompt-fidelity scores
+  e4t demo-train --workdir runs/demo --install     # retrain the embedded demo model from scratch (~1 h, 2 CPUs)
 
 A model is an e4t model folder (written by `e4t pretrain` / e4t_jax.save_model); without --model the
 embedded demo model is used. Bad input gives one line on stderr and exit code 2.
 """
+
+
+def _default_methods() -> tuple[str, ...]:
+  from e4t_jax.reproduce import DEFAULT_METHODS
+  return DEFAULT_METHODS
 
 
 def _load_model(path: str | None):
@@ -62,7 +69,7 @@ def _cmd_personalize(args: argparse.Namespace) -> int:
   timings = []
   for index, ((path, image), target) in enumerate(_progress(zip(loaded, targets), len(loaded), 'personalizing')):
     t0 = time.perf_counter()
-    concept = personalize_fn(model.params, image, jax.random.key(args.seed + index))
+    concept = personalize_fn(model.params, image, jax.random.key(args.seed + index), prompt=args.prompt)
     jax.block_until_ready(concept.embedding)
     timings.append(time.perf_counter() - t0)
     concept.save(target)
@@ -159,6 +166,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_demo_train(args: argparse.Namespace) -> int:
+  import e4t_jax
+  from e4t_jax import demo_train
+  config = demo_train.DemoTrainConfig.smoke(seed=args.seed) if args.smoke else demo_train.DemoTrainConfig(
+      seed=args.seed)
+  if args.install and args.ablation:
+    raise E4TError('--install ships the main model only; train an ablation without --install.')
+  demo_train.run(args.workdir, config, install_to=e4t_jax.DEMO_MODEL_DIR if args.install else None,
+                 ablation=args.ablation)
+  return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+  from e4t_jax import reproduce
+  methods = [m.strip() for m in args.methods.split(',') if m.strip()]
+  for method in methods:  # validate before any work
+    reproduce.parse_method(method)
+  reproduce.run(args.model, args.out, methods, num_identities=args.identities, seed=args.seed, label=args.label,
+                grids=not args.no_grids)
+  print(f'results in {args.out}')
+  return 0
+
+
 def _cmd_convert_check(args: argparse.Namespace) -> int:
   from e4t_jax.convert import pipeline
   sd = pipeline.load_stable_diffusion(args.model_dir)
@@ -175,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--version', action='version', version=f'e4t-jax {__version__}')
   sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
-  demo = sub.add_parser('demo', help='run the end-to-end demo on the embedded tiny model')
+  demo = sub.add_parser('demo', help='personalize 3 unseen identities with the embedded demo model, render, score')
   demo.add_argument('--out', default='outputs/demo', help='output directory (default: outputs/demo)')
   demo.add_argument('--seed', type=int, default=0)
   demo.set_defaults(func=_cmd_demo)
@@ -194,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
   personalize.add_argument('--steps', type=int, default=5, help='tuning steps (default 5)')
   personalize.add_argument('--learning-rate', type=float, default=1e-4)
   personalize.add_argument('--seed', type=int, default=0)
+  personalize.add_argument('--prompt', default=None,
+                           help='tuning prompt describing the image, "{}" = the concept (default: the model\'s)')
   personalize.add_argument('--cache-dir', help='persistent compilation cache (later runs skip most of the compile)')
   personalize.set_defaults(func=_cmd_personalize)
 
@@ -208,6 +240,29 @@ def build_parser() -> argparse.ArgumentParser:
   generate.add_argument('--sampler', default='dpmpp_2m', choices=['dpmpp_2m', 'ddim'])
   generate.add_argument('--seed', type=int, default=0)
   generate.set_defaults(func=_cmd_generate)
+
+  evaluate = sub.add_parser(
+      'eval', help='identity and prompt-fidelity scores of personalization methods (synthetic face domain)',
+      description='Each held-out identity is given as one image; its concept renders 4 new contexts; the '
+      'read-out scores identity and prompt fidelity. Results accumulate in --out (reruns skip done methods).')
+  evaluate.add_argument('--model', help='e4t model folder of the synthetic domain (default: the embedded demo model)')
+  evaluate.add_argument('--methods', default=','.join(_default_methods()),
+                        help='comma-separated KIND:STEPS, KIND in e4t, textual_inversion (ti), dreambooth (db)')
+  evaluate.add_argument('--identities', type=int, default=50, help='held-out identities (default 50)')
+  evaluate.add_argument('--seed', type=int, default=0)
+  evaluate.add_argument('--label', default='', help='prefix of the result names (e.g. "no-offsets/")')
+  evaluate.add_argument('--out', default='outputs/eval/results.json')
+  evaluate.add_argument('--no-grids', action='store_true', help='do not write a sample grid per method')
+  evaluate.set_defaults(func=_cmd_eval)
+
+  demo_train = sub.add_parser('demo-train', help='train the embedded demo model from scratch (synthetic faces)')
+  demo_train.add_argument('--workdir', required=True, help='stage outputs; a rerun resumes after the last finished stage')
+  demo_train.add_argument('--install', action='store_true', help='copy the result into the package (load_demo)')
+  demo_train.add_argument('--smoke', action='store_true', help='a seconds-long run of every stage (testing)')
+  demo_train.add_argument('--seed', type=int, default=0)
+  demo_train.add_argument('--ablation', default='', choices=['', 'no_offsets', 'no_embedding_reg'],
+                          help='retrain only the E4T stage without weight offsets / the embedding regularizer')
+  demo_train.set_defaults(func=_cmd_demo_train)
 
   prepare = sub.add_parser('prepare', help='pack an image folder into ArrayRecord shards for pretraining')
   prepare.add_argument('folder', help='image folder (searched recursively)')

@@ -1,8 +1,16 @@
-"""`e4t demo`: the whole system end to end on the embedded tiny model, in about a minute on 2 CPU cores.
+"""`e4t demo`: E4T end to end on the embedded demo model, in a few minutes on 2 CPU cores.
 
-Until the trained demo model ships (it is trained by the project on a synthetic domain), the tiny
-model has random weights: the demo then proves the machinery — domain pretraining steps, compile-once
-personalization, concept files, generation, the diffusers on-disk layout — not image quality.
+The demo model (`e4t_jax.load_demo()`) was trained by this project from scratch on a synthetic domain
+of cartoon faces (`e4t demo-train`, see `e4t_jax.data.synthetic`). The demo takes 3 identities that
+training never saw, personalizes the model to each from ONE image in 5 tuning steps, renders each
+identity in 4 new contexts from prompts, and measures what came out:
+
+  outputs/demo/input_<i>.png         the one image of each identity
+  outputs/demo/concepts/             the concept files (w* + weight offsets, a few KB each)
+  outputs/demo/generated/            every rendered image (PNG + JSON sidecar)
+  outputs/demo/grid.png              rows: identities; columns: input, the 4 prompts, then the same
+                                     prompts without the concept (the domain model alone)
+  outputs/demo/metrics.json          identity and prompt-fidelity scores (`e4t_jax.evaluate`), timings
 """
 from __future__ import annotations
 
@@ -14,94 +22,100 @@ import jax
 import numpy as np
 
 from e4t_jax.convert.common import atomic_write_bytes
+from e4t_jax.errors import CheckpointError
+
+# The 4 new contexts every identity is rendered in (none is the input's context).
+DEMO_CONTEXTS = (('blue', 'hat', 'large'), ('yellow', 'glasses', 'large'), ('purple', 'bowtie', 'small'),
+                 ('green', 'none', 'small'))
+INPUT_BACKGROUNDS = ('red', 'black', 'red')
+GUIDANCE_SCALE = 4.0
+SAMPLING_STEPS = 25
 
 
 def _log(message: str) -> None:
   print(f'[e4t demo] {message}', flush=True)
 
 
-def run(out_dir: Path, seed: int = 0, pretrain_steps: int = 10, tuning_steps: int = 5) -> dict:
-  from e4t_jax import personalize as personalize_lib
-  from e4t_jax.convert import pipeline
+def run(out_dir: Path, seed: int = 0, tuning_steps: int = 5, num_identities: int = 3) -> dict:
+  import e4t_jax
+  from e4t_jax import evaluate, generate as generate_lib, personalize as personalize_lib
   from e4t_jax.data import images as images_lib
-  from e4t_jax.data.loader import make_loader
-  from e4t_jax.data.sources import SyntheticSource
+  from e4t_jax.data import synthetic
   from e4t_jax.e4t import model as model_lib
-  from e4t_jax.train import step as step_lib
 
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  metrics: dict = {'seed': seed, 'weights': 'random (the trained demo model is not shipped yet)'}
   started = time.perf_counter()
-
-  _log('building the tiny E4T model (SD-architecture U-Net, VAE, CLIP text + vision; random weights)')
-  import e4t_jax
+  if not (e4t_jax.DEMO_MODEL_DIR / 'e4t.json').is_file():
+    raise CheckpointError(f'{e4t_jax.DEMO_MODEL_DIR}: the embedded demo model is missing; train it with '
+                          '`e4t demo-train --workdir runs/demo --install` (about an hour on 2 CPU cores).')
+  _log(f'loading the embedded demo model ({e4t_jax.DEMO_MODEL_DIR})')
   model = e4t_jax.load_demo()
-  metrics['parameters'] = {name: model_lib.count_params(tree) for name, tree in model.params.items()}
+  readout = evaluate.ReadoutModel.load(e4t_jax.DEMO_MODEL_DIR / 'readout.safetensors')
+  metrics: dict = {'seed': seed, 'tuning_steps': tuning_steps,
+                   'parameters': {name: model_lib.count_params(tree) for name, tree in model.params.items()}}
 
-  _log('round-tripping the base model through the diffusers/transformers folder layout')
-  sd = pipeline.StableDiffusion(model.modules.unet, model.modules.vae, model.modules.text_encoder,
-                                pipeline.CLIPTokenizer.default(), dict(pipeline.SD1_SCHEDULER_CONFIG),
-                                {k: model.params[k] for k in ('unet', 'vae', 'text_encoder')})
-  pipeline.save_stable_diffusion(out_dir / 'base_model', sd)
-  reloaded = pipeline.load_stable_diffusion(out_dir / 'base_model')
-  same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(sd.params), jax.tree.leaves(reloaded.params)))
-  metrics['diffusers_round_trip_bit_exact'] = bool(same)
+  identities = synthetic.heldout_identities(num_identities, seed=seed)
+  input_contexts = [synthetic.Context.from_names(INPUT_BACKGROUNDS[i % len(INPUT_BACKGROUNDS)], 'none', 'large')
+                    for i in range(num_identities)]
+  inputs = [synthetic.render(identity, context) for identity, context in zip(identities, input_contexts)]
+  for i, image in enumerate(inputs):
+    atomic_write_bytes(out_dir / f'input_{i}.png', [images_lib.encode_png(image)])
 
-  size = model.modules.image_size
-  _log(f'domain pretraining: {pretrain_steps} steps on a synthetic domain ({size}x{size})')
-  optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(learning_rate=1e-3, warmup_steps=2))
-  state, frozen = step_lib.create_train_state(model, optimizer)
-  train_step = jax.jit(step_lib.make_train_step(model.modules, optimizer), donate_argnums=0)
-  loader = iter(make_loader(SyntheticSource(256, size, seed=seed), global_batch_size=4, seed=seed))
-  prompt_ids = model.modules.tokenize(['a photo of *'] * 4)
-  losses = []
-  for step in range(pretrain_steps):
-    batch = next(loader)
-    state, step_metrics = train_step(state, frozen, {'images': batch['images'], 'input_ids': prompt_ids},
-                                     jax.random.fold_in(jax.random.key(seed), step))
-    losses.append(float(step_metrics['loss']))
-  metrics['pretrain_losses'] = losses
-  params = model_lib.merge_params(state.trainable, frozen)
-  model = model_lib.E4TModel(model.modules, params)
-
-  _log(f'compiling personalize_fn ({tuning_steps} tuning steps, ahead of time)')
+  _log(f'compiling personalize_fn ({tuning_steps} tuning steps, ahead of time, once)')
   t0 = time.perf_counter()
   personalize_fn = personalize_lib.make_personalize_fn(model, num_steps=tuning_steps)
   metrics['personalize_compile_seconds'] = round(time.perf_counter() - t0, 2)
 
-  source = SyntheticSource(16, size * 2, seed=seed + 1)
-  concept_dir = out_dir / 'concepts'
-  latencies = []
-  for index in range(3):
-    image = source[index]['image']
-    atomic_write_bytes(out_dir / f'input_{index}.png', [images_lib.encode_png(image)])
+  concepts, latencies = [], []
+  for i, (image, context) in enumerate(zip(inputs, input_contexts)):
     t0 = time.perf_counter()
-    concept = personalize_fn(model.params, image, jax.random.key(index))
+    concept = personalize_fn(model.params, image, jax.random.key(seed * 1000 + i), prompt=context.template())
     jax.block_until_ready(concept.embedding)
     latencies.append(time.perf_counter() - t0)
-    path = concept.save(concept_dir / f'concept_{index}.e4t.safetensors')
-    _log(f'concept {index}: {tuning_steps} steps in {latencies[-1]:.2f} s, loss trace '
-         f'[{", ".join(f"{x:.3f}" for x in np.asarray(concept.loss_trace))}] -> {path} ({path.stat().st_size} bytes)')
+    path = concept.save(out_dir / 'concepts' / f'identity_{i}.e4t.safetensors')
+    concepts.append(concept)
+    _log(f'identity {i}: one image, {tuning_steps} steps in {latencies[-1]:.2f} s -> {path} '
+         f'({path.stat().st_size:,} bytes)')
   metrics['personalize_seconds_per_concept'] = [round(x, 3) for x in latencies]
-  metrics['concept_bytes'] = (concept_dir / 'concept_0.e4t.safetensors').stat().st_size
+  metrics['concept_bytes'] = (out_dir / 'concepts' / 'identity_0.e4t.safetensors').stat().st_size
 
-  try:
-    from e4t_jax import generate as generate_lib
-  except ImportError:  # generation lands with its own issue
-    generate_lib = None
-  if generate_lib is not None:
-    prompts = ['a photo of *', 'a painting of *', 'a photo of * on the beach', 'a drawing of a face']
-    concept = personalize_lib.Concept.load(concept_dir / 'concept_0.e4t.safetensors')
-    # Several concepts (or none) in one batch: the last prompt renders the plain domain model.
-    images = generate_lib.generate(model, [concept, concept, concept, None], prompts, num_steps=10, seed=seed)
-    paths = generate_lib.save_images(images, out_dir / 'generated', prompts, {'seed': seed, 'steps': 10})
-    metrics['generated'] = [str(p) for p in paths]
+  contexts = [synthetic.Context.from_names(*names) for names in DEMO_CONTEXTS]
+  prompts = [c.template().format(model.config.placeholder) for c in contexts]
+  plain_prompts = [c.caption(model.config.coarse_word) for c in contexts]
+  all_prompts, all_concepts = [], []
+  for concept in concepts:
+    all_prompts += prompts + plain_prompts
+    all_concepts += [concept] * len(prompts) + [None] * len(plain_prompts)
+  _log(f'rendering {len(all_prompts)} images ({SAMPLING_STEPS} DPM-Solver++ steps, guidance {GUIDANCE_SCALE})')
+  t0 = time.perf_counter()
+  images = generate_lib.generate(model, all_concepts, all_prompts, num_steps=SAMPLING_STEPS,
+                                 guidance_scale=GUIDANCE_SCALE, seed=seed)
+  metrics['generate_seconds'] = round(time.perf_counter() - t0, 2)
+  generate_lib.save_images(images, out_dir / 'generated', all_prompts,
+                           {'seed': seed, 'steps': SAMPLING_STEPS, 'guidance_scale': GUIDANCE_SCALE})
+
+  per = 2 * len(prompts)
+  with_concept = np.concatenate([images[i * per:i * per + len(prompts)] for i in range(num_identities)])
+  without = np.concatenate([images[i * per + len(prompts):(i + 1) * per] for i in range(num_identities)])
+  truth = [identity for identity in identities for _ in prompts]
+  metrics['e4t'] = evaluate.evaluate_images(readout, with_concept, truth, contexts * num_identities)
+  metrics['no_concept'] = evaluate.evaluate_images(readout, without, truth, contexts * num_identities)
+
+  tiles, labels = [], []
+  for i in range(num_identities):
+    tiles.append(inputs[i])
+    labels.append(f'input {i} (one image)')
+    tiles += list(images[i * per:(i + 1) * per])
+    labels += prompts + [f'no concept: {p}' for p in plain_prompts]
+  grid = generate_lib.make_grid(np.stack(tiles), labels, columns=1 + per)
+  atomic_write_bytes(out_dir / 'grid.png', [images_lib.encode_png(grid)])
 
   metrics['total_seconds'] = round(time.perf_counter() - started, 1)
   atomic_write_bytes(out_dir / 'metrics.json', [json.dumps(metrics, indent=2).encode()])
-  _log(f'done in {metrics["total_seconds"]} s; outputs in {out_dir}/ (metrics.json, concepts/, input_*.png'
-       + (', generated/' if generate_lib is not None else '') + ')')
-  if generate_lib is not None:
-    _log(f'the grid: {out_dir / "generated" / "grid.png"}')
+  e4t, plain = metrics['e4t'], metrics['no_concept']
+  _log(f'identity score {e4t["identity"]["mean"]:.2f} with the concept vs {plain["identity"]["mean"]:.2f} '
+       f'without (chance {e4t["chance"]["identity"]:.2f}); prompt fidelity {e4t["prompt_fidelity"]["mean"]:.2f}')
+  _log(f'done in {metrics["total_seconds"]} s; outputs in {out_dir}/')
+  _log(f'the grid: {out_dir / "grid.png"}')
   return metrics

@@ -117,7 +117,7 @@ class TuningConfig:
   num_steps: int = 5                  # the compiled maximum; a call may run fewer
   learning_rate: float = 1e-4
   batch_size: int = 1                 # noise/timestep draws of the one image per step
-  prompt: str = 'a photo of {}'
+  prompt: str | None = None           # '{}' = the concept; None: the model's `E4TConfig.tuning_prompt`
   # Timesteps at which the final w* is read out (averaged); spread over the training range.
   readout_timesteps: Sequence[int] = (100, 300, 500, 700, 900)
 
@@ -125,15 +125,19 @@ class TuningConfig:
 def _tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Callable:
   """The pure function compiled by `make_personalize_fn` (one concept)."""
   config = modules.config
-  prompt_ids = modules.tokenize([tuning.prompt.format(config.placeholder)] * tuning.batch_size)
+  prompt_ids = modules.tokenize([tuning_prompt(modules, tuning).replace('{}', config.placeholder)]
+                               * tuning.batch_size)
   optimizer = optax.adam(tuning.learning_rate)
   readout_t = np.asarray(tuning.readout_timesteps, np.int32)
 
-  def program(params, image, rng, num_steps):
-    # image: [S, S, 3] float32 in [0, 1] (already at the model resolution)
+  def program(params, image, rng, num_steps, input_ids=None):
+    # image: [S, S, 3] float32 in [0, 1] (already at the model resolution); input_ids: [1, tokens]
+    # int32, the tuning prompt with the placeholder (None: tuning.prompt, baked in).
     trainable, frozen = model_lib.split_params(params, config.trainable_patterns)
     images = jnp.broadcast_to(image[None] * 2.0 - 1.0, (tuning.batch_size,) + image.shape)
-    batch = {'images': images, 'input_ids': jnp.asarray(prompt_ids)}
+    ids = jnp.asarray(prompt_ids) if input_ids is None else jnp.broadcast_to(
+        input_ids, (tuning.batch_size, input_ids.shape[-1]))
+    batch = {'images': images, 'input_ids': ids}
     # The image's VAE posterior, CLIP features and the coarse prompt do not change between steps:
     # compute them once, outside the loop (unless parts of CLIP train, config.trainable_patterns).
     cached = None
@@ -186,6 +190,19 @@ def _tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Call
   return program
 
 
+def tuning_prompt(modules: model_lib.E4TModules, tuning: TuningConfig) -> str:
+  """The tuning prompt: the tuning config's, else the model's default."""
+  return modules.config.tuning_prompt if tuning.prompt is None else tuning.prompt
+
+
+def tuning_prompt_ids(modules: model_lib.E4TModules, prompt: str) -> np.ndarray:
+  """'a {} on a red background' -> [1, tokens] int32 ids with the placeholder where '{}' is."""
+  if not isinstance(prompt, str) or prompt.count('{}') != 1:
+    raise InputError(f'tuning prompt {prompt!r} must contain "{{}}" exactly once, where the concept goes '
+                     '(e.g. "a photo of {}").')
+  return modules.tokenize([prompt.replace('{}', modules.config.placeholder)])
+
+
 def prepare_image(image: Any, size: int, source: str = 'image') -> np.ndarray:
   """User image (HxWx3 uint8, or float in [0, 1]; a path is loaded) -> float32 [size, size, 3] in [0, 1].
 
@@ -232,13 +249,18 @@ class PersonalizeFn:
     m = model.modules
     self._metadata = concept_metadata(model, tuning, fingerprint)
 
-  def __call__(self, params: Any, image: Any, rng: jax.Array | None = None, num_steps: int | None = None) -> Concept:
+  def __call__(self, params: Any, image: Any, rng: jax.Array | None = None, num_steps: int | None = None,
+               prompt: str | None = None) -> Concept:
+    """Tunes on one image. `prompt` describes the image, '{}' = the concept (e.g. 'a {} on a red
+    background'; default: the tuning config's, else the model's); every prompt runs on one executable."""
     steps = self.tuning.num_steps if num_steps is None else int(num_steps)
     if not 0 <= steps <= self.tuning.num_steps:
       raise InputError(f'num_steps={steps}: this function was compiled for at most {self.tuning.num_steps} steps.')
     pixels = prepare_image(image, self.model.modules.image_size)
     key = self._default_key if rng is None else rng
-    w_star, offsets, losses, steps_run, healthy = self.compiled(params, pixels, key, np.int32(steps))
+    ids = tuning_prompt_ids(self.model.modules, tuning_prompt(self.model.modules, self.tuning) if prompt is None
+                            else prompt)
+    w_star, offsets, losses, steps_run, healthy = self.compiled(params, pixels, key, np.int32(steps), ids)
     if not bool(healthy):
       raise InputError('tuning produced a non-finite loss (NaN/inf); lower the learning rate or check the '
                        'model weights. The concept was not saved.')
@@ -276,9 +298,11 @@ def make_personalize_fn(model: model_lib.E4TModel, num_steps: int = 5, *, tuning
   program = _tuning_program(model.modules, tuning)
   size = model.modules.image_size
   abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)
+  ids = tuning_prompt_ids(model.modules, tuning_prompt(model.modules, tuning))
   compiled = jax.jit(program).lower(
       abstract(model.params), jax.ShapeDtypeStruct((size, size, 3), jnp.float32),
-      jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.int32)).compile()
+      jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.int32),
+      jax.ShapeDtypeStruct(ids.shape, jnp.int32)).compile()
   return PersonalizeFn(model, tuning, compiled, model_fingerprint(model))
 
 
@@ -292,10 +316,11 @@ def _batched_program(modules: model_lib.E4TModules, tuning: TuningConfig, mesh) 
   cached = _BATCHED_PROGRAMS.get(key)
   if cached is not None and cached[0] is modules:  # the entry keeps `modules` alive: ids cannot be reused
     return cached[1]
-  batched = jax.vmap(_tuning_program(modules, tuning), in_axes=(None, 0, 0, 0))
+  batched = jax.vmap(_tuning_program(modules, tuning), in_axes=(None, 0, 0, 0, 0))
   if mesh is not None:
     over_data, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
-    batched = jax.jit(batched, in_shardings=(replicated, over_data, over_data, over_data), out_shardings=over_data)
+    batched = jax.jit(batched, in_shardings=(replicated, over_data, over_data, over_data, over_data),
+                      out_shardings=over_data)
   else:
     batched = jax.jit(batched)
   if len(_BATCHED_PROGRAMS) >= 4:
@@ -305,10 +330,12 @@ def _batched_program(modules: model_lib.E4TModules, tuning: TuningConfig, mesh) 
 
 
 def personalize_many(model: model_lib.E4TModel, images: Sequence[Any], *, num_steps: int = 5,
-                     tuning: TuningConfig | None = None, seed: int = 0, mesh=None) -> list[Concept]:
+                     tuning: TuningConfig | None = None, seed: int = 0, mesh=None,
+                     prompts: Sequence[str] | None = None) -> list[Concept]:
   """Personalizes N images at once: the tuning program vmapped over concepts, the concept axis
   sharded over the mesh's data axis (N is padded to a multiple of the data-axis size). The batched
-  program is compiled once per (model, tuning, mesh, N) and reused by later calls."""
+  program is compiled once per (model, tuning, mesh, N) and reused by later calls. `prompts`: one
+  tuning prompt per image ('{}' for the concept), default `tuning_prompt(...)` for all."""
   tuning = dataclasses.replace(tuning or TuningConfig(), num_steps=num_steps)
   size = model.modules.image_size
   pixels = np.stack([prepare_image(image, size, f'image {i}') for i, image in enumerate(images)])
@@ -318,8 +345,12 @@ def personalize_many(model: model_lib.E4TModel, images: Sequence[Any], *, num_st
   pixels = np.concatenate([pixels, np.repeat(pixels[:1], padded - count, axis=0)])
   keys = jax.random.split(jax.random.key(seed), padded)
   steps = np.full((padded,), num_steps, np.int32)
+  prompts = [tuning_prompt(model.modules, tuning)] * count if prompts is None else list(prompts)
+  if len(prompts) != count:
+    raise InputError(f'{len(prompts)} prompts for {count} images; pass one tuning prompt per image.')
+  ids = np.stack([tuning_prompt_ids(model.modules, p) for p in prompts + prompts[:1] * (padded - count)])
   batched = _batched_program(model.modules, tuning, mesh)
-  w_star, offsets, losses, steps_run, healthy = batched(model.params, pixels, keys, steps)
+  w_star, offsets, losses, steps_run, healthy = batched(model.params, pixels, keys, steps, ids)
   fingerprint = model_fingerprint(model)
   metadata = concept_metadata(model, tuning, fingerprint) + (('steps', str(num_steps)),)
   concepts = []

@@ -274,6 +274,15 @@ class CLIPTokenizer:
     new._split_pattern = new._compile_split_pattern()
     return new, new._placeholders[token]
 
+  def with_max_length(self, max_length: int) -> CLIPTokenizer:
+    """A new tokenizer padding/truncating to `max_length` by default (a text encoder with fewer
+    position embeddings than CLIP's 77, e.g. the embedded demo model); `self` is unchanged."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+      raise InputError(f'max_length must be an integer >= 2 (bos + eos), got {max_length!r}.')
+    new = copy.copy(self)
+    new._model_max_length = max_length
+    return new
+
   def save(self, path: str | os.PathLike) -> Path:
     """Writes the tokenizer as a folder that `from_dir` and transformers' `CLIPTokenizer` both load.
 

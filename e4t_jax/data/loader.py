@@ -2,7 +2,8 @@
 
 Each JAX process reads its own disjoint slice of the source (equal sizes, so every host runs the
 same number of steps) and yields its share of the global batch:
-  {'images': float32 [B, S, S, 3] in [-1, 1], 'mask': float32 [B, S, S] in [0, 1] (if the source has masks)}
+  {'images': float32 [B, S, S, 3] in [-1, 1], 'mask': float32 [B, S, S] in [0, 1] (if the source has masks),
+   'caption': bytes [B] (if the source has captions: prompt templates with '{}' for the placeholder)}
 with B = global_batch_size // process_count. The order depends only on (seed, process_index,
 process_count); random flips are drawn from grain's per-record generator, so they are reproducible.
 
@@ -23,6 +24,9 @@ import numpy as np
 from e4t_jax.errors import CheckpointError, ConfigError, InputError
 
 
+_SPATIAL_KEYS = ('image', 'mask')
+
+
 @dataclasses.dataclass(frozen=True)
 class RandomHorizontalFlip(grain.transforms.RandomMap):
   """Mirrors the image (and its mask) left-right with probability `probability`."""
@@ -33,7 +37,8 @@ class RandomHorizontalFlip(grain.transforms.RandomMap):
     if rng.random() >= self.probability:
       return element
     # [:, ::-1] mirrors the width axis of both [S, S, 3] images and [S, S] masks.
-    return {key: np.ascontiguousarray(value[:, ::-1]) for key, value in element.items()}
+    return {key: np.ascontiguousarray(value[:, ::-1]) if key in _SPATIAL_KEYS else value
+            for key, value in element.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +49,8 @@ class ToModelBatch(grain.transforms.Map):
     out = {'images': batch['image'].astype(np.float32) / 127.5 - 1.0}
     if 'mask' in batch:
       out['mask'] = batch['mask'].astype(np.float32)
+    if 'caption' in batch:  # bytes [B]: a per-image prompt template with '{}' for the placeholder
+      out['caption'] = batch['caption']
     return out
 
 

@@ -50,6 +50,8 @@ class E4TConfig:
   # Regexes over 'image_encoder/...' param paths that are trained too (e.g. r'encoder/layers_3[01]/').
   trainable_patterns: Sequence[str] = ()
   use_loss_mask: bool = False
+  # Personalization's default prompt ('{}' = the placeholder), in the domain's caption style.
+  tuning_prompt: str = 'a photo of {}'
 
   def __post_init__(self):
     object.__setattr__(self, 'trainable_patterns', tuple(self.trainable_patterns))
@@ -184,15 +186,15 @@ def is_trainable_path(path: tuple[str, ...], patterns: Sequence[str] = ()) -> bo
 
 def split_params(params: dict, patterns: Sequence[str] = ()) -> tuple[dict, dict]:
   """(trainable, frozen): two nested dicts holding disjoint leaves of `params`."""
-  flat = traverse_util.flatten_dict(params)
+  flat = traverse_util.flatten_dict(params, keep_empty_nodes=True)  # e.g. no weight offsets: {} stays
   trainable = {p: v for p, v in flat.items() if is_trainable_path(p, patterns)}
   frozen = {p: v for p, v in flat.items() if not is_trainable_path(p, patterns)}
   return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
 
 
 def merge_params(trainable: dict, frozen: dict) -> dict:
-  flat = traverse_util.flatten_dict(frozen)
-  flat.update(traverse_util.flatten_dict(trainable))
+  flat = traverse_util.flatten_dict(frozen, keep_empty_nodes=True)
+  flat.update(traverse_util.flatten_dict(trainable, keep_empty_nodes=True))
   return traverse_util.unflatten_dict(flat)
 
 

@@ -31,6 +31,7 @@ class OffsetsConfig:
   rank: int = 4
   mode: str = 'additive'
   # Regexes matched (re.search) against the kernel's module path, e.g. 'mid_block/.../attn2/to_q'.
+  # Empty: no weight offsets at all (the "no offsets" ablation; only the embedding is personalized).
   targets: Sequence[str] = DEFAULT_TARGETS
   # Standard deviation of the `down` factor's initialization (scaled by 1/sqrt(in) below).
   init_scale: float = 1.0
@@ -50,7 +51,7 @@ def target_paths(unet_params: Mapping[str, Any], config: OffsetsConfig) -> list[
     module_path = '/'.join(path[:-1])
     if path[-1] == 'kernel' and len(leaf.shape) == 2 and any(p.search(module_path) for p in patterns):
       paths.append(module_path)
-  if not paths:
+  if not paths and config.targets:
     raise ConfigError(f'weight offsets targets {list(config.targets)} match no 2-D kernel of the U-Net.')
   return sorted(paths)
 
@@ -60,7 +61,7 @@ def init_offsets(key: jax.Array, unet_params: Mapping[str, Any], config: Offsets
   flat = traverse_util.flatten_dict(dict(unet_params))
   offsets = {}
   paths = target_paths(unet_params, config)
-  for path, k in zip(paths, jax.random.split(key, len(paths))):
+  for path, k in zip(paths, jax.random.split(key, max(len(paths), 1))):
     fan_in, fan_out = flat[tuple(path.split('/')) + ('kernel',)].shape
     offsets[path] = {
         'down': config.init_scale * jax.random.normal(k, (fan_in, config.rank), jnp.float32) / jnp.sqrt(fan_in),

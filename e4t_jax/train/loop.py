@@ -139,6 +139,9 @@ def make_source(config: ml_collections.ConfigDict, image_size: int):
   with_mask = config.e4t.use_loss_mask
   if data.source == 'synthetic':
     return sources.SyntheticSource(data.synthetic_records, size, seed=data.shuffle_seed, with_mask=with_mask)
+  if data.source == 'synthetic_faces':
+    from e4t_jax.data.synthetic import SyntheticFaces  # pylint: disable=g-import-not-at-top
+    return SyntheticFaces(data.synthetic_records, size, seed=data.shuffle_seed)
   if data.source == 'folder':
     return sources.ImageFolderSource(data.path, size, mask_folder=data.mask_path or None)
   if data.source == 'array_record':
@@ -146,7 +149,8 @@ def make_source(config: ml_collections.ConfigDict, image_size: int):
   if data.source == 'tfds':
     return sources.TFDSSource(data.path, data.tfds_split, data.tfds_data_dir or None, size,
                               mask_key=data.tfds_mask_key or None)
-  raise ConfigError(f'data.source {data.source!r} is not one of synthetic, folder, array_record, tfds.')
+  raise ConfigError(f'data.source {data.source!r} is not one of synthetic, synthetic_faces, folder, array_record, '
+                    'tfds.')
 
 
 def prompts_for_step(templates: Sequence[str], placeholder: str, batch_size: int, *, seed: int, step: int,
@@ -373,9 +377,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       host_batch = dict(next(data_iterator))
       if not config.e4t.use_loss_mask:
         host_batch.pop('mask', None)
-      host_batch['input_ids'] = modules.tokenize(prompts_for_step(
-          config.e4t.templates, config.e4t.placeholder, process_batch, seed=config.data.shuffle_seed,
-          step=step, process_index=jax.process_index()))
+      captions = host_batch.pop('caption', None)
+      if captions is not None:  # the data's own captions, with the placeholder for the subject
+        prompts = [bytes(c).decode().format(config.e4t.placeholder) for c in captions]
+      else:
+        prompts = prompts_for_step(config.e4t.templates, config.e4t.placeholder, process_batch,
+                                   seed=config.data.shuffle_seed, step=step, process_index=jax.process_index())
+      host_batch['input_ids'] = modules.tokenize(prompts)
       batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], v) for k, v in host_batch.items()}
       state, metrics = compiled(state, frozen, batch, base_rng)
       for hook in step_hooks:

@@ -1,0 +1,494 @@
+"""`e4t demo-train`: trains the embedded demo model from scratch on the synthetic face domain.
+
+Everything the demo needs is trained here, on 2 CPU cores, deterministically for a seed, with the same
+architecture classes as Stable Diffusion (only the sizes differ):
+
+  1. pool     render a fixed pool of captioned training records (`data.synthetic`, train identities only)
+  2. vae      an AutoencoderKL, 64x64 RGB -> 16x16x4 latents (L2 + L1 + small KL); its latent scale is
+              measured afterwards (SD's 0.18215 is the same kind of number)
+  3. vision   a CLIP vision transformer, pretrained by predicting the generator's attributes (like a
+              supervised ViT); E4T reads its hidden states
+  4. t2i      the U-Net and CLIP text encoder, jointly, from scratch: epsilon-prediction on the VAE
+              latents, captions dropped 10% of the time (classifier-free guidance), EMA weights
+  5. e4t      E4T domain pretraining on top (`train.loop.train_and_evaluate`, the same code as a pod run):
+              the encoder and the weight offsets, prompts = the images' captions with the placeholder
+  6. readout  the evaluation judge (`e4t_jax.evaluate`), a separate CNN trained on other records
+
+Each stage writes its result under `workdir/stages/` when it finishes; running the command again
+skips finished stages (and the E4T stage resumes from its checkpoints), so an interrupted run loses at
+most one stage. The model folder is written to `workdir/model/` (and, with `--install`, copied into the
+package as `e4t_jax/assets/demo_model/`, which `e4t_jax.load_demo()` reads).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import flax.linen as nn
+from flax import traverse_util
+
+from e4t_jax.convert.common import atomic_write_bytes, read_safetensors, write_safetensors
+from e4t_jax.convert.pipeline import SD1_SCHEDULER_CONFIG, StableDiffusion
+from e4t_jax.data import synthetic
+from e4t_jax.diffusion import schedule as schedule_lib
+from e4t_jax.e4t import model as model_lib
+from e4t_jax.e4t.encoder import EncoderConfig
+from e4t_jax.e4t.offsets import OffsetsConfig
+from e4t_jax.errors import ConfigError
+from e4t_jax.models import unet as unet_lib
+from e4t_jax.models.clip import (CLIPTextConfig, CLIPTextTransformer, CLIPVisionConfig, CLIPVisionTransformer,
+                                 clip_preprocess)
+from e4t_jax.models.layers import host_init
+from e4t_jax.models.unet import CROSS_ATTN_DOWN, CROSS_ATTN_UP, UNet, UNetConfig
+from e4t_jax.models.vae import AutoencoderKL, VAEConfig
+from e4t_jax.tokenizer import CLIPTokenizer
+
+STAGES = ('pool', 'vae', 'vision', 't2i', 'e4t', 'readout')
+TEXT_LENGTH = 16  # tokens; the longest caption is 13 with the placeholder
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclasses.dataclass(frozen=True)
+class DemoTrainConfig:
+  """Sizes and schedules of `e4t demo-train` (the defaults are the shipped model's)."""
+  seed: int = 0
+  pool_size: int = 12_000
+  vae_steps: int = 1_500
+  vae_batch: int = 16
+  vae_crop: int = 32
+  vae_lr: float = 2e-3
+  vae_kl_weight: float = 1e-4
+  vision_steps: int = 600
+  vision_batch: int = 64
+  vision_lr: float = 1e-3
+  t2i_steps: int = 2_500
+  t2i_batch: int = 24
+  t2i_lr: float = 5e-4
+  caption_dropout: float = 0.1
+  ema_decay: float = 0.998
+  e4t_steps: int = 700
+  e4t_batch: int = 16
+  e4t_lr: float = 3e-4
+  readout_steps: int = 1_500
+  readout_pool: int = 6_000
+  unet_channels: tuple[int, ...] = (48, 96)
+
+  @classmethod
+  def smoke(cls, **overrides) -> 'DemoTrainConfig':
+    """A seconds-long run of every stage (tests)."""
+    values = dict(pool_size=64, vae_steps=3, vae_batch=4, vae_crop=16, vision_steps=3, vision_batch=8, t2i_steps=3, t2i_batch=4,
+                  e4t_steps=2, e4t_batch=2, readout_steps=3, readout_pool=32, unet_channels=(16, 32))
+    values.update(overrides)
+    return cls(**values)
+
+
+def architecture(config: DemoTrainConfig) -> tuple[UNetConfig, VAEConfig, CLIPTextConfig, CLIPVisionConfig]:
+  """The demo model's networks: Stable Diffusion's and CLIP's classes at toy sizes."""
+  c0, c1 = config.unet_channels
+  unet = UNetConfig(sample_size=16, in_channels=4, out_channels=4, down_block_types=(CROSS_ATTN_DOWN,) * 2,
+                    up_block_types=(CROSS_ATTN_UP,) * 2, block_out_channels=(c0, c1), layers_per_block=1,
+                    norm_num_groups=8, cross_attention_dim=64, attention_head_dim=4)
+  vae = VAEConfig(down_block_types=('DownEncoderBlock2D',) * 3, up_block_types=('UpDecoderBlock2D',) * 3,
+                  block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                  sample_size=synthetic.IMAGE_SIZE)
+  text = CLIPTextConfig(hidden_size=64, intermediate_size=256, projection_dim=64, num_hidden_layers=3,
+                        num_attention_heads=4, max_position_embeddings=TEXT_LENGTH)
+  vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, projection_dim=64, num_hidden_layers=4,
+                            num_attention_heads=4, image_size=synthetic.IMAGE_SIZE, patch_size=8)
+  return unet, vae, text, vision
+
+
+ABLATIONS = ('no_offsets', 'no_embedding_reg')
+
+
+def e4t_config(ablation: str = '') -> model_lib.E4TConfig:
+  """The demo's E4T settings; an ablation drops the weight offsets or the embedding regularizer."""
+  if ablation not in ('', *ABLATIONS):
+    raise ConfigError(f'ablation {ablation!r} is not one of {ABLATIONS}.')
+  config = model_lib.E4TConfig(coarse_word=synthetic.COARSE_WORD, coarse_prompt='a {coarse}', tuning_prompt='a {}',
+                               encoder=EncoderConfig(hidden_dim=128, clip_layers=(-1, -2)),
+                               offsets=OffsetsConfig(rank=4, targets=() if ablation == 'no_offsets' else
+                                                     OffsetsConfig().targets))
+  if ablation == 'no_embedding_reg':
+    config = dataclasses.replace(config, lambda_embedding=0.0)
+  return config
+
+
+def demo_tokenizer() -> CLIPTokenizer:
+  return CLIPTokenizer.default().with_max_length(TEXT_LENGTH)
+
+
+# ----------------------------------------------------------------------------- small helpers
+def _log(message: str) -> None:
+  print(f'[demo-train] {message}', file=sys.stderr, flush=True)
+
+
+def _progress(total: int, desc: str):
+  try:
+    import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return tqdm.tqdm(total=total, desc=desc, unit='step', dynamic_ncols=True, file=sys.stderr)
+
+
+def _init(module: nn.Module, seed: int, *inputs) -> dict:
+  shapes = jax.eval_shape(module.init, jax.random.key(seed), *inputs)['params']
+  return nn.meta.unbox(host_init(shapes, seed=seed))
+
+
+def _adamw(lr: float, steps: int, warmup: int = 100, weight_decay: float = 1e-4) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, max(steps // 10, 1)), max(steps, 2),
+                                                end_value=lr * 0.05)
+  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
+
+
+def fit(loss_fn: Callable[[Any, dict, jax.Array], jax.Array], params: Any, batches: Callable[[int], dict], *,
+        steps: int, lr: float, seed: int, desc: str, ema_decay: float = 0.0) -> tuple[Any, list[float]]:
+  """Adam(W) with warm-up + cosine decay on `loss_fn(params, batch, key)`; one jitted step.
+
+  Returns (params, or their EMA when ema_decay > 0; the loss every step).
+  """
+  optimizer = _adamw(lr, steps)
+
+  @jax.jit
+  def step(params, ema, opt_state, batch, key):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    if ema_decay:
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+    return params, ema, opt_state, loss
+
+  opt_state = optimizer.init(params)
+  ema = params if ema_decay else None
+  base_key = jax.random.key(seed)
+  losses = []
+  progress = _progress(steps, desc)
+  for i in range(steps):
+    params, ema, opt_state, loss = step(params, ema, opt_state, batches(i), jax.random.fold_in(base_key, i))
+    if i % 25 == 0 or i == steps - 1:
+      losses.append((i, float(loss)))
+      if progress is not None:
+        progress.set_postfix(loss=f'{losses[-1][1]:.4f}')
+    if progress is not None:
+      progress.update(1)
+  if progress is not None:
+    progress.close()
+  return (ema if ema_decay else params), losses
+
+
+class _Stages:
+  """Finished stages on disk: `stages/<name>.safetensors` (flat params) + `<name>.json` (summary)."""
+
+  def __init__(self, workdir: Path):
+    self.dir = workdir / 'stages'
+    self.dir.mkdir(parents=True, exist_ok=True)
+
+  def done(self, name: str) -> bool:
+    return (self.dir / f'{name}.json').is_file()
+
+  def save(self, name: str, params: Any, summary: dict) -> None:
+    flat = traverse_util.flatten_dict(jax.device_get(params), sep='/')
+    write_safetensors(self.dir / f'{name}.safetensors', {k: np.asarray(v) for k, v in flat.items()})
+    atomic_write_bytes(self.dir / f'{name}.json', [json.dumps(summary, indent=2).encode()])
+
+  def load(self, name: str) -> tuple[Any, dict]:
+    params = traverse_util.unflatten_dict(
+        {k: np.array(v) for k, v in read_safetensors(self.dir / f'{name}.safetensors').items()}, sep='/')
+    return params, json.loads((self.dir / f'{name}.json').read_text())
+
+
+# ----------------------------------------------------------------------------- stage 1: the data pool
+def render_pool(size: int, seed: int) -> dict[str, np.ndarray]:
+  source = synthetic.SyntheticFaces(size, seed=seed)
+  images = np.empty((size, synthetic.IMAGE_SIZE, synthetic.IMAGE_SIZE, 3), np.uint8)
+  identity = np.empty((size, len(synthetic.IDENTITY_ATTRIBUTES)), np.int32)
+  context = np.empty((size, len(synthetic.CONTEXT_ATTRIBUTES)), np.int32)
+  progress = _progress(size, 'render pool')
+  for i in range(size):
+    record = source[i]
+    images[i], identity[i], context[i] = record['image'], record['identity'], record['context']
+    if progress is not None and i % 256 == 255:
+      progress.update(256)
+  if progress is not None:
+    progress.close()
+  return {'images': images, 'identity': identity, 'context': context}
+
+
+def _captions(context: np.ndarray, subject: str) -> list[str]:
+  return [synthetic.Context.from_array(c).caption(subject) for c in context]
+
+
+def _to_unit(images: np.ndarray) -> np.ndarray:
+  return images.astype(np.float32) / 127.5 - 1.0
+
+
+def _batch_indices(pool_size: int, batch: int, seed: int, salt: int) -> Callable[[int], np.ndarray]:
+  return lambda step: np.random.default_rng([seed, salt, step]).integers(0, pool_size, size=batch)
+
+
+# ----------------------------------------------------------------------------- stage 2: VAE
+def train_vae(config: DemoTrainConfig, vae_config: VAEConfig, pool: dict) -> tuple[dict, dict]:
+  vae = AutoencoderKL(vae_config)
+  params = _init(vae, config.seed + 2, jnp.zeros((1, 4, 4, 3)))
+  pick = _batch_indices(len(pool['images']), config.vae_batch, config.seed, 2)
+
+  def loss_fn(params, batch, key):
+    x = batch['images']
+    posterior = vae.apply({'params': params}, x, method=AutoencoderKL.encode)
+    reconstruction = vae.apply({'params': params}, posterior.sample(key), method=AutoencoderKL.decode)
+    error = reconstruction - x
+    return jnp.mean(error ** 2) + 0.1 * jnp.mean(jnp.abs(error)) + config.vae_kl_weight * jnp.mean(
+        posterior.kl() / np.prod(posterior.mean.shape[1:]))
+
+  # The VAE is convolutional (its mid-block attention takes any size): it trains on random
+  # latent-aligned crops, 4x cheaper per image than whole 64x64 images, and is used on whole images.
+  crop, factor = config.vae_crop, vae_config.downsample_factor
+
+  def batches(i):
+    rng = np.random.default_rng([config.seed, 22, i])
+    top, left = factor * rng.integers(0, (synthetic.IMAGE_SIZE - crop) // factor + 1, size=2)
+    return {'images': _to_unit(pool['images'][pick(i), top:top + crop, left:left + crop])}
+
+  params, losses = fit(loss_fn, params, batches, steps=config.vae_steps, lr=config.vae_lr, seed=config.seed + 2,
+                       desc='vae')
+  # The latent scale: 1 / std of the posterior means over the pool (SD's scaling_factor is the same).
+  encode = jax.jit(lambda p, x: vae.apply({'params': p}, x, method=AutoencoderKL.encode).mean)
+  sample = np.concatenate([np.asarray(encode(params, _to_unit(pool['images'][i:i + 256])))
+                           for i in range(0, min(2048, len(pool['images'])), 256)])
+  scaling_factor = float(1.0 / max(sample.std(), 1e-6))
+  return params, {'losses': losses, 'scaling_factor': scaling_factor}
+
+
+def encode_pool(vae: AutoencoderKL, params: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Posterior (mean, std) of every pool image, unscaled."""
+  encode = jax.jit(lambda p, x: vae.apply({'params': p}, x, method=AutoencoderKL.encode))
+  means, stds = [], []
+  for i in range(0, len(images), 256):
+    posterior = encode(params, _to_unit(images[i:i + 256]))
+    means.append(np.asarray(posterior.mean))
+    stds.append(np.asarray(posterior.std))
+  return np.concatenate(means), np.concatenate(stds)
+
+
+# ----------------------------------------------------------------------------- stage 3: CLIP vision
+class _AttributeHeads(nn.Module):
+  """The vision tower with one linear classifier per generator attribute on its pooled output."""
+  vision: CLIPVisionTransformer
+
+  @nn.compact
+  def __call__(self, pixels):
+    pooled = self.vision(pixels).pooled_output
+    names = list(synthetic.IDENTITY_ATTRIBUTES.items()) + list(synthetic.CONTEXT_ATTRIBUTES.items())
+    return [nn.Dense(len(choices), name=f'head_{name}')(pooled) for name, choices in names]
+
+
+def train_vision(config: DemoTrainConfig, vision_config: CLIPVisionConfig, pool: dict) -> tuple[dict, dict]:
+  model = _AttributeHeads(CLIPVisionTransformer(vision_config, with_projection=False))
+  size = vision_config.image_size
+  params = _init(model, config.seed + 3, jnp.zeros((1, size, size, 3)))
+  labels = np.concatenate([pool['identity'], pool['context']], axis=1)
+  pick = _batch_indices(len(labels), config.vision_batch, config.seed, 3)
+
+  def loss_fn(params, batch, key):
+    del key
+    pixels = clip_preprocess((batch['images'] + 1.0) / 2.0, size)
+    logits = model.apply({'params': params}, pixels)
+    return sum(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(l, batch['labels'][:, k]))
+               for k, l in enumerate(logits)) / len(logits)
+
+  def batches(i):
+    index = pick(i)
+    return {'images': _to_unit(pool['images'][index]), 'labels': labels[index]}
+
+  params, losses = fit(loss_fn, params, batches, steps=config.vision_steps, lr=config.vision_lr,
+                       seed=config.seed + 3, desc='vision')
+  return params['vision'], {'losses': losses}
+
+
+# ----------------------------------------------------------------------------- stage 4: text-to-image
+def train_t2i(config: DemoTrainConfig, unet_config: UNetConfig, text_config: CLIPTextConfig, latents: tuple,
+              pool: dict, scaling_factor: float) -> tuple[dict, dict]:
+  unet, text = UNet(unet_config), CLIPTextTransformer(text_config)
+  params = {'unet': _init(unet, config.seed + 4, *unet_lib.init_inputs(unet_config)),
+            'text_encoder': _init(text, config.seed + 5, jnp.zeros((1, 1), jnp.int32))}
+  tokenizer = demo_tokenizer()
+  caption_ids = np.asarray(tokenizer(_captions(pool['context'], synthetic.COARSE_WORD)), np.int32)
+  empty_ids = np.asarray(tokenizer(['']), np.int32)[0]
+  schedule = schedule_lib.NoiseSchedule.from_config(SD1_SCHEDULER_CONFIG)
+  means, stds = latents
+  pick = _batch_indices(len(means), config.t2i_batch, config.seed, 4)
+
+  def loss_fn(params, batch, key):
+    k_sample, k_noise, k_t = jax.random.split(key, 3)
+    x0 = (batch['mean'] + batch['std'] * jax.random.normal(k_sample, batch['mean'].shape)) * scaling_factor
+    noise = jax.random.normal(k_noise, x0.shape)
+    t = schedule_lib.sample_timesteps(k_t, x0.shape[0], schedule)
+    context = text.apply({'params': params['text_encoder']}, batch['input_ids']).last_hidden_state
+    prediction = unet.apply({'params': params['unet']}, schedule_lib.add_noise(schedule, x0, noise, t), t, context)
+    return jnp.mean((prediction - schedule_lib.training_target(schedule, x0, noise, t)) ** 2)
+
+  def batches(i):
+    index = pick(i)
+    ids = caption_ids[index].copy()
+    drop = np.random.default_rng([config.seed, 44, i]).random(len(index)) < config.caption_dropout
+    ids[drop] = empty_ids
+    return {'mean': means[index], 'std': stds[index], 'input_ids': ids}
+
+  params, losses = fit(loss_fn, params, batches, steps=config.t2i_steps, lr=config.t2i_lr, seed=config.seed + 4,
+                       desc='text-to-image', ema_decay=config.ema_decay)
+  return params, {'losses': losses}
+
+
+# ----------------------------------------------------------------------------- stage 5: E4T pretraining
+def e4t_pretrain_config(config: DemoTrainConfig, ablation: str = ''):
+  """The `configs/base.py` run config of the E4T stage (synthetic faces with their captions)."""
+  from e4t_jax.config import load_config  # pylint: disable=g-import-not-at-top
+  run = load_config('base')
+  run.model.base = run.model.image_encoder = 'demo-train'  # the model is passed in, not loaded
+  run.e4t.coarse_word = synthetic.COARSE_WORD
+  run.e4t.coarse_prompt = 'a {coarse}'
+  run.encoder.hidden_dim = 128
+  run.encoder.clip_layers = (-1, -2)
+  run.e4t.lambda_embedding = e4t_config(ablation).lambda_embedding
+  run.offsets.targets = tuple(e4t_config(ablation).offsets.targets)
+  run.optimizer.learning_rate = config.e4t_lr
+  run.optimizer.warmup_steps = min(100, max(config.e4t_steps // 10, 1))
+  run.optimizer.global_batch_size = config.e4t_batch
+  run.data.source = 'synthetic_faces'
+  run.data.synthetic_records = 100_000
+  run.data.shuffle_seed = config.seed
+  run.data.random_flip = True
+  run.train.num_steps = config.e4t_steps
+  run.train.log_every = 25
+  run.train.checkpoint_every = 200
+  run.train.keep_checkpoints = 1
+  run.train.async_checkpoints = False
+  run.train.seed = config.seed
+  run.mesh.num_devices = 1
+  return run
+
+
+# ----------------------------------------------------------------------------- driver
+def build_model(config: DemoTrainConfig, vae_params: dict, vae_summary: dict, vision_params: dict,
+                t2i_params: dict, ablation: str = '') -> model_lib.E4TModel:
+  unet_config, vae_config, text_config, vision_config = architecture(config)
+  vae_config = dataclasses.replace(vae_config, scaling_factor=vae_summary['scaling_factor'])
+  sd = StableDiffusion(UNet(unet_config), AutoencoderKL(vae_config), CLIPTextTransformer(text_config),
+                       demo_tokenizer(), dict(SD1_SCHEDULER_CONFIG),
+                       {'unet': t2i_params['unet'], 'vae': vae_params, 'text_encoder': t2i_params['text_encoder']})
+  vision = CLIPVisionTransformer(vision_config, with_projection=False)
+  return model_lib.init_e4t(jax.random.key(config.seed + 6), e4t_config(ablation), sd, vision, vision_params)
+
+
+def run(workdir: str | os.PathLike, config: DemoTrainConfig = DemoTrainConfig(), *,
+        install_to: str | os.PathLike | None = None, ablation: str = '') -> dict:
+  """Runs (or resumes) every stage; returns the summary also written to `workdir/model/training.json`.
+
+  ablation: '' or one of `ABLATIONS`: the E4T stage is trained without weight offsets or without the
+  embedding regularizer (into `workdir/e4t-<ablation>/`, model folder `workdir/model-<ablation>/`),
+  on the same base stages.
+  """
+  e4t_config(ablation)  # validates
+  from e4t_jax.e4t import io as io_lib  # pylint: disable=g-import-not-at-top
+  from e4t_jax.train import loop  # pylint: disable=g-import-not-at-top
+  workdir = Path(workdir)
+  stages = _Stages(workdir)
+  unet_config, vae_config, text_config, vision_config = architecture(config)
+  timings: dict[str, float] = {}
+
+  def timed(name: str, fn):
+    start = time.perf_counter()
+    out = fn()
+    timings[name] = round(time.perf_counter() - start, 1)
+    _log(f'{name}: {timings[name]:.0f}s')
+    return out
+
+  pool_path = stages.dir / 'pool.npz'
+  if not pool_path.is_file():
+    pool = timed('pool', lambda: render_pool(config.pool_size, config.seed))
+    tmp = pool_path.with_suffix('.tmp.npz')
+    np.savez(tmp, **pool)
+    os.replace(tmp, pool_path)
+  with np.load(pool_path) as stored:
+    pool = {k: stored[k] for k in stored.files}
+
+  def stage(name: str, fn):
+    if stages.done(name):
+      _log(f'{name}: done before, loading')
+      return stages.load(name)
+    params, summary = timed(name, fn)
+    summary['seconds'] = timings[name]
+    stages.save(name, params, summary)
+    return params, summary
+
+  vae_params, vae_summary = stage('vae', lambda: train_vae(config, vae_config, pool))
+  vision_params, _ = stage('vision', lambda: train_vision(config, vision_config, pool))
+
+  def t2i():
+    vae = AutoencoderKL(vae_config)
+    latents = encode_pool(vae, vae_params, pool['images'])
+    return train_t2i(config, unet_config, text_config, latents, pool, vae_summary['scaling_factor'])
+
+  t2i_params, _ = stage('t2i', t2i)
+
+  suffix = f'-{ablation}' if ablation else ''
+  e4t_dir = workdir / f'e4t{suffix}'
+  if not (e4t_dir / 'model' / 'e4t.json').is_file():
+    model = build_model(config, vae_params, vae_summary, vision_params, t2i_params, ablation)
+    run_config = e4t_pretrain_config(config, ablation)
+    e4t_summary = timed('e4t', lambda: loop.train_and_evaluate(run_config, e4t_dir, model=model))
+    atomic_write_bytes(stages.dir / f'e4t{suffix}.json', [json.dumps(
+        {k: v for k, v in e4t_summary.items() if isinstance(v, (int, float, bool))}, indent=2).encode()])
+
+  from e4t_jax import evaluate  # pylint: disable=g-import-not-at-top
+  readout_path = stages.dir / 'readout.safetensors'
+  if not readout_path.is_file():
+    readout = timed('readout', lambda: evaluate.train_readout(
+        num_steps=config.readout_steps, num_records=config.readout_pool, seed=config.seed))
+    readout.save(readout_path)
+
+  model = io_lib.load_model(e4t_dir / 'model')
+  demo_config = dataclasses.replace(model.config, tuning_prompt=e4t_config(ablation).tuning_prompt)
+  model = model_lib.E4TModel(dataclasses.replace(model.modules, config=demo_config), model.params)
+  # The frozen networks ship in float16 (as Stable Diffusion's fp16 variant does): half the bytes;
+  # loading casts them back to float32. The trained encoder and offsets stay float32.
+  params = dict(model.params)
+  for name in model_lib.FROZEN:
+    params[name] = jax.tree.map(lambda x: np.asarray(x, np.float16), jax.device_get(params[name]))
+  out = workdir / f'model{suffix}'
+  io_lib.save_model(model_lib.E4TModel(model.modules, params), out)
+  shutil.copyfile(readout_path, out / 'readout.safetensors')
+  previous = {}
+  if (out / 'training.json').is_file():
+    previous = json.loads((out / 'training.json').read_text()).get('stage_seconds', {})
+  summary = {'config': dataclasses.asdict(config), 'stage_seconds': {**previous, **timings},
+             'bytes': sum(p.stat().st_size for p in out.rglob('*') if p.is_file())}
+  atomic_write_bytes(out / 'training.json', [json.dumps(summary, indent=2).encode()])
+  _log(f'model folder {out} ({summary["bytes"] / 1e6:.1f} MB)')
+  if install_to is not None:
+    install_to = Path(install_to)
+    tmp = install_to.with_name(install_to.name + '.tmp')
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(out, tmp)
+    shutil.rmtree(install_to, ignore_errors=True)
+    os.replace(tmp, install_to)
+    _log(f'installed into {install_to}')
+  return summary
+
+
+def check_config(config: DemoTrainConfig) -> None:
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+      raise ConfigError(f'demo-train {field.name} must be >= 0, got {value}.')

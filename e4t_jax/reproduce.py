@@ -1,0 +1,206 @@
+"""`e4t eval`: the paper's claims in miniature, measured on the synthetic face domain.
+
+Protocol (fixed seeds, the same for every method):
+  * N held-out identities (never seen in any training stage; `synthetic.heldout_identities`);
+  * identity i is shown to the method as ONE image, drawn in an input context (a random background,
+    no accessory, large), together with that image's caption ('a {} on a red background');
+  * the method's concept renders 4 prompts with new contexts (other backgrounds, accessories, sizes),
+    25 DPM-Solver++ steps, guidance 4, the same seeds for every method;
+  * every rendered image is scored by `e4t_jax.evaluate`: identity (fraction of the identity's visible
+    attributes the read-out finds) and prompt fidelity (background measured from pixels, accessory and
+    size by the read-out).
+Wall time per concept is the tuning time after compilation (compilation is reported apart); bytes
+per concept are what a concept needs on disk beyond the shared model (`baselines.concept_bytes`).
+
+Results go to a JSON file, one entry per method, written after each method (a rerun skips the
+methods already there).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from e4t_jax.convert.common import atomic_write_bytes
+from e4t_jax.data import synthetic
+from e4t_jax.errors import InputError
+
+METHOD_KINDS = ('e4t', 'textual_inversion', 'dreambooth')
+_ALIASES = {'ti': 'textual_inversion', 'db': 'dreambooth'}
+DEFAULT_METHODS = ('e4t:0', 'e4t:5', 'e4t:15', 'textual_inversion:5', 'textual_inversion:500', 'dreambooth:5',
+                   'dreambooth:200')
+PROMPTS_PER_IDENTITY = 4
+SAMPLING_STEPS = 25
+GUIDANCE_SCALE = 4.0
+GENERATE_CHUNK = 40
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One held-out identity: its input image's context and the contexts it is rendered in."""
+  identity: synthetic.Identity
+  input_context: synthetic.Context
+  contexts: tuple[synthetic.Context, ...]
+
+
+def protocol(num_identities: int, seed: int = 0) -> list[Case]:
+  """The evaluation cases, identical for every method for the same (num_identities, seed)."""
+  if isinstance(num_identities, bool) or not isinstance(num_identities, int) or num_identities < 1:
+    raise InputError(f'the number of identities must be a positive integer, got {num_identities!r}.')
+  cases = []
+  backgrounds = len(synthetic.CONTEXT_ATTRIBUTES['background'])
+  for i, identity in enumerate(synthetic.heldout_identities(num_identities, seed=seed)):
+    rng = np.random.default_rng([seed, 0xE7A1, i])
+    input_background = int(rng.integers(backgrounds))
+    input_context = synthetic.Context(background=input_background, accessory=0, size=0)
+    others = [b for b in range(backgrounds) if b != input_background]
+    picked = rng.permutation(others)[:PROMPTS_PER_IDENTITY]
+    contexts = tuple(synthetic.Context(background=int(b), accessory=int(rng.integers(4)), size=int(rng.integers(2)))
+                     for b in picked)
+    cases.append(Case(identity, input_context, contexts))
+  return cases
+
+
+def parse_method(text: str) -> tuple[str, int]:
+  """'e4t:5' / 'ti:500' / 'dreambooth:200' -> (kind, steps)."""
+  kind, _, steps = text.partition(':')
+  kind = _ALIASES.get(kind.strip(), kind.strip())
+  if kind not in METHOD_KINDS or not steps.strip().isdigit():
+    raise InputError(f'method {text!r} must look like KIND:STEPS with KIND one of {", ".join(METHOD_KINDS)} '
+                     '(or ti, db), e.g. e4t:5 or textual_inversion:500.')
+  return kind, int(steps)
+
+
+class _Tuner:
+  """Compile-once tuning for one method kind at a maximum step count: (image, prompt, key) -> (model, concept)."""
+
+  def __init__(self, model, kind: str, max_steps: int):
+    from e4t_jax import baselines, personalize  # pylint: disable=g-import-not-at-top
+    self.model, self.kind = model, kind
+    start = time.perf_counter()
+    if kind == 'e4t':
+      self.fn = personalize.make_personalize_fn(model, num_steps=max_steps)
+    elif kind == 'textual_inversion':
+      self.fn = baselines.make_textual_inversion_fn(model, num_steps=max(max_steps, 1))
+    else:
+      self.fn = baselines.make_dreambooth_fn(model, num_steps=max(max_steps, 1))
+    self.compile_seconds = time.perf_counter() - start
+
+  def __call__(self, image: np.ndarray, prompt: str, key: jax.Array, steps: int):
+    from e4t_jax import baselines  # pylint: disable=g-import-not-at-top
+    if self.kind == 'dreambooth':
+      unet_params, concept = self.fn(self.model.params, image, key, num_steps=steps, prompt=prompt)
+      jax.block_until_ready(concept.embedding)
+      return baselines.model_with_unet(self.model, unet_params), concept
+    concept = self.fn(self.model.params, image, key, num_steps=steps, prompt=prompt)
+    jax.block_until_ready(concept.embedding)
+    return self.model, concept
+
+
+def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case], *, seed: int = 0,
+                    tuner: _Tuner | None = None, grid_path: str | os.PathLike | None = None,
+                    progress: bool = True) -> dict[str, Any]:
+  """Tunes one concept per case with `kind` at `steps`, renders its prompts and scores them."""
+  from e4t_jax import baselines, evaluate, generate as generate_lib  # pylint: disable=g-import-not-at-top
+  tuner = tuner or _Tuner(model, kind, steps)
+  placeholder = model.config.placeholder
+  bar = None
+  if progress:
+    try:
+      import tqdm  # pylint: disable=g-import-not-at-top
+      bar = tqdm.tqdm(total=len(cases), desc=f'{kind}:{steps}', unit='concept', dynamic_ncols=True)
+    except ImportError:
+      pass
+  images, identities, contexts, tune_seconds = [], [], [], []
+  pending: list[tuple[Any, Any, list[str]]] = []  # shared-model concepts rendered in batches
+
+  def flush():
+    if not pending:
+      return
+    prompts = [p for _, _, ps in pending for p in ps]
+    concepts = [c for _, c, ps in pending for _ in ps]
+    images.append(generate_lib.generate(pending[0][0], concepts, prompts, num_steps=SAMPLING_STEPS,
+                                        guidance_scale=GUIDANCE_SCALE, seed=seed))
+    pending.clear()
+
+  for i, case in enumerate(cases):
+    image = synthetic.render(case.identity, case.input_context)
+    start = time.perf_counter()
+    tuned_model, concept = tuner(image, case.input_context.template(), jax.random.key(seed * 100_003 + i), steps)
+    tune_seconds.append(time.perf_counter() - start)
+    prompts = [c.template().format(placeholder) for c in case.contexts]
+    identities += [case.identity] * len(prompts)
+    contexts += list(case.contexts)
+    if tuned_model is model:
+      pending.append((model, concept, prompts))
+      if sum(len(p) for _, _, p in pending) >= GENERATE_CHUNK:
+        flush()
+    else:  # its own U-Net: render alone
+      flush()
+      pending.append((tuned_model, concept, prompts))
+      flush()
+    if bar is not None:
+      bar.update(1)
+  flush()
+  if bar is not None:
+    bar.close()
+  images = np.concatenate(images)
+  result = evaluate.evaluate_images(readout, images, identities, contexts)
+  result.update(method=kind, steps=steps, identities=len(cases), images=int(len(images)),
+                tune_seconds_per_concept=float(np.median(tune_seconds)),
+                compile_seconds=round(tuner.compile_seconds, 2), bytes_per_concept=baselines.concept_bytes(kind, model))
+  if grid_path is not None:
+    shown = min(4, len(cases))
+    tiles, labels = [], []
+    for i in range(shown):
+      tiles.append(synthetic.render(cases[i].identity, cases[i].input_context))
+      labels.append('input')
+      tiles += list(images[i * PROMPTS_PER_IDENTITY:(i + 1) * PROMPTS_PER_IDENTITY])
+      labels += [c.caption(placeholder) for c in cases[i].contexts]
+    from e4t_jax.data.images import encode_png  # pylint: disable=g-import-not-at-top
+    grid = generate_lib.make_grid(np.stack(tiles), labels, columns=1 + PROMPTS_PER_IDENTITY)
+    atomic_write_bytes(grid_path, [encode_png(grid)])
+  return result
+
+
+def run(model_dir: str | os.PathLike | None, out: str | os.PathLike, methods: Sequence[str] = DEFAULT_METHODS, *,
+        num_identities: int = 50, seed: int = 0, label: str = '', readout_path: str | os.PathLike | None = None,
+        grids: bool = True) -> dict[str, Any]:
+  """Evaluates each method ('kind:steps') on `num_identities` cases; results accumulate in `out` (JSON)."""
+  import e4t_jax  # pylint: disable=g-import-not-at-top
+  from e4t_jax import evaluate  # pylint: disable=g-import-not-at-top
+  parsed = [parse_method(m) for m in methods]
+  model = e4t_jax.load_demo() if model_dir is None else e4t_jax.load(model_dir)
+  model_folder = Path(e4t_jax.DEMO_MODEL_DIR if model_dir is None else model_dir)
+  readout_path = Path(readout_path) if readout_path else model_folder / 'readout.safetensors'
+  if not readout_path.is_file():
+    readout_path = Path(e4t_jax.DEMO_MODEL_DIR) / 'readout.safetensors'
+  readout = evaluate.ReadoutModel.load(readout_path)
+  out = Path(out)
+  results = json.loads(out.read_text()) if out.is_file() else {}
+  cases = protocol(num_identities, seed)
+  tuners: dict[str, _Tuner] = {}
+  for kind, steps in parsed:
+    name = f'{label}{kind}:{steps}'
+    if name in results and results[name].get('identities') == num_identities:
+      print(f'[e4t eval] {name}: in {out} already, skipped', flush=True)
+      continue
+    # One executable per kind, compiled for the largest step count asked for; fewer steps run on it.
+    max_steps = max(s for k, s in parsed if k == kind)
+    if kind not in tuners:
+      tuners[kind] = _Tuner(model, kind, max_steps)
+    grid = out.with_name(f'{out.stem}-{name.replace(":", "-")}.png') if grids else None
+    result = evaluate_method(model, readout, kind, steps, cases, seed=seed, tuner=tuners[kind], grid_path=grid)
+    result['model'] = str(model_folder)
+    results[name] = result
+    atomic_write_bytes(out, [json.dumps(results, indent=2).encode()])
+    print(f'[e4t eval] {name}: identity {result["identity"]["mean"]:.3f} ± {result["identity"]["ci95"]:.3f}, '
+          f'prompt fidelity {result["prompt_fidelity"]["mean"]:.3f} ± {result["prompt_fidelity"]["ci95"]:.3f}, '
+          f'{result["tune_seconds_per_concept"]:.2f} s/concept, {result["bytes_per_concept"]:,} B/concept', flush=True)
+  return results
