@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from e4t_jax import __version__
-from e4t_jax.errors import E4TError
+from e4t_jax.errors import ConfigError, E4TError
 
 EXAMPLES = """examples:
   e4t demo                                         # end to end on the embedded model -> outputs/demo/
@@ -172,7 +172,7 @@ def _cmd_demo_train(args: argparse.Namespace) -> int:
   config = demo_train.DemoTrainConfig.smoke(seed=args.seed) if args.smoke else demo_train.DemoTrainConfig(
       seed=args.seed)
   if args.install and args.ablation:
-    raise E4TError('--install ships the main model only; train an ablation without --install.')
+    raise ConfigError('--install ships the main model only; train an ablation without --install.')
   demo_train.run(args.workdir, config, install_to=e4t_jax.DEMO_MODEL_DIR if args.install else None,
                  ablation=args.ablation)
   return 0

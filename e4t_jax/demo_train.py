@@ -78,9 +78,9 @@ class DemoTrainConfig:
   ema_decay: float = 0.998
   e4t_steps: int = 700
   e4t_batch: int = 16
-  e4t_lr: float = 3e-4
-  readout_steps: int = 1_500
-  readout_pool: int = 6_000
+  e4t_lr: float = 1e-3
+  readout_steps: int = 3_000
+  readout_pool: int = 16_000
   unet_channels: tuple[int, ...] = (48, 96)
 
   @classmethod
@@ -115,7 +115,11 @@ def e4t_config(ablation: str = '') -> model_lib.E4TConfig:
   """The demo's E4T settings; an ablation drops the weight offsets or the embedding regularizer."""
   if ablation not in ('', *ABLATIONS):
     raise ConfigError(f'ablation {ablation!r} is not one of {ABLATIONS}.')
+  # embedding_scale 1: the demo's text encoder is trained from scratch and its token embeddings have
+  # norm ~0.16 (CLIP's init), so the reference's s = 0.1 (sized for SD's CLIP) leaves w* stuck at the
+  # coarse word (a first run: |s f| ~ 0.001 after 700 steps).
   config = model_lib.E4TConfig(coarse_word=synthetic.COARSE_WORD, coarse_prompt='a {coarse}', tuning_prompt='a {}',
+                               embedding_scale=1.0,
                                encoder=EncoderConfig(hidden_dim=128, clip_layers=(-1, -2)),
                                offsets=OffsetsConfig(rank=4, targets=() if ablation == 'no_offsets' else
                                                      OffsetsConfig().targets))
@@ -361,6 +365,7 @@ def e4t_pretrain_config(config: DemoTrainConfig, ablation: str = ''):
   run.encoder.hidden_dim = 128
   run.encoder.clip_layers = (-1, -2)
   run.e4t.lambda_embedding = e4t_config(ablation).lambda_embedding
+  run.e4t.embedding_scale = e4t_config(ablation).embedding_scale
   run.offsets.targets = tuple(e4t_config(ablation).offsets.targets)
   run.optimizer.learning_rate = config.e4t_lr
   run.optimizer.warmup_steps = min(100, max(config.e4t_steps // 10, 1))

@@ -32,6 +32,10 @@ from e4t_jax.data import synthetic
 from e4t_jax.errors import InputError
 
 METHOD_KINDS = ('e4t', 'textual_inversion', 'dreambooth')
+# Reference rows that calibrate the scores: 'truth' scores the generator's own renders of the true
+# identity in the prompted contexts (the ceiling the read-out allows), 'coarse' renders the prompts with
+# the coarse word instead of a concept (the domain model alone: no personalization at all).
+REFERENCE_KINDS = ('truth', 'coarse')
 _ALIASES = {'ti': 'textual_inversion', 'db': 'dreambooth'}
 DEFAULT_METHODS = ('e4t:0', 'e4t:5', 'e4t:15', 'textual_inversion:5', 'textual_inversion:500', 'dreambooth:5',
                    'dreambooth:200')
@@ -71,9 +75,11 @@ def parse_method(text: str) -> tuple[str, int]:
   """'e4t:5' / 'ti:500' / 'dreambooth:200' -> (kind, steps)."""
   kind, _, steps = text.partition(':')
   kind = _ALIASES.get(kind.strip(), kind.strip())
+  if kind in REFERENCE_KINDS and not steps.strip():
+    return kind, 0
   if kind not in METHOD_KINDS or not steps.strip().isdigit():
     raise InputError(f'method {text!r} must look like KIND:STEPS with KIND one of {", ".join(METHOD_KINDS)} '
-                     '(or ti, db), e.g. e4t:5 or textual_inversion:500.')
+                     f'(or ti, db), e.g. e4t:5 or textual_inversion:500, or a reference: {", ".join(REFERENCE_KINDS)}.')
   return kind, int(steps)
 
 
@@ -84,7 +90,9 @@ class _Tuner:
     from e4t_jax import baselines, personalize  # pylint: disable=g-import-not-at-top
     self.model, self.kind = model, kind
     start = time.perf_counter()
-    if kind == 'e4t':
+    if kind in REFERENCE_KINDS:
+      self.fn = None
+    elif kind == 'e4t':
       self.fn = personalize.make_personalize_fn(model, num_steps=max_steps)
     elif kind == 'textual_inversion':
       self.fn = baselines.make_textual_inversion_fn(model, num_steps=max(max_steps, 1))
@@ -94,6 +102,8 @@ class _Tuner:
 
   def __call__(self, image: np.ndarray, prompt: str, key: jax.Array, steps: int):
     from e4t_jax import baselines  # pylint: disable=g-import-not-at-top
+    if self.kind in REFERENCE_KINDS:
+      return self.model, None
     if self.kind == 'dreambooth':
       unet_params, concept = self.fn(self.model.params, image, key, num_steps=steps, prompt=prompt)
       jax.block_until_ready(concept.embedding)
@@ -137,7 +147,12 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
     prompts = [c.template().format(placeholder) for c in case.contexts]
     identities += [case.identity] * len(prompts)
     contexts += list(case.contexts)
-    if tuned_model is model:
+    if kind == 'truth':
+      flush()
+      images.append(np.stack([synthetic.render(case.identity, c) for c in case.contexts]))
+    elif kind == 'coarse':
+      pending.append((model, None, [c.caption(model.config.coarse_word) for c in case.contexts]))
+    elif tuned_model is model:
       pending.append((model, concept, prompts))
       if sum(len(p) for _, _, p in pending) >= GENERATE_CHUNK:
         flush()
@@ -154,7 +169,8 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
   result = evaluate.evaluate_images(readout, images, identities, contexts)
   result.update(method=kind, steps=steps, identities=len(cases), images=int(len(images)),
                 tune_seconds_per_concept=float(np.median(tune_seconds)),
-                compile_seconds=round(tuner.compile_seconds, 2), bytes_per_concept=baselines.concept_bytes(kind, model))
+                compile_seconds=round(tuner.compile_seconds, 2),
+                bytes_per_concept=0 if kind in REFERENCE_KINDS else baselines.concept_bytes(kind, model))
   if grid_path is not None:
     shown = min(4, len(cases))
     tiles, labels = [], []
@@ -204,3 +220,55 @@ def run(model_dir: str | os.PathLike | None, out: str | os.PathLike, methods: Se
           f'prompt fidelity {result["prompt_fidelity"]["mean"]:.3f} ± {result["prompt_fidelity"]["ci95"]:.3f}, '
           f'{result["tune_seconds_per_concept"]:.2f} s/concept, {result["bytes_per_concept"]:,} B/concept', flush=True)
   return results
+
+
+# ----------------------------------------------------------------------------- report
+def markdown_table(results: dict[str, Any]) -> str:
+  """The results as a Markdown table (one row per method, in the order they were run)."""
+  rows = ['| method | tuning steps | identity ↑ | prompt fidelity ↑ | s / concept | bytes / concept |',
+          '| --- | ---: | ---: | ---: | ---: | ---: |']
+  for name, r in results.items():
+    rows.append(f'| {name.rsplit(":", 1)[0]} | {r["steps"]} | {r["identity"]["mean"]:.3f} ± {r["identity"]["ci95"]:.3f} '
+                f'| {r["prompt_fidelity"]["mean"]:.3f} ± {r["prompt_fidelity"]["ci95"]:.3f} '
+                f'| {r["tune_seconds_per_concept"]:.2f} | {r["bytes_per_concept"]:,} |')
+  first = next(iter(results.values()), None)
+  if first is not None:
+    chance = first['chance']
+    rows.append(f'| *chance (an unrelated identity / context)* | | {chance["identity"]:.3f} | '
+                f'{chance["prompt_fidelity"]:.3f} | | |')
+  return '\n'.join(rows)
+
+
+def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
+  """A bar chart (PNG, drawn with PIL): identity and prompt fidelity per method, with 95% intervals."""
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
+  from e4t_jax.data.images import encode_png  # pylint: disable=g-import-not-at-top
+  names = list(results)
+  row, label_w, bar_w, pad = 34, 250, 520, 12
+  height = pad * 2 + 40 + row * len(names) + 30
+  image = Image.new('RGB', (label_w + bar_w + 2 * pad + 60, height), 'white')
+  draw = ImageDraw.Draw(image)
+  font = ImageFont.load_default()
+  x0, y0 = pad + label_w, pad + 30
+  draw.text((pad, pad), 'identity (blue) and prompt fidelity (orange), mean ± 95% CI', fill='black', font=font)
+  for tick in range(0, 11, 2):
+    x = x0 + bar_w * tick / 10
+    draw.line([(x, y0 - 4), (x, y0 + row * len(names))], fill=(225, 225, 225))
+    draw.text((x - 8, y0 + row * len(names) + 4), f'{tick / 10:.1f}', fill='black', font=font)
+  chance = next(iter(results.values()))['chance']['identity'] if results else None
+  for i, name in enumerate(names):
+    r = results[name]
+    y = y0 + i * row
+    draw.text((pad, y + 10), f'{name}', fill='black', font=font)
+    for j, (key, color) in enumerate((('identity', (60, 110, 200)), ('prompt_fidelity', (235, 140, 40)))):
+      mean, ci = r[key]['mean'], r[key]['ci95']
+      top = y + 4 + j * 13
+      draw.rectangle([x0, top, x0 + bar_w * mean, top + 11], fill=color)
+      if np.isfinite(ci):
+        lo, hi = x0 + bar_w * max(mean - ci, 0), x0 + bar_w * min(mean + ci, 1)
+        draw.line([(lo, top + 5), (hi, top + 5)], fill='black', width=1)
+  if chance is not None:
+    x = x0 + bar_w * chance
+    draw.line([(x, y0 - 4), (x, y0 + row * len(names))], fill=(200, 0, 0), width=1)
+    draw.text((x + 3, y0 - 16), 'identity chance', fill=(200, 0, 0), font=font)
+  atomic_write_bytes(path, [encode_png(np.asarray(image))])

@@ -1,0 +1,68 @@
+"""`e4t demo-train` end to end at smoke size: every stage runs, a rerun resumes, the model folder loads,
+and the no-offsets ablation trains on the same base stages."""
+import json
+
+import numpy as np
+import pytest
+
+from e4t_jax import cli, demo_train
+
+
+def test_demo_train_smoke_every_stage_resume_and_ablation(tmp_path, capsys):
+  workdir = tmp_path / 'run'
+  assert cli.main(['demo-train', '--workdir', str(workdir), '--smoke']) == 0
+  model_dir = workdir / 'model'
+  for name in ('e4t.json', 'trainable.safetensors', 'readout.safetensors', 'training.json'):
+    assert (model_dir / name).is_file(), name
+  for stage in ('vae', 'vision', 't2i'):
+    assert (workdir / 'stages' / f'{stage}.json').is_file()
+
+  import e4t_jax
+  model = e4t_jax.load(model_dir)
+  assert model.config.tuning_prompt == 'a {}' and model.modules.image_size == 64
+  unet_config, vae_config, text_config, _ = demo_train.architecture(demo_train.DemoTrainConfig.smoke())
+  assert model.modules.unet.config == unet_config
+  assert model.modules.text_encoder.config == text_config
+  assert model.modules.tokenizer.model_max_length == demo_train.TEXT_LENGTH
+  # The frozen networks are stored in float16, the trained part in float32.
+  from e4t_jax.convert.common import read_safetensors
+  unet_file = read_safetensors(model_dir / 'base' / 'unet' / 'diffusion_pytorch_model.safetensors')
+  assert {v.dtype for v in unet_file.values()} == {np.dtype(np.float16)}
+  assert {v.dtype for v in read_safetensors(model_dir / 'trainable.safetensors').values()} == {np.dtype(np.float32)}
+
+  # A rerun skips every finished stage.
+  capsys.readouterr()
+  assert cli.main(['demo-train', '--workdir', str(workdir), '--smoke']) == 0
+  err = capsys.readouterr().err
+  for stage in ('vae', 'vision', 't2i'):
+    assert f'{stage}: done before' in err
+
+  # The ablation retrains only the E4T stage, without weight offsets.
+  assert cli.main(['demo-train', '--workdir', str(workdir), '--smoke', '--ablation', 'no_offsets']) == 0
+  ablated = e4t_jax.load(workdir / 'model-no_offsets')
+  assert ablated.params['weight_offsets'] == {}
+  assert ablated.modules.config.offsets.targets == ()
+  summary = json.loads((workdir / 'model-no_offsets' / 'training.json').read_text())
+  assert summary['bytes'] > 0
+
+
+def test_demo_train_refuses_installing_an_ablation(tmp_path, capsys):
+  code = cli.main(['demo-train', '--workdir', str(tmp_path), '--ablation', 'no_offsets', '--install'])
+  assert code == 2 and 'ships the main model only' in capsys.readouterr().err
+
+
+def test_e4t_config_rejects_unknown_ablation():
+  from e4t_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match='ablation'):
+    demo_train.e4t_config('no_encoder')
+
+
+def test_a_training_stage_is_deterministic():
+  config = demo_train.DemoTrainConfig.smoke(vision_steps=2)
+  pool = demo_train.render_pool(16, seed=0)
+  _, _, _, vision_config = demo_train.architecture(config)
+  first, _ = demo_train.train_vision(config, vision_config, pool)
+  second, _ = demo_train.train_vision(config, vision_config, pool)
+  import jax
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
