@@ -206,6 +206,9 @@ class _Stages:
     write_safetensors(self.dir / f'{name}.safetensors', {k: np.asarray(v) for k, v in flat.items()})
     atomic_write_bytes(self.dir / f'{name}.json', [json.dumps(summary, indent=2).encode()])
 
+  def load_summary(self, name: str) -> dict:
+    return json.loads((self.dir / f'{name}.json').read_text())
+
   def load(self, name: str) -> tuple[Any, dict]:
     params = traverse_util.unflatten_dict(
         {k: np.array(v) for k, v in read_safetensors(self.dir / f'{name}.safetensors').items()}, sep='/')
@@ -453,8 +456,9 @@ def run(workdir: str | os.PathLike, config: DemoTrainConfig = DemoTrainConfig(),
     model = build_model(config, vae_params, vae_summary, vision_params, t2i_params, ablation)
     run_config = e4t_pretrain_config(config, ablation)
     e4t_summary = timed('e4t', lambda: loop.train_and_evaluate(run_config, e4t_dir, model=model))
-    atomic_write_bytes(stages.dir / f'e4t{suffix}.json', [json.dumps(
-        {k: v for k, v in e4t_summary.items() if isinstance(v, (int, float, bool))}, indent=2).encode()])
+    e4t_summary = {k: v for k, v in e4t_summary.items() if isinstance(v, (int, float, bool))}
+    atomic_write_bytes(stages.dir / f'e4t{suffix}.json',
+                       [json.dumps(dict(e4t_summary, seconds=timings['e4t']), indent=2).encode()])
 
   from e4t_jax import evaluate  # pylint: disable=g-import-not-at-top
   readout_path = stages.dir / 'readout.safetensors'
@@ -462,6 +466,7 @@ def run(workdir: str | os.PathLike, config: DemoTrainConfig = DemoTrainConfig(),
     readout = timed('readout', lambda: evaluate.train_readout(
         num_steps=config.readout_steps, num_records=config.readout_pool, seed=config.seed))
     readout.save(readout_path)
+    atomic_write_bytes(stages.dir / 'readout.json', [json.dumps({'seconds': timings['readout']}).encode()])
 
   model = io_lib.load_model(e4t_dir / 'model')
   demo_config = dataclasses.replace(model.config, tuning_prompt=e4t_config(ablation).tuning_prompt)
@@ -474,9 +479,10 @@ def run(workdir: str | os.PathLike, config: DemoTrainConfig = DemoTrainConfig(),
   out = workdir / f'model{suffix}'
   io_lib.save_model(model_lib.E4TModel(model.modules, params), out)
   shutil.copyfile(readout_path, out / 'readout.safetensors')
-  previous = {}
-  if (out / 'training.json').is_file():
-    previous = json.loads((out / 'training.json').read_text()).get('stage_seconds', {})
+  previous = {}  # seconds of the stages finished by earlier invocations
+  for name in STAGES:
+    if stages.done(name):
+      previous[name] = stages.load_summary(name).get('seconds')
   summary = {'config': dataclasses.asdict(config), 'stage_seconds': {**previous, **timings},
              'bytes': sum(p.stat().st_size for p in out.rglob('*') if p.is_file())}
   atomic_write_bytes(out / 'training.json', [json.dumps(summary, indent=2).encode()])

@@ -178,7 +178,8 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
       tiles.append(synthetic.render(cases[i].identity, cases[i].input_context))
       labels.append('input')
       tiles += list(images[i * PROMPTS_PER_IDENTITY:(i + 1) * PROMPTS_PER_IDENTITY])
-      labels += [c.caption(placeholder) for c in cases[i].contexts]
+      subject = model.config.coarse_word if kind == 'coarse' else placeholder
+      labels += [('truth: ' if kind == 'truth' else '') + c.caption(subject) for c in cases[i].contexts]
     from e4t_jax.data.images import encode_png  # pylint: disable=g-import-not-at-top
     grid = generate_lib.make_grid(np.stack(tiles), labels, columns=1 + PROMPTS_PER_IDENTITY)
     atomic_write_bytes(grid_path, [encode_png(grid)])
