@@ -278,9 +278,15 @@ class PersonalizeFn:
 def enable_compilation_cache(cache_dir: str | os.PathLike) -> None:
   """Persistent XLA compilation cache: a new process skips most of the compile (process-wide)."""
   Path(cache_dir).mkdir(parents=True, exist_ok=True)
+  changed = jax.config.jax_compilation_cache_dir != str(cache_dir)
   jax.config.update('jax_compilation_cache_dir', str(cache_dir))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  if changed:
+    # JAX initializes its cache once per process, at the first compile: without a reset, a directory
+    # set after that (or changed) would be ignored silently.
+    from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+    compilation_cache.reset_cache()
 
 
 def make_personalize_fn(model: model_lib.E4TModel, num_steps: int = 5, *, tuning: TuningConfig | None = None,

@@ -212,7 +212,8 @@ def run(model_dir: str | os.PathLike | None, out: str | os.PathLike, methods: Se
     max_steps = max(s for k, s in parsed if k == kind)
     if kind not in tuners:
       tuners[kind] = _Tuner(model, kind, max_steps)
-    grid = out.with_name(f'{out.stem}-{name.replace(":", "-")}.png') if grids else None
+    slug = ''.join(c if c.isalnum() or c in '_.' else '-' for c in name)
+    grid = out.with_name(f'{out.stem}-{slug}.png') if grids else None
     result = evaluate_method(model, readout, kind, steps, cases, seed=seed, tuner=tuners[kind], grid_path=grid)
     result['model'] = str(model_folder)
     results[name] = result

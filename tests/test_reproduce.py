@@ -1,0 +1,39 @@
+"""`e4t eval`'s protocol: fixed, held-out, new contexts; method names parsed strictly; the report renders."""
+import pytest
+
+from e4t_jax import reproduce
+from e4t_jax.errors import InputError
+
+
+def test_protocol_is_deterministic_held_out_and_uses_new_contexts():
+  cases = reproduce.protocol(20, seed=3)
+  assert cases == reproduce.protocol(20, seed=3)
+  assert cases != reproduce.protocol(20, seed=4)
+  assert len({c.identity for c in cases}) == 20
+  for case in cases:
+    assert case.identity.is_heldout
+    assert len(case.contexts) == reproduce.PROMPTS_PER_IDENTITY
+    backgrounds = [c.background for c in case.contexts]
+    assert case.input_context.background not in backgrounds and len(set(backgrounds)) == len(backgrounds)
+
+
+@pytest.mark.parametrize('text, expected', [('e4t:5', ('e4t', 5)), ('ti:500', ('textual_inversion', 500)),
+                                            ('db:200', ('dreambooth', 200)), ('truth', ('truth', 0))])
+def test_parse_method(text, expected):
+  assert reproduce.parse_method(text) == expected
+
+
+@pytest.mark.parametrize('text', ['e4t', 'lora:5', 'ti:five', ''])
+def test_parse_method_rejects_bad_names(text):
+  with pytest.raises(InputError, match='KIND:STEPS'):
+    reproduce.parse_method(text)
+
+
+def test_markdown_table_and_plot(tmp_path):
+  summary = {'mean': 0.5, 'ci95': 0.1, 'n': 8}
+  row = {'steps': 5, 'identity': summary, 'prompt_fidelity': summary, 'tune_seconds_per_concept': 0.6,
+         'bytes_per_concept': 99072, 'chance': {'identity': 0.258, 'prompt_fidelity': 0.361}}
+  table = reproduce.markdown_table({'e4t:5': row, 'no-offsets/e4t:5': dict(row, bytes_per_concept=256)})
+  assert '| e4t | 5 | 0.500 ± 0.100 |' in table and '| no-offsets/e4t | 5 |' in table and '99,072' in table
+  reproduce.plot({'e4t:5': row}, tmp_path / 'scores.png')
+  assert (tmp_path / 'scores.png').stat().st_size > 0
