@@ -497,9 +497,3 @@ def run(workdir: str | os.PathLike, config: DemoTrainConfig = DemoTrainConfig(),
     _log(f'installed into {install_to}')
   return summary
 
-
-def check_config(config: DemoTrainConfig) -> None:
-  for field in dataclasses.fields(config):
-    value = getattr(config, field.name)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-      raise ConfigError(f'demo-train {field.name} must be >= 0, got {value}.')
