@@ -47,7 +47,8 @@ from e4t_jax.e4t.objective import masked_mse
 from e4t_jax.e4t.prompts import encode_prompt, token_embedding
 from e4t_jax.errors import CheckpointError, InputError
 from e4t_jax.models.vae import AutoencoderKL, scale_latents
-from e4t_jax.personalize import Concept, enable_compilation_cache, model_fingerprint, prepare_image
+from e4t_jax.personalize import (Concept, enable_compilation_cache, model_fingerprint, prepare_image,
+                                 tuning_prompt_ids)
 
 METHODS = ('e4t', 'textual_inversion', 'dreambooth')
 _BYTES_PER_FLOAT32 = 4
@@ -212,26 +213,6 @@ def default_caption(modules: model_lib.E4TModules) -> str:
   return getattr(modules.config, 'tuning_prompt', None) or 'a photo of {}'
 
 
-def caption_ids(modules: model_lib.E4TModules, prompt: str | Sequence[str], batch_size: int) -> np.ndarray:
-  """Tuning captions -> [batch_size, tokens] int32 ids; '{}' becomes the placeholder.
-
-  A single caption is used for every draw of a step; a sequence gives one caption per draw.
-  Raises InputError when a caption has no placeholder (or it is cut off at the context length):
-  tuning w* through a prompt without it would learn nothing.
-  """
-  prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
-  if len(prompts) != batch_size or not all(isinstance(p, str) for p in prompts):
-    raise InputError(f'pass one tuning caption or {batch_size} (one per draw of a step), got {prompt!r}.')
-  placeholder = modules.config.placeholder
-  texts = [p.replace('{}', placeholder) for p in prompts]
-  ids = modules.tokenize(texts)
-  for text, row in zip(texts, ids):
-    if not np.any(row == modules.placeholder_id):
-      raise InputError(f'tuning caption {text[:60]!r} has no placeholder (write {{}} or {placeholder!r}), '
-                       'or it was cut off at the text encoder\'s context length.')
-  return ids
-
-
 def zero_offsets(model: model_lib.E4TModel) -> dict:
   """Weight offsets shaped like the model's, all zero: with them the U-Net is exactly the base one."""
   return jax.tree.map(lambda x: np.zeros(np.shape(x), np.float32), model.params['weight_offsets'])
@@ -282,7 +263,7 @@ class _BaselineFn:
       raise InputError(f'num_steps={steps}: this function was compiled for at most {self.config.num_steps} steps.')
     if prompt is None:
       prompt = default_caption(self.model.modules) if self.config.prompt is None else self.config.prompt
-    ids = caption_ids(self.model.modules, prompt, self.config.batch_size)
+    ids = tuning_prompt_ids(self.model.modules, prompt, self.config.batch_size)
     pixels = prepare_image(image, self.model.modules.image_size)
     key = self._default_key if rng is None else rng
     trainable, losses, steps_run, healthy = self.compiled(_sd_params(params), pixels, key, np.int32(steps), ids)
@@ -465,7 +446,7 @@ def fixed_noise_loss(model: model_lib.E4TModel, image: Any, concept: Concept | n
     raise CheckpointError('the concept\'s weight offsets do not fit this model\'s U-Net.')
   total = m.schedule.num_train_timesteps
   timesteps = ((np.arange(num_draws) + 0.5) * total / num_draws).astype(np.int32)
-  ids = caption_ids(m, default_caption(m) if prompt is None else prompt, num_draws)
+  ids = tuning_prompt_ids(m, default_caption(m) if prompt is None else prompt, num_draws)
   pixels = prepare_image(image, m.image_size)
   loss = _eval_program(m)(_sd_params(model.params), offsets, pixels, ids, jnp.asarray(embedding, jnp.float32),
                           jax.random.key(seed), timesteps)

@@ -44,8 +44,8 @@ def _load_model(path: str | None):
 
 
 def _progress(iterable, total: int, desc: str):
-  from tqdm import tqdm
-  return tqdm(iterable, total=total, desc=desc, unit='img', disable=not sys.stderr.isatty())
+  from e4t_jax.progress import progress_bar
+  return progress_bar(total, desc, 'img', iterable=iterable, tty_only=True)
 
 
 def _cmd_personalize(args: argparse.Namespace) -> int:

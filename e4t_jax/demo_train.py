@@ -9,14 +9,19 @@ architecture classes as Stable Diffusion (only the sizes differ):
   3. vision   a CLIP vision transformer, pretrained by predicting the generator's attributes (like a
               supervised ViT); E4T reads its hidden states
   4. t2i      the U-Net and CLIP text encoder, jointly, from scratch: epsilon-prediction on the VAE
-              latents, captions dropped 10% of the time (classifier-free guidance), EMA weights
+              latents, EMA weights. 3 captions in 4 also put the identity into words ("a small round
+              lilac face with green dot eyes, ... on a blue background"), as Stable Diffusion's
+              captions describe looks: the base model learns to draw faces it is told about, and the
+              word-embedding space learns to hold identities, which is what E4T and textual inversion
+              build on. Captions are dropped 10% of the time (classifier-free guidance). Prompts for
+              personalization and evaluation never describe the identity.
   5. e4t      E4T domain pretraining on top (`train.loop.train_and_evaluate`, the same code as a pod run):
               the encoder and the weight offsets, prompts = the images' captions with the placeholder
   6. readout  the evaluation judge (`e4t_jax.evaluate`), a separate CNN trained on other records
 
-Each stage writes its result under `workdir/stages/` when it finishes; running the command again
-skips finished stages (and the E4T stage resumes from its checkpoints), so an interrupted run loses at
-most one stage. The model folder is written to `workdir/model/` (and, with `--install`, copied into the
+Each stage writes its result under `workdir/stages/` when it finishes, and checkpoints its whole
+training state every 250 steps while it runs; running the command again skips finished stages and
+resumes the interrupted one (bit-equal to an uninterrupted run), so an interruption loses minutes. The model folder is written to `workdir/model/` (and, with `--install`, copied into the
 package as `e4t_jax/assets/demo_model/`, which `e4t_jax.load_demo()` reads).
 """
 from __future__ import annotations
@@ -51,10 +56,11 @@ from e4t_jax.models.clip import (CLIPTextConfig, CLIPTextTransformer, CLIPVision
 from e4t_jax.models.layers import host_init
 from e4t_jax.models.unet import CROSS_ATTN_DOWN, CROSS_ATTN_UP, UNet, UNetConfig
 from e4t_jax.models.vae import AutoencoderKL, VAEConfig
+from e4t_jax.progress import progress_bar
 from e4t_jax.tokenizer import CLIPTokenizer
 
 STAGES = ('pool', 'vae', 'vision', 't2i', 'e4t', 'readout')
-TEXT_LENGTH = 16  # tokens; the longest caption is 13 with the placeholder
+TEXT_LENGTH = 40  # tokens; the longest caption (identity in words + context) is 33 with bos/eos
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -71,10 +77,11 @@ class DemoTrainConfig:
   vision_steps: int = 600
   vision_batch: int = 64
   vision_lr: float = 1e-3
-  t2i_steps: int = 2_500
+  t2i_steps: int = 4_000
   t2i_batch: int = 24
   t2i_lr: float = 5e-4
   caption_dropout: float = 0.1
+  identity_caption_rate: float = 0.75  # base captions that also put the identity into words
   ema_decay: float = 0.998
   e4t_steps: int = 700
   e4t_batch: int = 16
@@ -137,14 +144,6 @@ def _log(message: str) -> None:
   print(f'[demo-train] {message}', file=sys.stderr, flush=True)
 
 
-def _progress(total: int, desc: str):
-  try:
-    import tqdm  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  return tqdm.tqdm(total=total, desc=desc, unit='step', dynamic_ncols=True, file=sys.stderr)
-
-
 def _init(module: nn.Module, seed: int, *inputs) -> dict:
   shapes = jax.eval_shape(module.init, jax.random.key(seed), *inputs)['params']
   return nn.meta.unbox(host_init(shapes, seed=seed))
@@ -157,38 +156,64 @@ def _adamw(lr: float, steps: int, warmup: int = 100, weight_decay: float = 1e-4)
 
 
 def fit(loss_fn: Callable[[Any, dict, jax.Array], jax.Array], params: Any, batches: Callable[[int], dict], *,
-        steps: int, lr: float, seed: int, desc: str, ema_decay: float = 0.0) -> tuple[Any, list[float]]:
+        steps: int, lr: float, seed: int, desc: str, ema_decay: float = 0.0, checkpoint: Path | None = None,
+        checkpoint_every: int = 250) -> tuple[Any, list[float]]:
   """Adam(W) with warm-up + cosine decay on `loss_fn(params, batch, key)`; one jitted step.
 
-  Returns (params, or their EMA when ema_decay > 0; the loss every step).
+  ema_decay: keep an exponential moving average of the params, with the usual warm-up
+    (decay min(ema_decay, (1 + t) / (10 + t)) at step t, so that the random init is forgotten early).
+  checkpoint: a file where the whole state (params, EMA, optimizer, step, losses) is saved atomically
+    every `checkpoint_every` steps; a run that finds it resumes from it, bit-equal to an uninterrupted
+    run (batches and keys depend on the step only). It is deleted when the run finishes.
+  Returns (params, or their EMA when ema_decay > 0; the loss every 25 steps).
   """
   optimizer = _adamw(lr, steps)
 
   @jax.jit
-  def step(params, ema, opt_state, batch, key):
+  def step(params, ema, opt_state, batch, key, t):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     if ema_decay:
-      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+      decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+      ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
     return params, ema, opt_state, loss
 
-  opt_state = optimizer.init(params)
-  ema = params if ema_decay else None
+  state = (params, params if ema_decay else None, optimizer.init(params))
+  start, losses = 0, []
+  if checkpoint is not None and checkpoint.is_file():
+    with np.load(checkpoint) as stored:
+      leaves = [stored[f'leaf_{k}'] for k in range(int(stored['num_leaves']))]
+      start, losses = int(stored['step']), [(int(i), float(v)) for i, v in stored['losses']]
+    treedef = jax.tree.structure(state)
+    if treedef.num_leaves != len(leaves):
+      raise ConfigError(f'{checkpoint} holds another run\'s state ({len(leaves)} arrays, this run has '
+                        f'{treedef.num_leaves}); delete it to start over.')
+    state = jax.tree.unflatten(treedef, [jnp.asarray(leaf) for leaf in leaves])
+    _log(f'{desc}: resuming at step {start} from {checkpoint}')
+  params, ema, opt_state = state
   base_key = jax.random.key(seed)
-  losses = []
-  progress = _progress(steps, desc)
-  for i in range(steps):
-    params, ema, opt_state, loss = step(params, ema, opt_state, batches(i), jax.random.fold_in(base_key, i))
-    if i % 25 == 0 or i == steps - 1:
-      losses.append((i, float(loss)))
-      if progress is not None:
+  with progress_bar(steps, desc, initial=start) as progress:
+    for i in range(start, steps):
+      params, ema, opt_state, loss = step(params, ema, opt_state, batches(i), jax.random.fold_in(base_key, i),
+                                          jnp.float32(i))
+      if i % 25 == 0 or i == steps - 1:
+        losses.append((i, float(loss)))
         progress.set_postfix(loss=f'{losses[-1][1]:.4f}')
-    if progress is not None:
       progress.update(1)
-  if progress is not None:
-    progress.close()
+      if checkpoint is not None and (i + 1) % checkpoint_every == 0 and i + 1 < steps:
+        _save_fit_state(checkpoint, (params, ema, opt_state), i + 1, losses)
+  if checkpoint is not None:
+    checkpoint.unlink(missing_ok=True)
   return (ema if ema_decay else params), losses
+
+
+def _save_fit_state(path: Path, state: Any, step: int, losses: list) -> None:
+  leaves = jax.device_get(jax.tree.leaves(state))
+  tmp = path.with_name(path.name + '.tmp.npz')
+  np.savez(tmp, num_leaves=len(leaves), step=step, losses=np.asarray(losses, np.float64).reshape(-1, 2),
+           **{f'leaf_{k}': np.asarray(leaf) for k, leaf in enumerate(leaves)})
+  os.replace(tmp, path)
 
 
 class _Stages:
@@ -217,23 +242,15 @@ class _Stages:
 
 # ----------------------------------------------------------------------------- stage 1: the data pool
 def render_pool(size: int, seed: int) -> dict[str, np.ndarray]:
-  source = synthetic.SyntheticFaces(size, seed=seed)
-  images = np.empty((size, synthetic.IMAGE_SIZE, synthetic.IMAGE_SIZE, 3), np.uint8)
-  identity = np.empty((size, len(synthetic.IDENTITY_ATTRIBUTES)), np.int32)
-  context = np.empty((size, len(synthetic.CONTEXT_ATTRIBUTES)), np.int32)
-  progress = _progress(size, 'render pool')
-  for i in range(size):
-    record = source[i]
-    images[i], identity[i], context[i] = record['image'], record['identity'], record['context']
-    if progress is not None and i % 256 == 255:
-      progress.update(256)
-  if progress is not None:
-    progress.close()
-  return {'images': images, 'identity': identity, 'context': context}
+  return synthetic.SyntheticFaces(size, seed=seed).render_all(progress='render pool')
 
 
-def _captions(context: np.ndarray, subject: str) -> list[str]:
-  return [synthetic.Context.from_array(c).caption(subject) for c in context]
+def _captions(context: np.ndarray, subject: str, identity: np.ndarray | None = None) -> list[str]:
+  """Context captions; with `identity`, the subject is the identity in words (`Identity.words`)."""
+  if identity is None:
+    return [synthetic.Context.from_array(c).caption(subject) for c in context]
+  return [synthetic.Context.from_array(c).caption(synthetic.Identity.from_array(i).words(subject))
+          for c, i in zip(context, identity)]
 
 
 def _to_unit(images: np.ndarray) -> np.ndarray:
@@ -245,7 +262,8 @@ def _batch_indices(pool_size: int, batch: int, seed: int, salt: int) -> Callable
 
 
 # ----------------------------------------------------------------------------- stage 2: VAE
-def train_vae(config: DemoTrainConfig, vae_config: VAEConfig, pool: dict) -> tuple[dict, dict]:
+def train_vae(config: DemoTrainConfig, vae_config: VAEConfig, pool: dict,
+              checkpoint: Path | None = None) -> tuple[dict, dict]:
   vae = AutoencoderKL(vae_config)
   params = _init(vae, config.seed + 2, jnp.zeros((1, 4, 4, 3)))
   pick = _batch_indices(len(pool['images']), config.vae_batch, config.seed, 2)
@@ -268,7 +286,7 @@ def train_vae(config: DemoTrainConfig, vae_config: VAEConfig, pool: dict) -> tup
     return {'images': _to_unit(pool['images'][pick(i), top:top + crop, left:left + crop])}
 
   params, losses = fit(loss_fn, params, batches, steps=config.vae_steps, lr=config.vae_lr, seed=config.seed + 2,
-                       desc='vae')
+                       desc='vae', checkpoint=checkpoint)
   # The latent scale: 1 / std of the posterior means over the pool (SD's scaling_factor is the same).
   encode = jax.jit(lambda p, x: vae.apply({'params': p}, x, method=AutoencoderKL.encode).mean)
   sample = np.concatenate([np.asarray(encode(params, _to_unit(pool['images'][i:i + 256])))
@@ -300,7 +318,8 @@ class _AttributeHeads(nn.Module):
     return [nn.Dense(len(choices), name=f'head_{name}')(pooled) for name, choices in names]
 
 
-def train_vision(config: DemoTrainConfig, vision_config: CLIPVisionConfig, pool: dict) -> tuple[dict, dict]:
+def train_vision(config: DemoTrainConfig, vision_config: CLIPVisionConfig, pool: dict,
+                 checkpoint: Path | None = None) -> tuple[dict, dict]:
   model = _AttributeHeads(CLIPVisionTransformer(vision_config, with_projection=False))
   size = vision_config.image_size
   params = _init(model, config.seed + 3, jnp.zeros((1, size, size, 3)))
@@ -319,18 +338,19 @@ def train_vision(config: DemoTrainConfig, vision_config: CLIPVisionConfig, pool:
     return {'images': _to_unit(pool['images'][index]), 'labels': labels[index]}
 
   params, losses = fit(loss_fn, params, batches, steps=config.vision_steps, lr=config.vision_lr,
-                       seed=config.seed + 3, desc='vision')
+                       seed=config.seed + 3, desc='vision', checkpoint=checkpoint)
   return params['vision'], {'losses': losses}
 
 
 # ----------------------------------------------------------------------------- stage 4: text-to-image
 def train_t2i(config: DemoTrainConfig, unet_config: UNetConfig, text_config: CLIPTextConfig, latents: tuple,
-              pool: dict, scaling_factor: float) -> tuple[dict, dict]:
+              pool: dict, scaling_factor: float, checkpoint: Path | None = None) -> tuple[dict, dict]:
   unet, text = UNet(unet_config), CLIPTextTransformer(text_config)
   params = {'unet': _init(unet, config.seed + 4, *unet_lib.init_inputs(unet_config)),
             'text_encoder': _init(text, config.seed + 5, jnp.zeros((1, 1), jnp.int32))}
   tokenizer = demo_tokenizer()
   caption_ids = np.asarray(tokenizer(_captions(pool['context'], synthetic.COARSE_WORD)), np.int32)
+  described_ids = np.asarray(tokenizer(_captions(pool['context'], synthetic.COARSE_WORD, pool['identity'])), np.int32)
   empty_ids = np.asarray(tokenizer(['']), np.int32)[0]
   schedule = schedule_lib.NoiseSchedule.from_config(SD1_SCHEDULER_CONFIG)
   means, stds = latents
@@ -347,13 +367,15 @@ def train_t2i(config: DemoTrainConfig, unet_config: UNetConfig, text_config: CLI
 
   def batches(i):
     index = pick(i)
-    ids = caption_ids[index].copy()
-    drop = np.random.default_rng([config.seed, 44, i]).random(len(index)) < config.caption_dropout
-    ids[drop] = empty_ids
+    rng = np.random.default_rng([config.seed, 44, i])
+    described = rng.random(len(index)) < config.identity_caption_rate
+    ids = np.where(described[:, None], described_ids[index], caption_ids[index])
+    ids[rng.random(len(index)) < config.caption_dropout] = empty_ids
     return {'mean': means[index], 'std': stds[index], 'input_ids': ids}
 
   params, losses = fit(loss_fn, params, batches, steps=config.t2i_steps, lr=config.t2i_lr, seed=config.seed + 4,
-                       desc='text-to-image', ema_decay=config.ema_decay)
+                       desc='text-to-image', ema_decay=config.ema_decay,
+                       checkpoint=checkpoint)
   return params, {'losses': losses}
 
 
@@ -440,13 +462,14 @@ def run(workdir: str | os.PathLike, config: DemoTrainConfig = DemoTrainConfig(),
     stages.save(name, params, summary)
     return params, summary
 
-  vae_params, vae_summary = stage('vae', lambda: train_vae(config, vae_config, pool))
-  vision_params, _ = stage('vision', lambda: train_vision(config, vision_config, pool))
+  state = lambda name: stages.dir / f'{name}.state.npz'  # mid-stage checkpoints, deleted when a stage ends
+  vae_params, vae_summary = stage('vae', lambda: train_vae(config, vae_config, pool, state('vae')))
+  vision_params, _ = stage('vision', lambda: train_vision(config, vision_config, pool, state('vision')))
 
   def t2i():
     vae = AutoencoderKL(vae_config)
     latents = encode_pool(vae, vae_params, pool['images'])
-    return train_t2i(config, unet_config, text_config, latents, pool, vae_summary['scaling_factor'])
+    return train_t2i(config, unet_config, text_config, latents, pool, vae_summary['scaling_factor'], state('t2i'))
 
   t2i_params, _ = stage('t2i', t2i)
 

@@ -29,7 +29,6 @@ import functools
 import json
 import os
 import struct
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -45,6 +44,7 @@ from e4t_jax.convert.common import read_safetensors, safetensors_metadata, write
 from e4t_jax.data.synthetic import (BACKGROUNDS, CONTEXT_ATTRIBUTES, IDENTITY_ATTRIBUTES, IMAGE_SIZE, Context,
                                     Identity, SyntheticFaces)
 from e4t_jax.errors import CheckpointError, ConversionError, InputError
+from e4t_jax.progress import progress_bar
 
 FORMAT = 'e4t_jax.readout/1'
 #: Every attribute the read-out predicts, in head order: identity first, then context.
@@ -235,23 +235,9 @@ def _augment(key: jax.Array, images: jax.Array, degrade_fraction: float = 0.5) -
 
 
 def _render_pool(records: SyntheticFaces, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-  images = np.empty((len(records), records.size, records.size, 3), np.uint8)
-  labels = np.empty((len(records), len(ATTRIBUTES)), np.int32)
-  bar = _progress(len(records), 'render read-out pool', 'img') if progress else None
-  for i in range(len(records)):
-    record = records[i]
-    images[i] = record['image']
-    labels[i] = np.concatenate([record['identity'], record['context']])
-    if bar is not None:
-      bar.update(1)
-  if bar is not None:
-    bar.close()
-  return images, labels
-
-
-def _progress(total: int, desc: str, unit: str):
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
+  """(images, labels [n, identity + context attributes])."""
+  arrays = records.render_all(progress='render read-out pool' if progress else None)
+  return arrays['images'], np.concatenate([arrays['identity'], arrays['context']], axis=1)
 
 
 def _check_positive(name: str, value: Any) -> int:
@@ -355,15 +341,12 @@ def train_readout(num_steps: int = 3000, batch_size: int = 64, seed: int = 0, nu
   optimizer, train_step = _training_program(module, batch_size, float(learning_rate), num_steps, bool(augment))
   opt_state = optimizer.init(params)
 
-  bar = _progress(num_steps, 'train read-out', 'step') if progress else None
-  for step in range(num_steps):
-    params, opt_state, loss = train_step(params, opt_state, jnp.int32(step), train_key, pool_images, pool_labels)
-    if bar is not None:
+  with progress_bar(num_steps, 'train read-out', enabled=progress) as bar:
+    for step in range(num_steps):
+      params, opt_state, loss = train_step(params, opt_state, jnp.int32(step), train_key, pool_images, pool_labels)
       bar.update(1)
-      if step % 50 == 0 or step == num_steps - 1:
+      if progress and (step % 50 == 0 or step == num_steps - 1):
         bar.set_postfix(loss=f'{float(loss):.3f}')
-  if bar is not None:
-    bar.close()
   return ReadoutModel(module, jax.device_get(params))
 
 

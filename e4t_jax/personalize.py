@@ -195,12 +195,29 @@ def tuning_prompt(modules: model_lib.E4TModules, tuning: TuningConfig) -> str:
   return modules.config.tuning_prompt if tuning.prompt is None else tuning.prompt
 
 
-def tuning_prompt_ids(modules: model_lib.E4TModules, prompt: str) -> np.ndarray:
-  """'a {} on a red background' -> [1, tokens] int32 ids with the placeholder where '{}' is."""
-  if not isinstance(prompt, str) or prompt.count('{}') != 1:
-    raise InputError(f'tuning prompt {prompt!r} must contain "{{}}" exactly once, where the concept goes '
-                     '(e.g. "a photo of {}").')
-  return modules.tokenize([prompt.replace('{}', modules.config.placeholder)])
+def tuning_prompt_ids(modules: model_lib.E4TModules, prompt: str | Sequence[str], batch_size: int = 1) -> np.ndarray:
+  """Tuning captions -> [batch_size, tokens] int32 ids; '{}' becomes the placeholder.
+
+  'a {} on a red background' (or the placeholder itself written out) serves every row; a sequence gives
+  one caption per row. Raises InputError for a caption with no place for the concept, or with the
+  placeholder cut off at the text encoder's context length: tuning w* through it would learn nothing.
+  """
+  prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
+  if len(prompts) != batch_size or not all(isinstance(p, str) for p in prompts):
+    raise InputError(f'pass one tuning caption or {batch_size} (one per draw of a step), got {prompt!r}.')
+  placeholder = modules.config.placeholder
+  for p in prompts:
+    if p.count('{}') > 1:
+      raise InputError(f'tuning prompt {p!r} must contain "{{}}" once, where the concept goes '
+                       '(e.g. "a photo of {}").')
+  texts = [p.replace('{}', placeholder) for p in prompts]
+  ids = modules.tokenize(texts)
+  for text, row in zip(texts, ids):
+    if not np.any(row == modules.placeholder_id):
+      raise InputError(f'tuning prompt {text[:60]!r} has no placeholder (write {{}} where the concept goes, '
+                       f'e.g. "a photo of {{}}", or {placeholder!r}), or it was cut off at the text encoder\'s '
+                       'context length.')
+  return ids
 
 
 def prepare_image(image: Any, size: int, source: str = 'image') -> np.ndarray:

@@ -30,12 +30,16 @@ import numpy as np
 from e4t_jax.convert.common import atomic_write_bytes
 from e4t_jax.data import synthetic
 from e4t_jax.errors import InputError
+from e4t_jax.progress import progress_bar
 
 METHOD_KINDS = ('e4t', 'textual_inversion', 'dreambooth')
 # Reference rows that calibrate the scores: 'truth' scores the generator's own renders of the true
 # identity in the prompted contexts (the ceiling the read-out allows), 'coarse' renders the prompts with
-# the coarse word instead of a concept (the domain model alone: no personalization at all).
-REFERENCE_KINDS = ('truth', 'coarse')
+# the coarse word instead of a concept (the domain model alone: no personalization at all),
+# 'described' renders them with the identity put into words instead ("a small round lilac face with green
+# dot eyes, ... on a blue background"): what the base model draws when told who it is, the ceiling of a
+# concept that lives in one word embedding.
+REFERENCE_KINDS = ('truth', 'described', 'coarse')
 _ALIASES = {'ti': 'textual_inversion', 'db': 'dreambooth'}
 DEFAULT_METHODS = ('e4t:0', 'e4t:5', 'e4t:15', 'textual_inversion:5', 'textual_inversion:500', 'dreambooth:5',
                    'dreambooth:200')
@@ -113,6 +117,12 @@ class _Tuner:
     return self.model, concept
 
 
+def _reference_prompt(kind: str, model, identity: synthetic.Identity, context: synthetic.Context) -> str:
+  """The prompt of a 'coarse' or 'described' reference image (no concept)."""
+  coarse = model.config.coarse_word
+  return context.caption(identity.words(coarse) if kind == 'described' else coarse)
+
+
 def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case], *, seed: int = 0,
                     tuner: _Tuner | None = None, grid_path: str | os.PathLike | None = None,
                     progress: bool = True) -> dict[str, Any]:
@@ -120,13 +130,7 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
   from e4t_jax import baselines, evaluate, generate as generate_lib  # pylint: disable=g-import-not-at-top
   tuner = tuner or _Tuner(model, kind, steps)
   placeholder = model.config.placeholder
-  bar = None
-  if progress:
-    try:
-      import tqdm  # pylint: disable=g-import-not-at-top
-      bar = tqdm.tqdm(total=len(cases), desc=f'{kind}:{steps}', unit='concept', dynamic_ncols=True)
-    except ImportError:
-      pass
+  bar = progress_bar(len(cases), f'{kind}:{steps}', 'concept', enabled=progress)
   images, identities, contexts, tune_seconds = [], [], [], []
   pending: list[tuple[Any, Any, list[str]]] = []  # shared-model concepts rendered in batches
 
@@ -150,8 +154,8 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
     if kind == 'truth':
       flush()
       images.append(np.stack([synthetic.render(case.identity, c) for c in case.contexts]))
-    elif kind == 'coarse':
-      pending.append((model, None, [c.caption(model.config.coarse_word) for c in case.contexts]))
+    elif kind in ('coarse', 'described'):
+      pending.append((model, None, [_reference_prompt(kind, model, case.identity, c) for c in case.contexts]))
     elif tuned_model is model:
       pending.append((model, concept, prompts))
       if sum(len(p) for _, _, p in pending) >= GENERATE_CHUNK:
@@ -160,11 +164,9 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
       flush()
       pending.append((tuned_model, concept, prompts))
       flush()
-    if bar is not None:
-      bar.update(1)
+    bar.update(1)
   flush()
-  if bar is not None:
-    bar.close()
+  bar.close()
   images = np.concatenate(images)
   result = evaluate.evaluate_images(readout, images, identities, contexts)
   result.update(method=kind, steps=steps, identities=len(cases), images=int(len(images)),
@@ -178,8 +180,8 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
       tiles.append(synthetic.render(cases[i].identity, cases[i].input_context))
       labels.append('input')
       tiles += list(images[i * PROMPTS_PER_IDENTITY:(i + 1) * PROMPTS_PER_IDENTITY])
-      subject = model.config.coarse_word if kind == 'coarse' else placeholder
-      labels += [('truth: ' if kind == 'truth' else '') + c.caption(subject) for c in cases[i].contexts]
+      labels += [_reference_prompt(kind, model, cases[i].identity, c) if kind in ('coarse', 'described') else
+                 ('truth: ' if kind == 'truth' else '') + c.caption(placeholder) for c in cases[i].contexts]
     from e4t_jax.data.images import encode_png  # pylint: disable=g-import-not-at-top
     grid = generate_lib.make_grid(np.stack(tiles), labels, columns=1 + PROMPTS_PER_IDENTITY)
     atomic_write_bytes(grid_path, [encode_png(grid)])

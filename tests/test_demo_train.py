@@ -66,3 +66,32 @@ def test_a_training_stage_is_deterministic():
   import jax
   for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_an_interrupted_stage_resumes_bit_equal_from_its_checkpoint(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  target = np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(3, 4)
+
+  def loss_fn(params, batch, key):
+    noise = 0.1 * jax.random.normal(key, (batch['x'].shape[0], 4))
+    return jnp.mean((batch['x'] @ params['w'] + noise - batch['x'] @ target) ** 2)
+
+  def batches(step, fail_at=None):
+    if step == fail_at:
+      raise KeyboardInterrupt
+    return {'x': np.random.default_rng(step).normal(size=(8, 3)).astype(np.float32)}
+
+  run = lambda batch_fn, checkpoint=None: demo_train.fit(
+      loss_fn, {'w': np.zeros((3, 4), np.float32)}, batch_fn, steps=7, lr=0.1, seed=0, desc='t', ema_decay=0.9,
+      checkpoint=checkpoint, checkpoint_every=2)
+  expected, expected_losses = run(batches)
+  path = tmp_path / 'stage.state.npz'
+  with pytest.raises(KeyboardInterrupt):
+    run(lambda i: batches(i, fail_at=5), path)
+  with np.load(path) as stored:
+    assert int(stored['step']) == 4
+  resumed, losses = run(batches, path)
+  np.testing.assert_array_equal(np.asarray(resumed['w']), np.asarray(expected['w']))
+  assert losses == expected_losses and not path.exists()
+  assert not np.array_equal(np.asarray(expected['w']), np.zeros((3, 4)))

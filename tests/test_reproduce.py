@@ -1,7 +1,8 @@
 """`e4t eval`'s protocol: fixed, held-out, new contexts; method names parsed strictly; the report renders."""
 import pytest
 
-from e4t_jax import reproduce
+import e4t_jax
+from e4t_jax import evaluate, reproduce
 from e4t_jax.errors import InputError
 
 
@@ -37,3 +38,19 @@ def test_markdown_table_and_plot(tmp_path):
   assert '| e4t | 5 | 0.500 ± 0.100 |' in table and '| no-offsets/e4t | 5 |' in table and '99,072' in table
   reproduce.plot({'e4t:5': row}, tmp_path / 'scores.png')
   assert (tmp_path / 'scores.png').stat().st_size > 0
+
+
+@pytest.mark.skipif(not (e4t_jax.DEMO_MODEL_DIR / 'e4t.json').is_file(), reason='the demo model is not installed')
+def test_evaluate_method_scores_references_and_e4t_on_the_demo_model(tmp_path):
+  model = e4t_jax.load_demo()
+  readout = evaluate.ReadoutModel.load(e4t_jax.DEMO_MODEL_DIR / 'readout.safetensors')
+  cases = reproduce.protocol(2, seed=0)
+  results = {}
+  for kind, steps in [('truth', 0), ('described', 0), ('coarse', 0), ('e4t', 1)]:
+    results[kind] = reproduce.evaluate_method(model, readout, kind, steps, cases, grid_path=tmp_path / f'{kind}.png',
+                                              progress=False)
+    assert results[kind]['images'] == 2 * reproduce.PROMPTS_PER_IDENTITY
+    assert (tmp_path / f'{kind}.png').stat().st_size > 0
+  assert results['truth']['identity']['mean'] >= 0.9  # the generator's own renders
+  assert results['e4t']['bytes_per_concept'] > 0 and results['coarse']['bytes_per_concept'] == 0
+  assert 0.0 <= results['described']['prompt_fidelity']['mean'] <= 1.0

@@ -115,3 +115,26 @@ def test_identity_is_hashable_and_frozen():
     identity.head = 1  # type: ignore[misc]
   assert len({identity, Identity(0, 0, 0, 0, 0, 0, 0, 0, 0)}) == 1
   assert synthetic.COARSE_WORD == 'face'
+
+
+def test_identity_words_name_every_attribute_and_tell_identities_apart():
+  rng = np.random.default_rng(0)
+  identities = {sample_identity(rng) for _ in range(400)}
+  words = {i.words() for i in identities}
+  assert len(words) == len(identities)  # injective: the base model's captions can say who it is
+  identity = Identity(head=0, skin=6, eyes=1, eye_color=2, ears=2, hair=2, hair_color=4, mouth=0, marking=3)
+  assert identity.words('face') == ('round lilac face with green oval eyes, pointy ears, blue spikes, a smile '
+                                    'and freckles')
+  plain = dataclasses.replace(identity, ears=0, hair=0, marking=0)
+  assert plain.words('<e4t>') == 'round lilac <e4t> with green oval eyes, no hair and a smile'
+  assert Context().caption(plain.words()).startswith('a round lilac face with ')
+
+
+def test_render_all_matches_the_records():
+  source = SyntheticFaces(6, size=32, seed=9)
+  arrays = source.render_all()
+  for i in range(6):
+    record = source[i]
+    assert np.array_equal(arrays['images'][i], record['image'])
+    assert np.array_equal(arrays['identity'][i], record['identity'])
+    assert np.array_equal(arrays['context'][i], record['context'])

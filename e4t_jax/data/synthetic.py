@@ -4,8 +4,9 @@ Every image is drawn from two sets of discrete attributes:
   * identity (stays with a concept): head shape, skin colour, eye style, eye colour, ears, hair style,
     hair colour, mouth, cheek marking -- 4*8*3*6*3*3*6*3*4 = 186,624 combinations;
   * context (what prompts control): background colour, accessory, size.
-Captions name the context and never the identity ("a small face on a blue background wearing a hat");
-the coarse word is "face". Identities are split for good: a fixed 1/8 of the combination space (by a
+Record captions name the context and never the identity ("a small face on a blue background wearing a
+hat"); `Identity.words` puts an identity into words for the base model's training captions only. The
+coarse word is "face". Identities are split for good: a fixed 1/8 of the combination space (by a
 hash of the attributes) is held out, so held-out identities used for personalization and evaluation
 never appear in training.
 
@@ -56,6 +57,9 @@ CONTEXT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     'size': ('large', 'small'),
 }
 _ACCESSORY_PHRASES = {'none': '', 'hat': ' wearing a hat', 'glasses': ' with glasses', 'bowtie': ' with a bow tie'}
+_EYE_WORDS = {'dots': 'dot', 'ovals': 'oval', 'slits': 'slit'}
+_MOUTH_WORDS = {'smile': 'a smile', 'flat': 'a flat mouth', 'open': 'an open mouth'}
+_MARKING_WORDS = {'blush': 'blush', 'nose': 'a nose', 'freckles': 'freckles'}
 
 
 def _check_values(cls_name: str, names: dict[str, tuple[str, ...]], values: dict[str, int]) -> None:
@@ -94,8 +98,25 @@ class Identity:
     return digest[0] % _HELDOUT_BUCKETS == 0
 
   def describe(self) -> str:
-    """Human-readable attributes (for grids and reports, never for training captions)."""
+    """Human-readable attributes (for grids and reports)."""
     return ', '.join(f'{n}={IDENTITY_ATTRIBUTES[n][getattr(self, n)]}' for n in IDENTITY_ATTRIBUTES)
+
+  def words(self, subject: str = COARSE_WORD) -> str:
+    """The identity in words around the subject word, for the base model's captions:
+    'round lilac face with green dot eyes, pointy ears, red spikes, a smile and freckles'.
+
+    The base text-to-image model is trained on such captions (like Stable Diffusion, whose captions
+    describe looks); prompts for personalization and evaluation never contain them.
+    """
+    name = lambda attribute: IDENTITY_ATTRIBUTES[attribute][getattr(self, attribute)]
+    parts = [f'{name("eye_color")} {_EYE_WORDS[name("eyes")]} eyes']
+    if name('ears') != 'none':
+      parts.append(f'{name("ears")} ears')
+    parts.append('no hair' if name('hair') == 'bald' else f'{name("hair_color")} {name("hair")}')
+    parts.append(_MOUTH_WORDS[name('mouth')])
+    if name('marking') != 'none':
+      parts.append(_MARKING_WORDS[name('marking')])
+    return f'{name("head")} {name("skin")} {subject} with {", ".join(parts[:-1])} and {parts[-1]}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,6 +342,25 @@ class SyntheticFaces:
     return {'image': render(identity, context, size=self.size, jitter=jitter),
             'caption': np.asarray(context.template().encode()),
             'identity': identity.to_array(), 'context': context.to_array()}
+
+  def render_all(self, progress: str | None = None) -> dict[str, np.ndarray]:
+    """Every record as arrays: 'images' uint8 [n, size, size, 3], 'identity' int32 [n, 9],
+    'context' int32 [n, 3].
+
+    progress: a bar label on stderr (None: silent).
+    """
+    from e4t_jax.progress import progress_bar  # pylint: disable=g-import-not-at-top
+    n = self.num_records
+    arrays = {'images': np.empty((n, self.size, self.size, 3), np.uint8),
+              'identity': np.empty((n, len(IDENTITY_ATTRIBUTES)), np.int32),
+              'context': np.empty((n, len(CONTEXT_ATTRIBUTES)), np.int32)}
+    with progress_bar(n, progress or '', 'img', enabled=progress is not None) as bar:
+      for i in range(n):
+        record = self[i]
+        arrays['images'][i], arrays['identity'][i], arrays['context'][i] = (
+            record['image'], record['identity'], record['context'])
+        bar.update(1)
+    return arrays
 
   def __repr__(self) -> str:
     return f'SyntheticFaces(num_records={self.num_records}, size={self.size}, seed={self.seed}, split={self.split!r})'

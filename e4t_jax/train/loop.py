@@ -436,11 +436,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 def _progress_bar(config, start_step: int, num_steps: int):
   if not config.train.progress_bar or jax.process_index() != 0:
     return None
-  try:
-    import tqdm  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  return tqdm.tqdm(total=num_steps, initial=start_step, desc='e4t pretrain', unit='step', dynamic_ncols=True)
+  from e4t_jax.progress import progress_bar  # pylint: disable=g-import-not-at-top
+  return progress_bar(num_steps, 'e4t pretrain', initial=start_step)
 
 
 def _save_model_folder(modules, trainable, frozen, model_dir: str, writer: MetricWriter) -> None:
