@@ -183,8 +183,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
   methods = [m.strip() for m in args.methods.split(',') if m.strip()]
   for method in methods:  # validate before any work
     reproduce.parse_method(method)
-  reproduce.run(args.model, args.out, methods, num_identities=args.identities, seed=args.seed, label=args.label,
-                grids=not args.no_grids)
+  results = reproduce.run(args.model, args.out, methods, num_identities=args.identities, seed=args.seed,
+                          label=args.label, grids=not args.no_grids)
+  print(reproduce.markdown_table(results))
+  if reproduce.attribute_table(results):
+    print('\nidentity attributes found by the read-out:\n' + reproduce.attribute_table(results))
   print(f'results in {args.out}')
   return 0
 

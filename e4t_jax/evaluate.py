@@ -392,12 +392,31 @@ def identity_scores(readout: ReadoutModel, images: Any, identities: Sequence[Ide
   All 9 identity attributes count, except hair colour when identities[i] is bald (then 8; see
   `identity_visibility`). Returns float64 [N] in [0, 1].
   """
+  matches, visible = _identity_matches(readout, images, identities)
+  return matches.sum(axis=1) / np.maximum(visible.sum(axis=1), 1)
+
+
+def identity_attribute_accuracy(readout: ReadoutModel, images: Any,
+                                identities: Sequence[Identity]) -> dict[str, float]:
+  """Per identity attribute: the fraction of images (where it is visible) in which the read-out finds it.
+
+  Tells which parts of an identity a method transfers (skin colour, hair...) and which it loses.
+  """
+  return _attribute_accuracy(*_identity_matches(readout, images, identities))
+
+
+def _attribute_accuracy(matches: np.ndarray, visible: np.ndarray) -> dict[str, float]:
+  return {name: float(matches[:, k].sum() / max(visible[:, k].sum(), 1)) for k, name in enumerate(IDENTITY_NAMES)}
+
+
+def _identity_matches(readout: ReadoutModel, images: Any, identities: Sequence[Identity]) -> tuple[np.ndarray, ...]:
+  """(found and visible, visible): bool [N, 9] each."""
   images = _check_images(images)
   targets = _attribute_rows(identities, Identity, images.shape[0], 'identities')
   predicted = readout.predict(images)
   found = np.stack([predicted[name] for name in IDENTITY_NAMES], axis=1)
   visible = identity_visibility(targets)
-  return ((found == targets) & visible).sum(axis=1) / np.maximum(visible.sum(axis=1), 1)
+  return (found == targets) & visible, visible
 
 
 def background_from_pixels(images: Any) -> np.ndarray:
@@ -481,9 +500,12 @@ def evaluate_images(readout: ReadoutModel, images: Any, identities: Sequence[Ide
   """Every score of images[i] (made for identities[i] in contexts[i]), summarized, with chance levels.
 
   Returns {'identity': summary, 'background'|'accessory'|'size'|'prompt_fidelity': summary,
+  'identity_attributes': {name: accuracy} (`identity_attribute_accuracy`),
   'chance': {'identity': float, ...context chance levels}}, each summary as `summarize` gives it.
   """
-  result: dict[str, Any] = {'identity': summarize(identity_scores(readout, images, identities))}
+  matches, visible = _identity_matches(readout, images, identities)
+  result: dict[str, Any] = {'identity': summarize(matches.sum(axis=1) / np.maximum(visible.sum(axis=1), 1))}
+  result['identity_attributes'] = _attribute_accuracy(matches, visible)
   for name, values in context_scores(readout, images, contexts).items():
     result[name] = summarize(values)
   result['chance'] = {'identity': chance_identity_score(), **chance_context_scores()}

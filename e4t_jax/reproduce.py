@@ -243,6 +243,22 @@ def markdown_table(results: dict[str, Any]) -> str:
   return '\n'.join(rows)
 
 
+def attribute_table(results: dict[str, Any]) -> str:
+  """Which identity attributes each method transfers: read-out accuracy per attribute (Markdown)."""
+  with_attributes = {n: r for n, r in results.items() if 'identity_attributes' in r}
+  if not with_attributes:
+    return ''
+  names = list(next(iter(with_attributes.values()))['identity_attributes'])
+  rows = ['| method | tuning steps | ' + ' | '.join(n.replace('_', ' ') for n in names) + ' |',
+          '| --- | ---: |' + ' ---: |' * len(names)]
+  for name, r in with_attributes.items():
+    rows.append(f'| {name.rsplit(":", 1)[0]} | {r["steps"]} | ' +
+                ' | '.join(f'{r["identity_attributes"][n]:.2f}' for n in names) + ' |')
+  rows.append('| *chance (uniform guess)* | | ' + ' | '.join(f'{1 / len(synthetic.IDENTITY_ATTRIBUTES[n]):.2f}'
+                                                           for n in names) + ' |')
+  return '\n'.join(rows)
+
+
 def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
   """A bar chart (PNG, drawn with PIL): identity and prompt fidelity per method, with 95% intervals."""
   from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top

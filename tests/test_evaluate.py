@@ -75,6 +75,9 @@ def test_identity_score_counts_visible_attributes_and_chance_level():
   read = [Identity(0, 0, 0, 0, 0, 0, 3, 0, 0), Identity(1, 0, 0, 0, 0, 2, 3, 0, 0)]
   scores = evaluate.identity_scores(_TableReadout(read), images, [bald, spikes])
   np.testing.assert_allclose(scores, [1.0, 7 / 9])
+  per_attribute = evaluate.identity_attribute_accuracy(_TableReadout(read), images, [bald, spikes])
+  assert per_attribute['head'] == 0.5 and per_attribute['skin'] == 1.0
+  assert per_attribute['hair_color'] == 0.0  # only the spiky face shows hair colour, and it was misread
   assert evaluate.identity_visibility(np.stack([bald.to_array(), spikes.to_array()])).sum(axis=1).tolist() == [8, 9]
   # Monte Carlo check of the chance level: unrelated random identities read against random targets.
   rng = np.random.default_rng(0)
@@ -132,7 +135,9 @@ def test_evaluate_images_is_json_friendly(readout, heldout_renders):
   images, identities, contexts = heldout_renders
   result = evaluate.evaluate_images(readout, images[:8], identities[:8], contexts[:8])
   json.dumps(result)
-  assert set(result) == {'identity', 'background', 'accessory', 'size', 'prompt_fidelity', 'chance'}
+  assert set(result) == {'identity', 'identity_attributes', 'background', 'accessory', 'size', 'prompt_fidelity',
+                         'chance'}
+  assert set(result['identity_attributes']) == set(IDENTITY_ATTRIBUTES)
   assert result['identity']['n'] == 8 and isinstance(result['identity']['mean'], float)
   assert result['chance']['size'] == 0.5
 

@@ -36,6 +36,11 @@ def test_markdown_table_and_plot(tmp_path):
          'bytes_per_concept': 99072, 'chance': {'identity': 0.258, 'prompt_fidelity': 0.361}}
   table = reproduce.markdown_table({'e4t:5': row, 'no-offsets/e4t:5': dict(row, bytes_per_concept=256)})
   assert '| e4t | 5 | 0.500 ± 0.100 |' in table and '| no-offsets/e4t | 5 |' in table and '99,072' in table
+  assert reproduce.attribute_table({'e4t:5': row}) == ''  # no per-attribute scores in this row
+  attributes = {'head': 0.5, 'skin': 0.25}
+  table = reproduce.attribute_table({'e4t:5': dict(row, identity_attributes=attributes)})
+  assert '| method | tuning steps | head | skin |' in table and '| e4t | 5 | 0.50 | 0.25 |' in table
+  assert '| *chance (uniform guess)* | | 0.25 | 0.12 |' in table
   reproduce.plot({'e4t:5': row}, tmp_path / 'scores.png')
   assert (tmp_path / 'scores.png').stat().st_size > 0
 
@@ -54,3 +59,15 @@ def test_evaluate_method_scores_references_and_e4t_on_the_demo_model(tmp_path):
   assert results['truth']['identity']['mean'] >= 0.9  # the generator's own renders
   assert results['e4t']['bytes_per_concept'] > 0 and results['coarse']['bytes_per_concept'] == 0
   assert 0.0 <= results['described']['prompt_fidelity']['mean'] <= 1.0
+
+
+@pytest.mark.skipif(not (e4t_jax.DEMO_MODEL_DIR / 'e4t.json').is_file(), reason='the demo model is not installed')
+def test_eval_command_writes_results_and_prints_the_tables(tmp_path, capsys):
+  import json
+  from e4t_jax import cli
+  out = tmp_path / 'results.json'
+  assert cli.main(['eval', '--methods', 'truth', '--identities', '2', '--out', str(out), '--no-grids']) == 0
+  printed = capsys.readouterr().out
+  assert '| truth | 0 |' in printed and 'identity attributes found by the read-out' in printed
+  results = json.loads(out.read_text())
+  assert results['truth:0']['identities'] == 2 and results['truth:0']['identity']['mean'] >= 0.9
