@@ -450,6 +450,7 @@ def run(workdir: str | os.PathLike, config: DemoTrainConfig = DemoTrainConfig(),
     tmp = pool_path.with_suffix('.tmp.npz')
     np.savez(tmp, **pool)
     os.replace(tmp, pool_path)
+    atomic_write_bytes(stages.dir / 'pool.json', [json.dumps({'seconds': timings['pool']}).encode()])
   with np.load(pool_path) as stored:
     pool = {k: stored[k] for k in stored.files}
 

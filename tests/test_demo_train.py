@@ -36,6 +36,9 @@ def test_demo_train_smoke_every_stage_resume_and_ablation(tmp_path, capsys):
   err = capsys.readouterr().err
   for stage in ('vae', 'vision', 't2i'):
     assert f'{stage}: done before' in err
+  seconds = json.loads((model_dir / 'training.json').read_text())['stage_seconds']
+  assert set(seconds) == set(demo_train.STAGES), seconds  # the earlier invocation's timings are kept
+  assert not list((workdir / 'stages').glob('*.state.npz'))  # mid-stage checkpoints go when a stage ends
 
   # The ablation retrains only the E4T stage, without weight offsets.
   assert cli.main(['demo-train', '--workdir', str(workdir), '--smoke', '--ablation', 'no_offsets']) == 0

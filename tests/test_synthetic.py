@@ -123,10 +123,13 @@ def test_identity_words_name_every_attribute_and_tell_identities_apart():
   words = {i.words() for i in identities}
   assert len(words) == len(identities)  # injective: the base model's captions can say who it is
   identity = Identity(head=0, skin=6, eyes=1, eye_color=2, ears=2, hair=2, hair_color=4, mouth=0, marking=3)
-  assert identity.words('face') == ('round lilac face with green oval eyes, pointy ears, blue spikes, a smile '
+  assert identity.words('face') == ('round lilac face with emerald oval eyes, pointy ears, navy spikes, a smile '
                                     'and freckles')
   plain = dataclasses.replace(identity, ears=0, hair=0, marking=0)
-  assert plain.words('<e4t>') == 'round lilac <e4t> with green oval eyes, no hair and a smile'
+  assert plain.words('<e4t>') == 'round lilac <e4t> with emerald oval eyes, no hair and a smile'
+  # Background colours are named once per caption: no identity word is a background colour.
+  for identity in identities:
+    assert not set(identity.words().replace(',', '').split()) & set(BACKGROUNDS)
   assert Context().caption(plain.words()).startswith('a round lilac face with ')
 
 

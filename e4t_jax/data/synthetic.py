@@ -58,6 +58,13 @@ CONTEXT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
 }
 _ACCESSORY_PHRASES = {'none': '', 'hat': ' wearing a hat', 'glasses': ' with glasses', 'bowtie': ' with a bow tie'}
 _EYE_WORDS = {'dots': 'dot', 'ovals': 'oval', 'slits': 'slit'}
+# Eye and hair colours are said with words that no background uses: a caption then names each
+# background colour once, and a small text encoder need not work out which noun a colour binds to
+# (a first demo model trained with 'red eyes ... on a red background' lost most of its background control).
+_EYE_COLOR_WORDS = {'black': 'onyx', 'blue': 'sapphire', 'green': 'emerald', 'brown': 'amber', 'red': 'ruby',
+                    'gold': 'gold'}
+_HAIR_COLOR_WORDS = {'black': 'jet', 'blond': 'blond', 'red': 'ginger', 'white': 'white', 'blue': 'navy',
+                     'pink': 'pink'}
 _MOUTH_WORDS = {'smile': 'a smile', 'flat': 'a flat mouth', 'open': 'an open mouth'}
 _MARKING_WORDS = {'blush': 'blush', 'nose': 'a nose', 'freckles': 'freckles'}
 
@@ -103,16 +110,16 @@ class Identity:
 
   def words(self, subject: str = COARSE_WORD) -> str:
     """The identity in words around the subject word, for the base model's captions:
-    'round lilac face with green dot eyes, pointy ears, red spikes, a smile and freckles'.
+    'round lilac face with emerald dot eyes, pointy ears, ginger spikes, a smile and freckles'.
 
     The base text-to-image model is trained on such captions (like Stable Diffusion, whose captions
     describe looks); prompts for personalization and evaluation never contain them.
     """
     name = lambda attribute: IDENTITY_ATTRIBUTES[attribute][getattr(self, attribute)]
-    parts = [f'{name("eye_color")} {_EYE_WORDS[name("eyes")]} eyes']
+    parts = [f'{_EYE_COLOR_WORDS[name("eye_color")]} {_EYE_WORDS[name("eyes")]} eyes']
     if name('ears') != 'none':
       parts.append(f'{name("ears")} ears')
-    parts.append('no hair' if name('hair') == 'bald' else f'{name("hair_color")} {name("hair")}')
+    parts.append('no hair' if name('hair') == 'bald' else f'{_HAIR_COLOR_WORDS[name("hair_color")]} {name("hair")}')
     parts.append(_MOUTH_WORDS[name('mouth')])
     if name('marking') != 'none':
       parts.append(_MARKING_WORDS[name('marking')])
