@@ -10,7 +10,7 @@ architecture classes as Stable Diffusion (only the sizes differ):
               supervised ViT); E4T reads its hidden states
   4. t2i      the U-Net and CLIP text encoder, jointly, from scratch: epsilon-prediction on the VAE
               latents, EMA weights. 3 captions in 4 also put the identity into words ("a small round
-              lilac face with green dot eyes, ... on a blue background"), as Stable Diffusion's
+              lilac face with emerald dot eyes, ... on a blue background"), as Stable Diffusion's
               captions describe looks: the base model learns to draw faces it is told about, and the
               word-embedding space learns to hold identities, which is what E4T and textual inversion
               build on. Captions are dropped 10% of the time (classifier-free guidance). Prompts for
@@ -21,8 +21,9 @@ architecture classes as Stable Diffusion (only the sizes differ):
 
 Each stage writes its result under `workdir/stages/` when it finishes, and checkpoints its whole
 training state every 250 steps while it runs; running the command again skips finished stages and
-resumes the interrupted one (bit-equal to an uninterrupted run), so an interruption loses minutes. The model folder is written to `workdir/model/` (and, with `--install`, copied into the
-package as `e4t_jax/assets/demo_model/`, which `e4t_jax.load_demo()` reads).
+resumes the interrupted one (bit-equal to an uninterrupted run), so an interruption loses minutes.
+The model folder is written to `workdir/model/` (and, with `--install`, copied into the package as
+`e4t_jax/assets/demo_model/`, which `e4t_jax.load_demo()` reads).
 """
 from __future__ import annotations
 
@@ -164,7 +165,7 @@ def fit(loss_fn: Callable[[Any, dict, jax.Array], jax.Array], params: Any, batch
     (decay min(ema_decay, (1 + t) / (10 + t)) at step t, so that the random init is forgotten early).
   checkpoint: a file where the whole state (params, EMA, optimizer, step, losses) is saved atomically
     every `checkpoint_every` steps; a run that finds it resumes from it, bit-equal to an uninterrupted
-    run (batches and keys depend on the step only). It is deleted when the run finishes.
+    run (batches and keys depend on the step only). The caller deletes it once the result is saved.
   Returns (params, or their EMA when ema_decay > 0; the loss every 25 steps).
   """
   optimizer = _adamw(lr, steps)
@@ -203,8 +204,6 @@ def fit(loss_fn: Callable[[Any, dict, jax.Array], jax.Array], params: Any, batch
       progress.update(1)
       if checkpoint is not None and (i + 1) % checkpoint_every == 0 and i + 1 < steps:
         _save_fit_state(checkpoint, (params, ema, opt_state), i + 1, losses)
-  if checkpoint is not None:
-    checkpoint.unlink(missing_ok=True)
   return (ema if ema_decay else params), losses
 
 
@@ -350,7 +349,8 @@ def train_t2i(config: DemoTrainConfig, unet_config: UNetConfig, text_config: CLI
             'text_encoder': _init(text, config.seed + 5, jnp.zeros((1, 1), jnp.int32))}
   tokenizer = demo_tokenizer()
   caption_ids = np.asarray(tokenizer(_captions(pool['context'], synthetic.COARSE_WORD)), np.int32)
-  described_ids = np.asarray(tokenizer(_captions(pool['context'], synthetic.COARSE_WORD, pool['identity'])), np.int32)
+  described_ids = np.asarray(tokenizer(_captions(pool['context'], synthetic.COARSE_WORD, pool['identity'])),
+                             np.int32)
   empty_ids = np.asarray(tokenizer(['']), np.int32)[0]
   schedule = schedule_lib.NoiseSchedule.from_config(SD1_SCHEDULER_CONFIG)
   means, stds = latents
@@ -454,6 +454,8 @@ def run(workdir: str | os.PathLike, config: DemoTrainConfig = DemoTrainConfig(),
   with np.load(pool_path) as stored:
     pool = {k: stored[k] for k in stored.files}
 
+  state = lambda name: stages.dir / f'{name}.state.npz'  # mid-stage checkpoints, deleted once a stage is saved
+
   def stage(name: str, fn):
     if stages.done(name):
       _log(f'{name}: done before, loading')
@@ -461,9 +463,9 @@ def run(workdir: str | os.PathLike, config: DemoTrainConfig = DemoTrainConfig(),
     params, summary = timed(name, fn)
     summary['seconds'] = timings[name]
     stages.save(name, params, summary)
+    state(name).unlink(missing_ok=True)  # the stage's result is on disk: its mid-stage checkpoint goes
     return params, summary
 
-  state = lambda name: stages.dir / f'{name}.state.npz'  # mid-stage checkpoints, deleted when a stage ends
   vae_params, vae_summary = stage('vae', lambda: train_vae(config, vae_config, pool, state('vae')))
   vision_params, _ = stage('vision', lambda: train_vision(config, vision_config, pool, state('vision')))
 
