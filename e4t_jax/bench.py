@@ -191,8 +191,11 @@ class _JaxEvents:
     return self
 
   def __exit__(self, *exc) -> None:
-    jax.monitoring.unregister_event_listener(self._on_event)
-    jax.monitoring.unregister_event_duration_listener(self._on_duration)
+    for name, listener in (('unregister_event_listener', self._on_event),
+                           ('unregister_event_duration_listener', self._on_duration)):
+      unregister = getattr(jax.monitoring, name, None)  # private-ish API: absent in some versions
+      if unregister is not None:
+        unregister(listener)
 
   @property
   def compilations(self) -> int:
@@ -291,9 +294,9 @@ def _synthetic_images(count: int, size: int, seed: int) -> list[np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- subprocess workers
-def _run_worker(args: Sequence[str], *, timeout_s: float,
-                rss_limit_bytes: int | None = None) -> tuple[list[dict], dict]:
-  """Runs `python -m e4t_jax.bench <args>`; returns its JSON records (one per stdout line) and how it ran.
+def _run_worker(args: Sequence[str], *, timeout_s: float, rss_limit_bytes: int | None = None,
+                module: str = 'e4t_jax.bench') -> tuple[list[dict], dict]:
+  """Runs `python -m <module> <args>`; returns its JSON records (one per stdout line) and how it ran.
 
   The worker is killed past `timeout_s` or once its resident set exceeds `rss_limit_bytes`; records
   printed before that are kept (a worker prints each stage as soon as it is measured).
@@ -302,7 +305,7 @@ def _run_worker(args: Sequence[str], *, timeout_s: float,
   env['PYTHONPATH'] = os.pathsep.join([str(_PACKAGE_ROOT)] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
   with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, '-m', 'e4t_jax.bench', *args], stdout=out, stderr=err, env=env,
+    proc = subprocess.Popen([sys.executable, '-m', module, *args], stdout=out, stderr=err, env=env,
                             cwd=str(_PACKAGE_ROOT))
     peak_rss, timed_out, killed_for_memory = 0, False, False
     while proc.poll() is None:
@@ -331,7 +334,8 @@ def _run_worker(args: Sequence[str], *, timeout_s: float,
     peak_rss = max(peak_rss, int(record.get('peak_rss_bytes') or 0))
   info = {'wall_s': wall, 'peak_rss_bytes': peak_rss or None, 'returncode': proc.returncode, 'timed_out': timed_out,
           'killed_for_memory': killed_for_memory,
-          'error': None if proc.returncode == 0 else stderr_tail.strip().splitlines()[-1:] or ['(no stderr)']}
+          'error': None if proc.returncode == 0 else stderr_tail.strip().splitlines()[-1:] or ['(no stderr)'],
+          'stderr_tail': None if proc.returncode == 0 else stderr_tail[-1500:]}
   return records, info
 
 

@@ -152,6 +152,17 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
   return loop.main_pretrain(args.config, args.workdir, args.overrides)
 
 
+def _cmd_bench_full(args: argparse.Namespace) -> int:
+  from e4t_jax import bench_full
+  result = bench_full.run_full_bench(args.config, json_out=args.json, deadline_s=args.deadline_s,
+                                     parallel=args.parallel, num_concepts=args.concepts,
+                                     train_steps=args.train_steps, train_batch=args.train_batch,
+                                     torch_baseline=not args.no_torch,
+                                     log=lambda line: print(line, file=sys.stderr, flush=True))
+  print(bench_full.format_table(result))
+  return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
   from e4t_jax import bench
   result = bench.run_personalize_bench(args.config, num_steps=args.steps, num_concepts=args.concepts,
@@ -285,6 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
   bench_personalize.add_argument('--abstract', action='store_true', help='full-size AOT analysis, no weights')
   bench_personalize.add_argument('--json', default=None, help='write the results here')
   bench_personalize.set_defaults(func=_cmd_bench)
+  bench_full = bench_sub.add_parser(
+      'full', help='full size on an accelerator: latency, memory, MFU, fused attention, PyTorch baseline')
+  bench_full.add_argument('--config', default='sd15', help="'sd15' (full size) or 'tiny' (a smoke run)")
+  bench_full.add_argument('--deadline-s', type=float, default=480.0, help='stop measuring after this long')
+  bench_full.add_argument('--parallel', type=int, default=4, help='compile worker processes at a time')
+  bench_full.add_argument('--concepts', type=int, default=100, help='concepts timed one by one')
+  bench_full.add_argument('--train-steps', type=int, default=10)
+  bench_full.add_argument('--train-batch', type=int, default=8)
+  bench_full.add_argument('--no-torch', action='store_true', help='skip the PyTorch U-Net baseline')
+  bench_full.add_argument('--json', default=None, help='write the results here (rewritten as they come)')
+  bench_full.set_defaults(func=_cmd_bench_full)
 
   convert = sub.add_parser('convert', help='convert / check model weights, export concepts')
   convert_sub = convert.add_subparsers(dest='convert_command', required=True, metavar='WHAT')

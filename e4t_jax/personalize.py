@@ -318,15 +318,20 @@ def make_personalize_fn(model: model_lib.E4TModel, num_steps: int = 5, *, tuning
     raise InputError(f'num_steps must be >= 0, got {num_steps}.')
   if cache_dir is not None:
     enable_compilation_cache(cache_dir)
-  program = _tuning_program(model.modules, tuning)
-  size = model.modules.image_size
-  abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)
-  ids = tuning_prompt_ids(model.modules, tuning_prompt(model.modules, tuning))
-  compiled = jax.jit(program).lower(
-      abstract(model.params), jax.ShapeDtypeStruct((size, size, 3), jnp.float32),
-      jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.int32),
-      jax.ShapeDtypeStruct(ids.shape, jnp.int32)).compile()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), model.params)
+  compiled = lower_personalize_program(model.modules, abstract, tuning).compile()
   return PersonalizeFn(model, tuning, compiled, model_fingerprint(model))
+
+
+def lower_personalize_program(modules: model_lib.E4TModules, abstract_params: Any, tuning: TuningConfig):
+  """The jitted tuning program lowered for params of these shapes/dtypes (`jax.ShapeDtypeStruct`s):
+  what `make_personalize_fn` compiles; `bench_full` compiles the same lowering ahead of time."""
+  size = modules.image_size
+  ids = tuning_prompt_ids(modules, tuning_prompt(modules, tuning))
+  return jax.jit(_tuning_program(modules, tuning)).lower(
+      abstract_params, jax.ShapeDtypeStruct((size, size, 3), jnp.float32),
+      jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.int32),
+      jax.ShapeDtypeStruct(ids.shape, jnp.int32))
 
 
 _BATCHED_PROGRAMS: dict[tuple, tuple[Any, Any]] = {}

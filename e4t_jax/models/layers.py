@@ -108,7 +108,9 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     causal: mask future positions (CLIP text).
     key_mask: optional [batch, kv_len] bool, True where a key may be attended to.
     upcast: compute in float32 whatever the input dtype (diffusers' `upcast_attention`, SD 2.1).
-    implementation: None (let JAX choose), 'xla' or 'cudnn' (fused flash attention on GPU).
+    implementation: 'auto' or None (the fused cuDNN flash attention where it applies: a GPU,
+      bfloat16/float16 inputs, head_dim a multiple of 8 up to 128, no key mask; XLA's reference
+      attention elsewhere), 'xla' (always the reference) or 'cudnn' (always fused; fails where unsupported).
   Returns:
     [batch, q_len, heads, head_dim] in the query's dtype.
   """
@@ -118,9 +120,35 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   mask = None
   if key_mask is not None:
     mask = key_mask[:, None, None, :].astype(bool)  # [batch, 1, 1, kv_len]
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f'attention implementation {implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}.')
+  if implementation in (None, 'auto'):
+    implementation = 'xla'
+    if mask is None and fused_attention_applies(query, key):
+      try:  # cuDNN checks its version and the shapes while tracing: fall back where it declines
+        out = jax.nn.dot_product_attention(query, key, value, is_causal=causal, implementation='cudnn')
+        return out.astype(out_dtype)
+      except (ValueError, NotImplementedError, RuntimeError):
+        pass
   out = jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=causal,
                                      implementation=implementation)
   return out.astype(out_dtype)
+
+
+ATTENTION_IMPLEMENTATIONS = (None, 'auto', 'xla', 'cudnn')
+
+
+def fused_attention_applies(query: jax.Array, key: jax.Array) -> bool:
+  """Whether `jax.nn.dot_product_attention(implementation='cudnn')` takes these operands: the default
+  backend is a GPU, the dtype is bfloat16/float16, head_dim is a multiple of 8 up to 128 and both
+  sequence lengths are multiples of 64 (the flash-attention kernel's limits, its backward's included):
+  the U-Net's self-attention. Elsewhere (CPU, TPU, float32, cross-attention to 77 text tokens, CLIP's
+  257 patches, the VAE's 512-wide head) the reference XLA attention runs."""
+  head_dim = query.shape[-1]
+  return (jax.default_backend() == 'gpu' and query.dtype in (jnp.bfloat16, jnp.float16)
+          and key.dtype == query.dtype and head_dim % 8 == 0 and head_dim <= 128
+          # its backward pass takes sequence lengths in multiples of 64 only (not the 77 text tokens)
+          and query.shape[1] % 64 == 0 and key.shape[1] % 64 == 0)
 
 
 class Attention(nn.Module):
