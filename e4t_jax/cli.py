@@ -197,8 +197,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
   results = reproduce.run(args.model, args.out, methods, num_identities=args.identities, seed=args.seed,
                           label=args.label, grids=not args.no_grids)
   print(reproduce.markdown_table(results))
-  if reproduce.attribute_table(results):
-    print('\nidentity attributes found by the read-out:\n' + reproduce.attribute_table(results))
+  attributes = reproduce.attribute_table(results)
+  if attributes:
+    print('\nidentity attributes found by the read-out:\n' + attributes)
   print(f'results in {args.out}')
   return 0
 

@@ -392,7 +392,11 @@ def identity_scores(readout: ReadoutModel, images: Any, identities: Sequence[Ide
   All 9 identity attributes count, except hair colour when identities[i] is bald (then 8; see
   `identity_visibility`). Returns float64 [N] in [0, 1].
   """
-  matches, visible = _identity_matches(readout, images, identities)
+  return _identity_fraction(*_identity_matches(readout, images, identities))
+
+
+def _identity_fraction(matches: np.ndarray, visible: np.ndarray) -> np.ndarray:
+  """Per image: found visible attributes / visible attributes (float64 [N])."""
   return matches.sum(axis=1) / np.maximum(visible.sum(axis=1), 1)
 
 
@@ -504,7 +508,7 @@ def evaluate_images(readout: ReadoutModel, images: Any, identities: Sequence[Ide
   'chance': {'identity': float, ...context chance levels}}, each summary as `summarize` gives it.
   """
   matches, visible = _identity_matches(readout, images, identities)
-  result: dict[str, Any] = {'identity': summarize(matches.sum(axis=1) / np.maximum(visible.sum(axis=1), 1))}
+  result: dict[str, Any] = {'identity': summarize(_identity_fraction(matches, visible))}
   result['identity_attributes'] = _attribute_accuracy(matches, visible)
   for name, values in context_scores(readout, images, contexts).items():
     result[name] = summarize(values)

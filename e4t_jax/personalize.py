@@ -202,7 +202,12 @@ def tuning_prompt_ids(modules: model_lib.E4TModules, prompt: str | Sequence[str]
   one caption per row. Raises InputError for a caption with no place for the concept, or with the
   placeholder cut off at the text encoder's context length: tuning w* through it would learn nothing.
   """
-  prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
+  if isinstance(prompt, str):
+    prompts = [prompt] * batch_size
+  elif isinstance(prompt, (list, tuple)):
+    prompts = list(prompt)
+  else:
+    prompts = []
   if len(prompts) != batch_size or not all(isinstance(p, str) for p in prompts):
     raise InputError(f'pass one tuning caption or {batch_size} (one per draw of a step), got {prompt!r}.')
   placeholder = modules.config.placeholder

@@ -32,3 +32,36 @@ def test_foreign_format_is_refused(tiny_e4t, tmp_path):
   manifest.write_text(json.dumps(dict(json.loads(manifest.read_text()), format='something-else/9')))
   with pytest.raises(CheckpointError, match='something-else'):
     io_lib.load_model(tmp_path / 'model')
+
+
+def test_corrupt_safetensors_headers_are_clear_errors_without_huge_allocations(tmp_path):
+  import struct
+  from e4t_jax.convert.common import read_safetensors, safetensors_metadata, write_safetensors
+  from e4t_jax.errors import ConversionError
+  good = tmp_path / 'good.safetensors'
+  write_safetensors(good, {'w': np.arange(6, dtype=np.float32).reshape(2, 3)}, {'k': 'v'})
+  np.testing.assert_array_equal(read_safetensors(good)['w'], np.arange(6).reshape(2, 3))
+  assert safetensors_metadata(good) == {'k': 'v'}
+  raw = good.read_bytes()
+  (header_len,) = struct.unpack('<Q', raw[:8])
+  header = json.loads(raw[8:8 + header_len])
+
+  def variant(name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+  def with_header(h):
+    text = json.dumps(h).encode()
+    return struct.pack('<Q', len(text)) + text + raw[8 + header_len:]
+
+  cases = {
+      'huge_length': (struct.pack('<Q', 2**62) + raw[8:], 'does not fit'),
+      'not_json': (struct.pack('<Q', 4) + b'{{{{' + raw[12:], 'not a readable'),
+      'a_list': (with_header([1, 2]), 'not a JSON object'),
+      'wrong_span': (with_header(dict(header, w=dict(header['w'], data_offsets=[0, 20]))), 'do not hold shape'),
+      'no_offsets': (with_header(dict(header, w={'dtype': 'F32', 'shape': [2, 3]})), 'malformed'),
+  }
+  for name, (data, message) in cases.items():
+    with pytest.raises(ConversionError, match=message):
+      read_safetensors(variant(f'{name}.safetensors', data))

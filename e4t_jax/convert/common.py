@@ -40,33 +40,53 @@ _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
 # ----------------------------------------------------------------------------- safetensors I/O
+def _read_header(path: Path) -> tuple[dict, int]:
+  """(header dict, header length) of a .safetensors file, checked before anything is allocated."""
+  try:
+    size = path.stat().st_size
+    with open(path, 'rb') as f:
+      (header_len,) = struct.unpack('<Q', f.read(8))
+      if header_len > min(size - 8, _MAX_HEADER_BYTES):  # a corrupt length must not allocate exabytes
+        raise ValueError(f'header length {header_len} does not fit in the {size}-byte file')
+      header = json.loads(f.read(header_len))
+    if not isinstance(header, dict):
+      raise ValueError('the header is not a JSON object')
+  except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+    raise ConversionError(f'{path}: not a readable safetensors file ({e}); re-export it.') from e
+  return header, header_len
+
+
+_MAX_HEADER_BYTES = 100 * 2**20  # the format's own limit
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a .safetensors file into numpy arrays (memory-mapped, no copy until used)."""
   path = Path(path)
-  try:
-    with open(path, 'rb') as f:
-      (header_len,) = struct.unpack('<Q', f.read(8))
-      header = json.loads(f.read(header_len))
-  except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ConversionError(f'{path}: not a readable safetensors file ({e}); re-export it.') from e
+  header, header_len = _read_header(path)
   header.pop('__metadata__', None)
-  data = np.memmap(path, dtype=np.uint8, mode='r', offset=8 + header_len)
+  data = np.memmap(path, dtype=np.uint8, mode='r', offset=8 + header_len) if path.stat().st_size > 8 + header_len \
+      else np.zeros((0,), np.uint8)
   out = {}
   for key, info in header.items():
-    dtype = _ST_DTYPES.get(info['dtype'])
+    try:
+      dtype = _ST_DTYPES.get(info['dtype'])
+      start, end = (int(x) for x in info['data_offsets'])
+      shape = tuple(int(x) for x in info['shape'])
+    except (KeyError, TypeError, ValueError) as e:
+      raise ConversionError(f'{path}: tensor {key!r} has a malformed header entry ({e}); re-export it.') from e
     if dtype is None:
       raise ConversionError(f'{path}: tensor {key!r} has unsupported dtype {info["dtype"]}.')
-    start, end = info['data_offsets']
     if end > data.size:
       raise ConversionError(f'{path}: tensor {key!r} runs past the end of the file (truncated?).')
-    out[key] = data[start:end].view(dtype).reshape(info['shape'])
+    if not 0 <= start <= end or end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+      raise ConversionError(f'{path}: tensor {key!r} spans bytes {start}..{end}, which do not hold shape {list(shape)} '
+                            f'of {info["dtype"]}; the file is corrupt.')
+    out[key] = data[start:end].view(dtype).reshape(shape)
   return out
 
 
 def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-  with open(path, 'rb') as f:
-    (header_len,) = struct.unpack('<Q', f.read(8))
-    return json.loads(f.read(header_len)).get('__metadata__', {}) or {}
+  return _read_header(Path(path))[0].get('__metadata__', {}) or {}
 
 
 def atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[bytes]) -> None:

@@ -394,8 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       state, metrics = compiled(state, frozen, batch, base_rng)
       for hook in step_hooks:
         hook(step, host_batch, metrics)
-      if progress is not None:
-        progress.update(1)
+      progress.update(1)
 
       if step % config.train.log_every == 0 or step == num_steps:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -410,7 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           if peak:
             values['mfu'] = values['tflops_per_s'] / (peak * mesh.size)
         writer.write(step, values)
-        if progress is not None:
+        if not progress.disable:  # the bar shows the loss; without one, a log line does
           progress.set_postfix(loss=f'{values["loss"]:.4f}', img_s=f'{values["images_per_s"]:.1f}')
         elif writer.enabled:
           writer.print(f'step {step}: ' + ', '.join(f'{k}={v:.4g}' for k, v in values.items()))
@@ -425,8 +424,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         summary['preempted'] = True
         writer.print(f'preempted: saved step {step}, exiting; run again with the same workdir to resume')
         break
-  if progress is not None:
-    progress.close()
+  progress.close()
   if summary['step'] != saved_step:
     checkpointer.save(summary['step'], state, loader_lib.iterator_state_to_bytes(data_iterator), config_json,
                       fingerprint)
@@ -440,10 +438,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 
 def _progress_bar(config, start_step: int, num_steps: int):
-  if not config.train.progress_bar or jax.process_index() != 0:
-    return None
+  """The loop's bar; a disabled one when switched off or on processes other than 0."""
   from e4t_jax.progress import progress_bar  # pylint: disable=g-import-not-at-top
-  return progress_bar(num_steps, 'e4t pretrain', initial=start_step)
+  enabled = bool(config.train.progress_bar) and jax.process_index() == 0
+  return progress_bar(num_steps, 'e4t pretrain', initial=start_step, enabled=enabled)
 
 
 def _save_model_folder(modules, trainable, frozen, model_dir: str, writer: MetricWriter) -> None:
