@@ -2,7 +2,8 @@
 # `e4t bench full` on one GPU machine whose python3 already has jax[cuda], flax, optax, torch and
 # transformers (e.g. the project's lent H100/H200 image). Pure-Python packages it lacks (diffusers,
 # for the PyTorch baseline) can be carried as wheels in .whl/. Results: $OUT (default outputs/bench_full).
-#   DEADLINE=470 PARALLEL=6 CONFIG=sd15 bash launch/bench_gpu.sh
+#   bash launch/bench_gpu.sh            # the three headline programs, for a 10-minute command
+#   MINIMAL=False DEADLINE=1500 bash launch/bench_gpu.sh   # every variant (remat, fp32, xla attention): ~25 min
 set -uo pipefail
 OUT=${OUT:-outputs/bench_full}
 mkdir -p "$OUT"
@@ -19,6 +20,6 @@ python3 -c "import jax, flax, optax, torch, transformers; print('jax', jax.__ver
   2>&1 | tee "$OUT/versions.txt"
 python3 -c "
 from e4t_jax import bench_full as b
-r = b.run_full_bench('${CONFIG:-sd15}', json_out='$OUT/bench_full.json', deadline_s=${DEADLINE:-470},
-                     parallel=${PARALLEL:-6}, minimal=${MINIMAL:-False}, compile_share=${COMPILE_SHARE:-0.55})
+r = b.run_full_bench('${CONFIG:-sd15}', json_out='$OUT/bench_full.json', deadline_s=${DEADLINE:-540},
+                     parallel=${PARALLEL:-2}, minimal=${MINIMAL:-True}, compile_share=${COMPILE_SHARE:-0.6})
 print(b.format_table(r))" 2>&1 | tee "$OUT/log.txt"
