@@ -275,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
   demo_train.add_argument('--install', action='store_true', help='copy the result into the package (load_demo)')
   demo_train.add_argument('--smoke', action='store_true', help='a seconds-long run of every stage (testing)')
   demo_train.add_argument('--seed', type=int, default=0)
-  demo_train.add_argument('--ablation', default='', choices=['', 'no_offsets', 'no_embedding_reg'],
-                          help='retrain only the E4T stage without weight offsets / the embedding regularizer')
+  demo_train.add_argument('--ablation', default='', choices=['', 'no_offsets', 'no_embedding_reg', 'weak_embedding_reg'],
+                          help='retrain only the E4T stage without weight offsets / the embedding regularizer, '
+                               'or with the regularizer at a tenth')
   demo_train.set_defaults(func=_cmd_demo_train)
 
   prepare = sub.add_parser('prepare', help='pack an image folder into ArrayRecord shards for pretraining')

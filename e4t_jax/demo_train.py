@@ -116,11 +116,13 @@ def architecture(config: DemoTrainConfig) -> tuple[UNetConfig, VAEConfig, CLIPTe
   return unet, vae, text, vision
 
 
-ABLATIONS = ('no_offsets', 'no_embedding_reg')
+# 'weak_embedding_reg' is a sensitivity point rather than an ablation: lambda_emb at a tenth.
+ABLATIONS = ('no_offsets', 'no_embedding_reg', 'weak_embedding_reg')
 
 
 def e4t_config(ablation: str = '') -> model_lib.E4TConfig:
-  """The demo's E4T settings; an ablation drops the weight offsets or the embedding regularizer."""
+  """The demo's E4T settings; an ablation drops the weight offsets or the embedding regularizer (or
+  weakens the regularizer tenfold)."""
   if ablation not in ('', *ABLATIONS):
     raise ConfigError(f'ablation {ablation!r} is not one of {ABLATIONS}.')
   # embedding_scale 1: the demo's text encoder is trained from scratch and its token embeddings have
@@ -133,6 +135,8 @@ def e4t_config(ablation: str = '') -> model_lib.E4TConfig:
                                                      OffsetsConfig().targets))
   if ablation == 'no_embedding_reg':
     config = dataclasses.replace(config, lambda_embedding=0.0)
+  elif ablation == 'weak_embedding_reg':
+    config = dataclasses.replace(config, lambda_embedding=config.lambda_embedding / 10)
   return config
 
 

@@ -58,6 +58,10 @@ def test_e4t_config_rejects_unknown_ablation():
   from e4t_jax.errors import ConfigError
   with pytest.raises(ConfigError, match='ablation'):
     demo_train.e4t_config('no_encoder')
+  base = demo_train.e4t_config()
+  assert demo_train.e4t_config('no_embedding_reg').lambda_embedding == 0.0
+  assert demo_train.e4t_config('weak_embedding_reg').lambda_embedding == pytest.approx(base.lambda_embedding / 10)
+  assert demo_train.e4t_config('no_offsets').offsets.targets == () and base.offsets.targets
 
 
 def test_a_training_stage_is_deterministic():
