@@ -163,9 +163,18 @@ def lower_job(model: model_lib.E4TModel, job: Job, num_steps: int = 5):
   return jax.jit(step_fn, donate_argnums=0).lower(*args), args
 
 
+def _pretrain_optimizer() -> optax.GradientTransformation:
+  from e4t_jax.train import step as step_lib
+  return step_lib.make_optimizer(step_lib.OptimizerConfig())
+
+
+def _unet_optimizer() -> optax.GradientTransformation:
+  return optax.adamw(1e-5, weight_decay=1e-2)
+
+
 def _pretrain_step(model: model_lib.E4TModel):
   from e4t_jax.train import step as step_lib
-  optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig())
+  optimizer = _pretrain_optimizer()
   state, frozen = jax.eval_shape(lambda p: step_lib.create_train_state(model_lib.E4TModel(model.modules, p), optimizer),
                                  model.params)
   train_step = step_lib.make_train_step(model.modules, optimizer)
@@ -181,7 +190,7 @@ def _unet_step(model: model_lib.E4TModel, batch: int):
   from e4t_jax.diffusion import schedule as schedule_lib
   m = model.modules
   cfg = m.unet.config
-  optimizer = optax.adamw(1e-5, weight_decay=1e-2)
+  optimizer = _unet_optimizer()
   sds = jax.ShapeDtypeStruct
   unet_params = model.params['unet']
   state = {'params': unet_params, 'opt_state': jax.eval_shape(optimizer.init, unet_params),
@@ -405,8 +414,7 @@ def _time_train(compiled, job: Job, model: model_lib.E4TModel, args: Sequence[An
   if job.kind == 'pretrain':
     from e4t_jax.train import step as step_lib
     abstract_batch = args[2]
-    optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig())
-    state, frozen = step_lib.create_train_state(model, optimizer)
+    state, frozen = step_lib.create_train_state(model, _pretrain_optimizer())
     state = jax.tree.map(jnp.copy, state)  # donated each step: keep the shared params intact
     images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, abstract_batch['images'].shape), jnp.float32)
     prompt = model.modules.config.tuning_prompt.replace('{}', model.modules.config.placeholder)
@@ -416,7 +424,7 @@ def _time_train(compiled, job: Job, model: model_lib.E4TModel, args: Sequence[An
   else:
     abstract_inputs = args[1]
     unet = jax.tree.map(jnp.copy, model.params['unet'])
-    state = {'params': unet, 'opt_state': optax.adamw(1e-5, weight_decay=1e-2).init(unet),
+    state = {'params': unet, 'opt_state': _unet_optimizer().init(unet),
              'step': jnp.zeros((), jnp.int32)}
     inputs = _concrete(abstract_inputs, seed=4)
     run = lambda s: compiled(s, inputs, jax.random.key(0))
