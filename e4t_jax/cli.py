@@ -157,7 +157,7 @@ def _cmd_bench_full(args: argparse.Namespace) -> int:
   result = bench_full.run_full_bench(args.config, json_out=args.json, deadline_s=args.deadline_s,
                                      parallel=args.parallel, num_concepts=args.concepts,
                                      train_steps=args.train_steps, train_batch=args.train_batch,
-                                     torch_baseline=not args.no_torch,
+                                     torch_baseline=not args.no_torch, minimal=args.minimal,
                                      log=lambda line: print(line, file=sys.stderr, flush=True))
   print(bench_full.format_table(result))
   return 0
@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
   demo_train.add_argument('--install', action='store_true', help='copy the result into the package (load_demo)')
   demo_train.add_argument('--smoke', action='store_true', help='a seconds-long run of every stage (testing)')
   demo_train.add_argument('--seed', type=int, default=0)
-  demo_train.add_argument('--ablation', default='', choices=['', 'no_offsets', 'no_embedding_reg', 'weak_embedding_reg'],
+  demo_train.add_argument('--ablation', default='',
+                          choices=['', 'no_offsets', 'no_embedding_reg', 'weak_embedding_reg'],
                           help='retrain only the E4T stage without weight offsets / the embedding regularizer, '
                                'or with the regularizer at a tenth')
   demo_train.set_defaults(func=_cmd_demo_train)
@@ -307,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
   bench_full.add_argument('--train-steps', type=int, default=10)
   bench_full.add_argument('--train-batch', type=int, default=8)
   bench_full.add_argument('--no-torch', action='store_true', help='skip the PyTorch U-Net baseline')
+  bench_full.add_argument('--minimal', action='store_true',
+                          help='only the headline programs (no remat/float32/attention variants): a short lease')
   bench_full.add_argument('--json', default=None, help='write the results here (rewritten as they come)')
   bench_full.set_defaults(func=_cmd_bench_full)
 
