@@ -716,7 +716,7 @@ def format_table(result: dict) -> str:
     if 'concepts_per_s' in entry:
       other.append(f'{entry["concepts_per_s"]:.2f} concepts/s')
     if 'tflops_per_s' in entry:
-      other.append(f'{entry["tflops_per_s"]:.0f} TFLOP/s' + (f', MFU {entry["mfu"]:.1%}' if 'mfu' in entry else ''))
+      other.append(f'{entry["tflops_per_s"]:.3g} TFLOP/s' + (f', MFU {entry["mfu"]:.1%}' if 'mfu' in entry else ''))
     if 'compilations_during_loop' in entry:
       other.append(f'{entry["compilations_during_loop"]} compiles in {entry["n"]} concepts')
     lines.append(f'| {name} | {bench._fmt_seconds(compiled.get("compile_s"))} | {bench._fmt_bytes(program or None)} | '
