@@ -224,6 +224,21 @@ def _scoped_persistent_cache(cache_dir: Path):
     compilation_cache.reset_cache()
 
 
+def _timed_calls(fn: Callable, arg_lists: Sequence[Sequence[Any]], stop: Callable[[], bool] | None = None
+                 ) -> tuple[list[float], list[Any], int]:
+  """Times `fn(*args)` to `block_until_ready` for each entry of `arg_lists` (the caller warms up first),
+  until `stop()` says so: (seconds, results, XLA compilations seen meanwhile)."""
+  seconds, results = [], []
+  with _JaxEvents() as events:
+    for args in arg_lists:
+      if stop is not None and stop():
+        break
+      t0 = time.perf_counter()
+      results.append(jax.block_until_ready(fn(*args)))
+      seconds.append(time.perf_counter() - t0)
+  return seconds, results, events.compilations
+
+
 def _latency_stats(seconds: Sequence[float]) -> dict[str, float]:
   values = np.asarray(seconds, np.float64)
   return {'n': int(values.size), 'p50_s': float(np.percentile(values, 50)), 'p95_s': float(np.percentile(values, 95)),
@@ -591,16 +606,11 @@ def _concrete_bench(config_name: str, *, num_steps: int, num_concepts: int, batc
       # Per-concept latency. One untimed call first: the first execution of an executable pays one-time
       # allocation/thread-pool start-up that no later concept sees.
       jax.block_until_ready(personalize_fn(model.params, images[-1], keys[-1]))
-      seconds, concepts = [], []
-      with _JaxEvents() as events:
-        for image, key in zip(images[:num_concepts], keys[:num_concepts]):
-          t0 = time.perf_counter()
-          concept = jax.block_until_ready(personalize_fn(model.params, image, key))
-          seconds.append(time.perf_counter() - t0)
-          concepts.append(concept)
+      seconds, concepts, compilations = _timed_calls(
+          personalize_fn, [(model.params, image, key) for image, key in zip(images[:num_concepts], keys[:num_concepts])])
       latency = _latency_stats(seconds)
       latency['concepts_per_s'] = 1.0 / latency['p50_s']
-      latency['compilations'] = events.compilations
+      latency['compilations'] = compilations
       result['latency'] = latency
       result['loss_trace_first'] = [float(x) for x in np.asarray(concepts[0].loss_trace)]
       result['concept_file_bytes'] = concepts[0].save(tmp / 'concept.e4t.safetensors').stat().st_size
@@ -645,14 +655,9 @@ def _batched_bench(model: model_lib.E4TModel, tuning: personalize_lib.TuningConf
     compiled = program.lower(model.params, pixels, keys, steps).compile()
   stats['steady_compile_cache_hits'] = events.counts[CACHE_HIT_EVENT]
   jax.block_until_ready(compiled(model.params, pixels, keys, steps))  # untimed first execution
-  seconds = []
-  with _JaxEvents() as events:
-    for _ in range(max(repeats, 1)):
-      t0 = time.perf_counter()
-      jax.block_until_ready(compiled(model.params, pixels, keys, steps))
-      seconds.append(time.perf_counter() - t0)
+  seconds, _, compilations = _timed_calls(compiled, [(model.params, pixels, keys, steps)] * max(repeats, 1))
   stats.update({'steady_s': float(np.median(seconds)), 'steady_repeats': len(seconds),
-                'steady_concepts_per_s': count / float(np.median(seconds)), 'steady_compilations': events.compilations})
+                'steady_concepts_per_s': count / float(np.median(seconds)), 'steady_compilations': compilations})
   return stats, _memory_stats(compiled)
 
 

@@ -247,21 +247,6 @@ def random_like(abstract: Any, seed: int = 0) -> Any:
   return traverse_util.unflatten_dict(out)
 
 
-def _concrete(tree: Any, seed: int) -> Any:
-  """Concrete random arrays for an arbitrary abstract pytree (optimizer states, batches)."""
-  leaves, treedef = jax.tree.flatten(tree)
-  made = []
-  for i, leaf in enumerate(leaves):
-    key = jax.random.fold_in(jax.random.key(seed), i)
-    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      made.append(jax.random.key(seed + i))
-    elif jnp.issubdtype(leaf.dtype, jnp.integer):
-      made.append(jnp.zeros(leaf.shape, leaf.dtype))
-    else:
-      made.append((jax.random.normal(key, leaf.shape, jnp.float32) * 0.02).astype(leaf.dtype))
-  return jax.tree.unflatten(treedef, made)
-
-
 # ----------------------------------------------------------------------------- worker: compile
 def compile_worker(config_name: str, job: Job, cache_dir: str) -> None:
   personalize_lib.enable_compilation_cache(cache_dir)
@@ -369,15 +354,9 @@ def _time_personalize(fn: personalize_lib.PersonalizeFn, params: Any, size: int,
   t0 = time.perf_counter()
   first = call(images[-1], keys[-1])
   first_s = time.perf_counter() - t0
-  seconds = []
-  with bench._JaxEvents() as events:
-    for image, key in zip(images[:num_concepts], keys[:num_concepts]):
-      if time.time() > deadline - 5:
-        break
-      t0 = time.perf_counter()
-      call(image, key)
-      seconds.append(time.perf_counter() - t0)
-  out = {'first_call_s': first_s, 'compilations_during_loop': events.compilations, 'non_finite': non_finite,
+  seconds, _, compilations = bench._timed_calls(call, list(zip(images[:num_concepts], keys[:num_concepts])),
+                                                stop=lambda: time.time() > deadline - 5)
+  out = {'first_call_s': first_s, 'compilations_during_loop': compilations, 'non_finite': non_finite,
          'loss_trace_first': None if first is None else [float(x) for x in np.asarray(first.loss_trace)]}
   if seconds:
     latency = bench._latency_stats(seconds)
@@ -395,14 +374,9 @@ def _time_batched(compiled, model: model_lib.E4TModel, args: Sequence[Any], batc
   steps = jnp.full((batch,), 5, jnp.int32)
   ids = personalize_lib.tuning_prompt_ids(m, personalize_lib.tuning_prompt(m, personalize_lib.TuningConfig()))
   ids = jnp.asarray(np.broadcast_to(ids, args[4].shape))
-  jax.block_until_ready(compiled(params, pixels, keys, steps, ids))
-  seconds = []
-  for _ in range(5):
-    if time.time() > deadline - 5:
-      break
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(params, pixels, keys, steps, ids))
-    seconds.append(time.perf_counter() - t0)
+  jax.block_until_ready(compiled(params, pixels, keys, steps, ids))  # untimed first execution
+  seconds, _, _ = bench._timed_calls(compiled, [(params, pixels, keys, steps, ids)] * 5,
+                                     stop=lambda: time.time() > deadline - 5)
   if not seconds:
     return {}
   median = float(np.median(seconds))
@@ -426,7 +400,7 @@ def _time_train(compiled, job: Job, model: model_lib.E4TModel, args: Sequence[An
     unet = jax.tree.map(jnp.copy, model.params['unet'])
     state = {'params': unet, 'opt_state': _unet_optimizer().init(unet),
              'step': jnp.zeros((), jnp.int32)}
-    inputs = _concrete(abstract_inputs, seed=4)
+    inputs = random_like(abstract_inputs, seed=4)
     run = lambda s: compiled(s, inputs, jax.random.key(0))
   state, metrics = run(state)  # warm-up: first execution
   jax.block_until_ready(state)

@@ -40,8 +40,8 @@ _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
 # ----------------------------------------------------------------------------- safetensors I/O
-def _read_header(path: Path) -> tuple[dict, int]:
-  """(header dict, header length) of a .safetensors file, checked before anything is allocated."""
+def _read_header(path: Path) -> tuple[dict, int, int]:
+  """(header dict, header length, file size) of a .safetensors file, checked before anything is allocated."""
   try:
     size = path.stat().st_size
     with open(path, 'rb') as f:
@@ -53,7 +53,7 @@ def _read_header(path: Path) -> tuple[dict, int]:
       raise ValueError('the header is not a JSON object')
   except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
     raise ConversionError(f'{path}: not a readable safetensors file ({e}); re-export it.') from e
-  return header, header_len
+  return header, header_len, size
 
 
 _MAX_HEADER_BYTES = 100 * 2**20  # the format's own limit
@@ -62,9 +62,9 @@ _MAX_HEADER_BYTES = 100 * 2**20  # the format's own limit
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a .safetensors file into numpy arrays (memory-mapped, no copy until used)."""
   path = Path(path)
-  header, header_len = _read_header(path)
+  header, header_len, size = _read_header(path)
   header.pop('__metadata__', None)
-  data = np.memmap(path, dtype=np.uint8, mode='r', offset=8 + header_len) if path.stat().st_size > 8 + header_len \
+  data = np.memmap(path, dtype=np.uint8, mode='r', offset=8 + header_len) if size > 8 + header_len \
       else np.zeros((0,), np.uint8)
   out = {}
   for key, info in header.items():
