@@ -26,7 +26,7 @@ setup(
     version='0.1.0',
     description='Encoder-based domain tuning (E4T, Gal et al. 2023) for fast personalization, in JAX',
     python_requires='>=3.11',
-    packages=find_packages(include=['e4t_jax', 'e4t_jax.*', 'configs']),
+    packages=find_packages(include=['e4t_jax', 'e4t_jax.*']),
     package_data={'e4t_jax': ['assets/**/*', 'assets/*/*']},
     include_package_data=True,
     install_requires=RUNTIME,

@@ -18,12 +18,14 @@ from e4t_jax.errors import CheckpointError, ConfigError, ConversionError, E4TErr
 
 DEMO_MODEL_DIR = Path(__file__).parent / 'assets' / 'demo_model'
 
+# Public name -> (module, attribute); imported on first use so `import e4t_jax` stays cheap. No
+# submodule may share a public name: importing it would replace the attribute with the module.
 _LAZY = {
     'make_personalize_fn': ('e4t_jax.personalize', 'make_personalize_fn'),
     'personalize_many': ('e4t_jax.personalize', 'personalize_many'),
-    'Concept': ('e4t_jax.personalize', 'Concept'),
+    'Concept': ('e4t_jax.e4t.concept', 'Concept'),
     'TuningConfig': ('e4t_jax.personalize', 'TuningConfig'),
-    'generate': ('e4t_jax.generate', 'generate'),
+    'generate': ('e4t_jax.generation', 'generate'),
     'save_model': ('e4t_jax.e4t.io', 'save_model'),
     'E4TConfig': ('e4t_jax.e4t.model', 'E4TConfig'),
     'E4TModel': ('e4t_jax.e4t.model', 'E4TModel'),
@@ -38,20 +40,8 @@ def load(path):
 
 
 def load_demo():
-  """The small embedded model that ships in the package.
-
-  Until the project's trained demo weights are shipped (assets/demo_model/), this is the tiny
-  architecture with deterministic random weights: everything runs, nothing looks like anything.
-  """
-  if (DEMO_MODEL_DIR / 'e4t.json').is_file():
-    return load(DEMO_MODEL_DIR)
-  import jax
-  from e4t_jax.e4t import model as model_lib
-  from e4t_jax.e4t.encoder import EncoderConfig
-  from e4t_jax.e4t.offsets import OffsetsConfig
-  config = model_lib.E4TConfig(coarse_word='face', encoder=EncoderConfig(hidden_dim=64, clip_layers=(-1, -2)),
-                               offsets=OffsetsConfig(rank=4))
-  return model_lib.init_tiny(jax.random.key(0), config)
+  """The small embedded model that ships in the package (`e4t_jax/assets/demo_model/`, `e4t demo-train`)."""
+  return load(DEMO_MODEL_DIR)
 
 
 def __getattr__(name):

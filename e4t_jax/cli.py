@@ -31,7 +31,7 @@ embedded demo model is used. Bad input gives one line on stderr and exit code 2.
 
 
 def _default_methods() -> tuple[str, ...]:
-  from e4t_jax.reproduce import DEFAULT_METHODS
+  from e4t_jax.lab.reproduce import DEFAULT_METHODS
   return DEFAULT_METHODS
 
 
@@ -81,8 +81,8 @@ def _cmd_personalize(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
   import warnings
-  from e4t_jax import generate as generate_lib
-  from e4t_jax.personalize import Concept
+  from e4t_jax import generation as generate_lib
+  from e4t_jax.e4t.concept import Concept
   concept = Concept.load(args.concept) if args.concept and args.concept != 'none' else None  # fail fast
   model = _load_model(args.model)
   prompts = args.prompts
@@ -108,8 +108,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-  from e4t_jax.convert.export import export_concept_to_diffusers
-  from e4t_jax.personalize import Concept
+  from e4t_jax.e4t.export import export_concept_to_diffusers
+  from e4t_jax.e4t.concept import Concept
   concept = Concept.load(args.concept)
   model = _load_model(args.model)
   result = export_concept_to_diffusers(concept, model, args.out, token=args.token)
@@ -153,7 +153,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_full(args: argparse.Namespace) -> int:
-  from e4t_jax import bench_full
+  from e4t_jax.bench import full as bench_full
   result = bench_full.run_full_bench(args.config, json_out=args.json, deadline_s=args.deadline_s,
                                      parallel=args.parallel, num_concepts=args.concepts,
                                      train_steps=args.train_steps, train_batch=args.train_batch,
@@ -164,7 +164,7 @@ def _cmd_bench_full(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-  from e4t_jax import bench
+  from e4t_jax.bench import personalize as bench
   result = bench.run_personalize_bench(args.config, num_steps=args.steps, num_concepts=args.concepts,
                                        baseline=args.baseline, abstract=args.abstract, json_out=args.json)
   print(bench.format_table(result))
@@ -172,14 +172,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-  from e4t_jax import demo
+  from e4t_jax.lab import demo
   demo.run(Path(args.out), seed=args.seed)
   return 0
 
 
 def _cmd_demo_train(args: argparse.Namespace) -> int:
   import e4t_jax
-  from e4t_jax import demo_train
+  from e4t_jax.lab import demo_train
   config = demo_train.DemoTrainConfig.smoke(seed=args.seed) if args.smoke else demo_train.DemoTrainConfig(
       seed=args.seed)
   if args.install and args.ablation:
@@ -190,7 +190,7 @@ def _cmd_demo_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-  from e4t_jax import reproduce
+  from e4t_jax.lab import reproduce
   methods = [m.strip() for m in args.methods.split(',') if m.strip()]
   for method in methods:  # validate before any work
     reproduce.parse_method(method)
@@ -200,7 +200,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
   attributes = reproduce.attribute_table(results)
   if attributes:
     print('\nidentity attributes found by the read-out:\n' + attributes)
-  print(f'results in {args.out}')
+  plot_path = Path(args.out).with_name(Path(args.out).stem + '-scores.png')
+  reproduce.plot(results, plot_path)
+  print(f'results in {args.out}, plot in {plot_path}')
   return 0
 
 

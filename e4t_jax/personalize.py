@@ -6,8 +6,8 @@ update of the encoder and the weight offsets on a copy of the domain state), and
 Per-concept values — the image, the PRNG key, the step count (up to the compiled maximum) — are array
 arguments, so every concept reuses the same executable.
 
-A `Concept` is the placeholder embedding w* plus the tuned low-rank weight offsets (kilobytes to a
-few MB), not a copy of the U-Net. Because w* is a single vector (exportable as a textual-inversion
+A `Concept` (`e4t_jax.e4t.concept`) is the placeholder embedding w* plus the tuned low-rank weight
+offsets (kilobytes to a few MB), not a copy of the U-Net. Because w* is a single vector (exportable as a textual-inversion
 embedding), it is the tuned encoder's prediction averaged over a fixed set of timesteps and noise
 draws; the reference instead keeps the encoder in the sampling loop, which needs the whole encoder
 (and the image) at generation time.
@@ -15,100 +15,23 @@ draws; the reference instead keeps the encoder in the sampling loop, which needs
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from e4t_jax.convert.common import read_safetensors, safetensors_metadata, write_safetensors
+from e4t_jax import runtime
 from e4t_jax.diffusion import schedule as schedule_lib
 from e4t_jax.e4t import model as model_lib
-from e4t_jax.e4t import offsets as offsets_lib
+from e4t_jax.e4t.concept import Concept, model_fingerprint
 from e4t_jax.e4t.encoder import placeholder_embedding
 from e4t_jax.e4t.objective import e4t_loss, image_features, predict_offset
 from e4t_jax.e4t.prompts import token_embedding
-from e4t_jax.errors import CheckpointError, InputError
+from e4t_jax.errors import InputError
 from e4t_jax.models.vae import scale_latents
-
-CONCEPT_FORMAT = 'e4t-concept/1'
-
-
-# ----------------------------------------------------------------------------- the concept
-@flax.struct.dataclass
-class Concept:
-  """A personalized concept: w* and the tuned weight offsets (+ how it was made)."""
-  embedding: jax.Array                 # [width] the placeholder's token embedding w*
-  weight_offsets: dict                 # U-Net kernel path -> {'down': [in, r], 'up': [r, out]}
-  loss_trace: jax.Array                # [max_steps] float32, NaN for steps not run
-  steps: jax.Array                     # int32 scalar, tuning steps actually run
-  # Static, hashable metadata: (key, value) string pairs.
-  metadata: tuple = flax.struct.field(pytree_node=False, default=())
-
-  @property
-  def info(self) -> dict[str, str]:
-    return dict(self.metadata)
-
-  def save(self, path: str | os.PathLike) -> Path:
-    """Writes `<path>` as safetensors (tensors) + JSON metadata in its header, atomically."""
-    path = Path(path)
-    tensors = {'embedding': np.asarray(self.embedding, np.float32),
-               'loss_trace': np.asarray(self.loss_trace, np.float32),
-               'steps': np.asarray(self.steps, np.int32).reshape(())}
-    tensors.update({k: np.asarray(v, np.float32) for k, v in offsets_lib.flatten_offsets(self.weight_offsets).items()})
-    metadata = dict(self.metadata, format=CONCEPT_FORMAT)
-    write_safetensors(path, tensors, metadata={'e4t': json.dumps(metadata, sort_keys=True)})
-    return path
-
-  @classmethod
-  def load(cls, path: str | os.PathLike) -> 'Concept':
-    path = Path(path)
-    if not path.is_file():
-      raise InputError(f'{path}: no such concept file (make one with `e4t personalize IMAGE`).')
-    try:
-      header = safetensors_metadata(path)
-      metadata = json.loads(header['e4t'])
-      tensors = read_safetensors(path)
-    except (KeyError, ValueError, OSError, Exception) as e:  # noqa: BLE001 - any parse failure is a bad file
-      if isinstance(e, CheckpointError):
-        raise
-      raise CheckpointError(f'{path}: not an e4t concept file or corrupt ({type(e).__name__}: {e}).') from e
-    if metadata.get('format') != CONCEPT_FORMAT:
-      raise CheckpointError(f'{path}: concept format {metadata.get("format")!r}, this e4t-jax reads {CONCEPT_FORMAT}.')
-    metadata.pop('format')
-    return cls(embedding=np.array(tensors['embedding']), weight_offsets=offsets_lib.unflatten_offsets(tensors),
-               loss_trace=np.array(tensors['loss_trace']), steps=np.array(tensors['steps']),
-               metadata=tuple(sorted(metadata.items())))
-
-  def check_compatible(self, modules: model_lib.E4TModules, fingerprint: str, source: str = 'concept') -> None:
-    """Raises CheckpointError when this concept was made for another model."""
-    info = self.info
-    if info.get('base_fingerprint') != fingerprint:
-      raise CheckpointError(
-          f'{source}: made for base model {info.get("base_fingerprint", "?")[:12]}, but this model is '
-          f'{fingerprint[:12]}; personalize the image again with this model.')
-    width = modules.text_encoder.config.hidden_size
-    if tuple(np.shape(self.embedding)) != (width,):
-      raise CheckpointError(f'{source}: embedding width {np.shape(self.embedding)} does not fit text width {width}.')
-
-
-def model_fingerprint(model: model_lib.E4TModel) -> str:
-  """A short hash identifying the domain model a concept belongs to (configs + a few weights)."""
-  m = model.modules
-  h = hashlib.sha256()
-  for cfg in (m.unet.config, m.text_encoder.config, m.vae.config, m.image_encoder.config):
-    h.update(repr(cfg).encode())
-  h.update(repr((m.config.coarse_word, m.config.placeholder, m.config.offsets)).encode())
-  for leaf in (model.params['unet']['conv_in']['kernel'],
-               model.params['text_encoder']['embeddings']['token_embedding']['embedding'][m.coarse_token_id]):
-    h.update(np.asarray(leaf, np.float32).tobytes())
-  return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- tuning program
@@ -122,7 +45,7 @@ class TuningConfig:
   readout_timesteps: Sequence[int] = (100, 300, 500, 700, 900)
 
 
-def _tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Callable:
+def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Callable:
   """The pure function compiled by `make_personalize_fn` (one concept)."""
   config = modules.config
   prompt_ids = modules.tokenize([tuning_prompt(modules, tuning).replace('{}', config.placeholder)]
@@ -268,7 +191,6 @@ class PersonalizeFn:
   def __init__(self, model: model_lib.E4TModel, tuning: TuningConfig, compiled, fingerprint: str):
     self.model, self.tuning, self.compiled, self.fingerprint = model, tuning, compiled, fingerprint
     self._default_key = jax.random.key(0)
-    m = model.modules
     self._metadata = concept_metadata(model, tuning, fingerprint)
 
   def __call__(self, params: Any, image: Any, rng: jax.Array | None = None, num_steps: int | None = None,
@@ -290,25 +212,11 @@ class PersonalizeFn:
                    metadata=self._metadata + (('steps', str(steps)),))
 
   def cost_analysis(self) -> dict:
-    analysis = self.compiled.cost_analysis()
-    return analysis[0] if isinstance(analysis, (list, tuple)) else (analysis or {})
+    """FLOPs and bytes of the compiled program (`e4t_jax.runtime.cost_stats`)."""
+    return runtime.cost_stats(self.compiled)
 
   def memory_analysis(self) -> Any:
     return self.compiled.memory_analysis()
-
-
-def enable_compilation_cache(cache_dir: str | os.PathLike) -> None:
-  """Persistent XLA compilation cache: a new process skips most of the compile (process-wide)."""
-  Path(cache_dir).mkdir(parents=True, exist_ok=True)
-  changed = jax.config.jax_compilation_cache_dir != str(cache_dir)
-  jax.config.update('jax_compilation_cache_dir', str(cache_dir))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  if changed:
-    # JAX initializes its cache once per process, at the first compile: without a reset, a directory
-    # set after that (or changed) would be ignored silently.
-    from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
-    compilation_cache.reset_cache()
 
 
 def make_personalize_fn(model: model_lib.E4TModel, num_steps: int = 5, *, tuning: TuningConfig | None = None,
@@ -322,7 +230,7 @@ def make_personalize_fn(model: model_lib.E4TModel, num_steps: int = 5, *, tuning
   if num_steps < 0:
     raise InputError(f'num_steps must be >= 0, got {num_steps}.')
   if cache_dir is not None:
-    enable_compilation_cache(cache_dir)
+    runtime.enable_compilation_cache(cache_dir)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), model.params)
   compiled = lower_personalize_program(model.modules, abstract, tuning).compile()
   return PersonalizeFn(model, tuning, compiled, model_fingerprint(model))
@@ -330,10 +238,10 @@ def make_personalize_fn(model: model_lib.E4TModel, num_steps: int = 5, *, tuning
 
 def lower_personalize_program(modules: model_lib.E4TModules, abstract_params: Any, tuning: TuningConfig):
   """The jitted tuning program lowered for params of these shapes/dtypes (`jax.ShapeDtypeStruct`s):
-  what `make_personalize_fn` compiles; `bench_full` compiles the same lowering ahead of time."""
+  what `make_personalize_fn` compiles; `e4t_jax.bench.full` compiles the same lowering ahead of time."""
   size = modules.image_size
   ids = tuning_prompt_ids(modules, tuning_prompt(modules, tuning))
-  return jax.jit(_tuning_program(modules, tuning)).lower(
+  return jax.jit(tuning_program(modules, tuning)).lower(
       abstract_params, jax.ShapeDtypeStruct((size, size, 3), jnp.float32),
       jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.int32),
       jax.ShapeDtypeStruct(ids.shape, jnp.int32))
@@ -342,14 +250,14 @@ def lower_personalize_program(modules: model_lib.E4TModules, abstract_params: An
 _BATCHED_PROGRAMS: dict[tuple, tuple[Any, Any]] = {}
 
 
-def _batched_program(modules: model_lib.E4TModules, tuning: TuningConfig, mesh) -> Callable:
+def batched_program(modules: model_lib.E4TModules, tuning: TuningConfig, mesh) -> Callable:
   """The vmapped tuning program, jitted once per (modules, tuning, mesh) and reused across calls."""
   from jax.sharding import NamedSharding, PartitionSpec as P
   key = (id(modules), tuning, None if mesh is None else (id(mesh), tuple(mesh.shape.items())))
   cached = _BATCHED_PROGRAMS.get(key)
   if cached is not None and cached[0] is modules:  # the entry keeps `modules` alive: ids cannot be reused
     return cached[1]
-  batched = jax.vmap(_tuning_program(modules, tuning), in_axes=(None, 0, 0, 0, 0))
+  batched = jax.vmap(tuning_program(modules, tuning), in_axes=(None, 0, 0, 0, 0))
   if mesh is not None:
     over_data, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
     batched = jax.jit(batched, in_shardings=(replicated, over_data, over_data, over_data, over_data),
@@ -382,7 +290,7 @@ def personalize_many(model: model_lib.E4TModel, images: Sequence[Any], *, num_st
   if len(prompts) != count:
     raise InputError(f'{len(prompts)} prompts for {count} images; pass one tuning prompt per image.')
   ids = np.stack([tuning_prompt_ids(model.modules, p) for p in prompts + prompts[:1] * (padded - count)])
-  batched = _batched_program(model.modules, tuning, mesh)
+  batched = batched_program(model.modules, tuning, mesh)
   w_star, offsets, losses, steps_run, healthy = batched(model.params, pixels, keys, steps, ids)
   fingerprint = model_fingerprint(model)
   metadata = concept_metadata(model, tuning, fingerprint) + (('steps', str(num_steps)),)

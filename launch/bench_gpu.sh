@@ -19,7 +19,7 @@ python3 -c "import jax, flax, optax, torch, transformers; print('jax', jax.__ver
 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, jax.devices())" \
   2>&1 | tee "$OUT/versions.txt"
 python3 -c "
-from e4t_jax import bench_full as b
+from e4t_jax.bench import full as b
 r = b.run_full_bench('${CONFIG:-sd15}', json_out='$OUT/bench_full.json', deadline_s=${DEADLINE:-540},
                      parallel=${PARALLEL:-2}, minimal=${MINIMAL:-True}, compile_share=${COMPILE_SHARE:-0.6})
 print(b.format_table(r))" 2>&1 | tee "$OUT/log.txt"

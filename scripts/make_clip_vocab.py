@@ -31,7 +31,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from e4t_jax.tokenizer import bytes_to_unicode  # noqa: E402  (the one byte table, shared with the tokenizer)
+from e4t_jax.models.tokenizer import bytes_to_unicode  # noqa: E402  (the one byte table, shared with the tokenizer)
 
 BPE_MEMBER = 'open_clip/bpe_simple_vocab_16e6.txt.gz'
 LICENSE_MEMBER_SUFFIX = '.dist-info/licenses/LICENSE'

@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from e4t_jax import baselines
-from e4t_jax import generate as generate_lib
+from e4t_jax.lab import baselines
+from e4t_jax import generation as generate_lib
 from e4t_jax.errors import CheckpointError, InputError
-from e4t_jax.personalize import Concept, model_fingerprint
+from e4t_jax.e4t.concept import Concept, model_fingerprint
 
 STEPS = 30
 

@@ -17,7 +17,7 @@ import json
 
 import pytest
 
-from e4t_jax import bench
+from e4t_jax.bench import personalize as bench
 
 HAS_TORCH = all(importlib.util.find_spec(name) for name in ('torch', 'diffusers', 'transformers'))
 

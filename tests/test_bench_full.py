@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from e4t_jax import bench_full
+from e4t_jax.bench import full as bench_full
 from e4t_jax.errors import ConfigError
 from e4t_jax.models import layers
 
@@ -57,7 +57,7 @@ def test_random_like_fills_by_kind_and_shares_buffers_of_one_shape():
 
 def test_unet_step_job_executes_and_counts_model_flops_from_the_lowering():
   job = bench_full.Job('unet_step', batch=1)
-  record = bench_full._execute_job('tiny', job, {}, time.time() + 600, num_concepts=1, train_steps=2)
+  record = bench_full.execute_job('tiny', job, {}, time.time() + 600, num_concepts=1, train_steps=2)
   assert record['stage'] == 'executed' and record['step']['n'] == 2
   assert np.isfinite(record['final_loss'])
   # the lowered program counts the convolutions and matmuls (a GPU's compiled cost analysis does not)

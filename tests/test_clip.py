@@ -18,7 +18,7 @@ import pytest
 from flax import traverse_util
 
 from e4t_jax.convert.clip import load_image_encoder, load_text_encoder, save_image_encoder, save_text_encoder
-from e4t_jax.convert.common import read_safetensors, write_safetensors
+from e4t_jax.fileio import read_safetensors, write_safetensors
 from e4t_jax.errors import ConfigError, ConversionError, InputError
 from e4t_jax.models.clip import (CLIP_MEAN, CLIP_STD, CLIPTextConfig, CLIPTextTransformer, CLIPVisionConfig,
                                  CLIPVisionTransformer, abstract_params, clip_preprocess)

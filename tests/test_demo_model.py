@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import e4t_jax
-from e4t_jax import evaluate
+from e4t_jax.lab import evaluate
 from e4t_jax.data import synthetic
 
 pytestmark = pytest.mark.skipif(not (e4t_jax.DEMO_MODEL_DIR / 'e4t.json').is_file(),
@@ -50,7 +50,7 @@ def test_demo_model_personalizes_one_held_out_identity(demo_model):
 
 
 def test_e4t_demo_writes_inputs_grid_concepts_and_metrics(tmp_path):
-  from e4t_jax import demo
+  from e4t_jax.lab import demo
   metrics = demo.run(tmp_path, num_identities=1, tuning_steps=2)
   assert (tmp_path / 'grid.png').is_file() and (tmp_path / 'input_0.png').is_file()
   assert (tmp_path / 'concepts' / 'identity_0.e4t.safetensors').is_file()

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from e4t_jax import cli, demo_train
+from e4t_jax import cli
+from e4t_jax.lab import demo_train
 
 
 def test_demo_train_smoke_every_stage_resume_and_ablation(tmp_path, capsys):
@@ -25,7 +26,7 @@ def test_demo_train_smoke_every_stage_resume_and_ablation(tmp_path, capsys):
   assert model.modules.text_encoder.config == text_config
   assert model.modules.tokenizer.model_max_length == demo_train.TEXT_LENGTH
   # The frozen networks are stored in float16, the trained part in float32.
-  from e4t_jax.convert.common import read_safetensors
+  from e4t_jax.fileio import read_safetensors
   unet_file = read_safetensors(model_dir / 'base' / 'unet' / 'diffusion_pytorch_model.safetensors')
   assert {v.dtype for v in unet_file.values()} == {np.dtype(np.float16)}
   assert {v.dtype for v in read_safetensors(model_dir / 'trainable.safetensors').values()} == {np.dtype(np.float32)}

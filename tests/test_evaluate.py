@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from e4t_jax import evaluate
+from e4t_jax.lab import evaluate
 from e4t_jax.data.synthetic import (CONTEXT_ATTRIBUTES, IDENTITY_ATTRIBUTES, Context, Identity, heldout_identities,
                                     render)
 from e4t_jax.errors import CheckpointError, InputError
@@ -214,10 +214,10 @@ def test_corrupt_or_missing_file(readout, tmp_path):
 
 
 def test_foreign_safetensors_file_is_rejected(tmp_path):
-  from e4t_jax.convert.common import write_safetensors
+  from e4t_jax.fileio import write_safetensors
   path = tmp_path / 'other.safetensors'
   write_safetensors(path, {'w': np.zeros(3, np.float32)}, metadata={'format': 'something-else'})
-  with pytest.raises(CheckpointError, match='not a read-out file'):
+  with pytest.raises(CheckpointError, match='not an e4t read-out file'):
     evaluate.ReadoutModel.load(path)
 
 
@@ -231,7 +231,7 @@ def test_train_readout_is_deterministic(heldout_renders):
   assert not all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(np.array_equal, first.params, other.params)))
   # The augmentation draws from the step key only.
   images = jax.numpy.asarray(heldout_renders[0][:8])
-  augment = jax.jit(evaluate._augment)  # pylint: disable=protected-access
+  augment = jax.jit(evaluate.augment_images)
   a, b = augment(jax.random.key(0), images), augment(jax.random.key(0), images)
   assert np.array_equal(np.asarray(a), np.asarray(b)) and a.shape == images.shape
   assert not np.array_equal(np.asarray(a), np.asarray(augment(jax.random.key(1), images)))

@@ -18,12 +18,12 @@ import jax
 import numpy as np
 import pytest
 
-from e4t_jax import generate as generate_lib
-from e4t_jax.convert import export as export_lib
+from e4t_jax import generation as generate_lib
+from e4t_jax.e4t import export as export_lib
 from e4t_jax.e4t import offsets as offsets_lib
 from e4t_jax.e4t.prompts import encode_prompt
 from e4t_jax.errors import CheckpointError, InputError
-from e4t_jax.personalize import Concept, model_fingerprint
+from e4t_jax.e4t.concept import Concept, model_fingerprint
 
 STEPS = 2
 PROMPTS = ['a photo of *', 'a painting of * in a hat']
@@ -198,7 +198,7 @@ def test_export_matches_diffusers_text_encoder_and_lora_unet(tiny, concept, tmp_
   torch = pytest.importorskip('torch')
   diffusers = pytest.importorskip('diffusers')
   from e4t_jax.convert.pipeline import SD1_SCHEDULER_CONFIG, StableDiffusion, save_stable_diffusion
-  from e4t_jax.tokenizer import CLIPTokenizer
+  from e4t_jax.models.tokenizer import CLIPTokenizer
 
   m = tiny.modules
   # The base model without the placeholder: diffusers adds the exported token itself.

@@ -36,7 +36,7 @@ def test_foreign_format_is_refused(tiny_e4t, tmp_path):
 
 def test_corrupt_safetensors_headers_are_clear_errors_without_huge_allocations(tmp_path):
   import struct
-  from e4t_jax.convert.common import read_safetensors, safetensors_metadata, write_safetensors
+  from e4t_jax.fileio import read_safetensors, safetensors_metadata, write_safetensors
   from e4t_jax.errors import ConversionError
   good = tmp_path / 'good.safetensors'
   write_safetensors(good, {'w': np.arange(6, dtype=np.float32).reshape(2, 3)}, {'k': 'v'})

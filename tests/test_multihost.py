@@ -28,7 +28,7 @@ WORKER = textwrap.dedent('''
     kind = multihost.initialize_from_env()
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from e4t_jax import config as config_lib
+    from e4t_jax.train import config as config_lib
     from e4t_jax.parallel.mesh import make_mesh
     from e4t_jax.train import loop
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from e4t_jax import personalize as personalize_lib
-from e4t_jax.e4t import model as model_lib
+from e4t_jax.e4t.concept import Concept
 from e4t_jax.errors import CheckpointError, InputError
 
 
@@ -60,7 +60,7 @@ def test_fewer_steps_per_call_within_the_compiled_maximum(tiny, personalize_fn):
 def test_concept_save_load_round_trip_and_compatibility(tiny, personalize_fn, tmp_path):
   concept = personalize_fn(tiny.params, _image(3))
   path = concept.save(tmp_path / 'me.e4t.safetensors')
-  loaded = personalize_lib.Concept.load(path)
+  loaded = Concept.load(path)
   np.testing.assert_array_equal(loaded.embedding, concept.embedding)
   for key, pair in concept.weight_offsets.items():
     np.testing.assert_array_equal(loaded.weight_offsets[key]['up'], pair['up'])
@@ -76,9 +76,9 @@ def test_corrupt_concept_file_is_a_clear_error(tmp_path):
   bad = tmp_path / 'bad.e4t.safetensors'
   bad.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"not": json')
   with pytest.raises(CheckpointError, match='bad.e4t.safetensors'):
-    personalize_lib.Concept.load(bad)
+    Concept.load(bad)
   with pytest.raises(InputError, match='no such concept'):
-    personalize_lib.Concept.load(tmp_path / 'missing.safetensors')
+    Concept.load(tmp_path / 'missing.safetensors')
 
 
 def test_bad_images_are_clear_errors(tiny, personalize_fn):

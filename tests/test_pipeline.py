@@ -30,7 +30,7 @@ from e4t_jax.models import vae as vae_lib
 from e4t_jax.models.clip import CLIPTextConfig
 from e4t_jax.models.unet import UNetConfig
 from e4t_jax.models.vae import VAEConfig, decode_latents
-from e4t_jax.tokenizer import CLIPTokenizer
+from e4t_jax.models.tokenizer import CLIPTokenizer
 
 PROMPTS = ['a photo of a cat', 'A painting of a DOG on the beach, 4k!', 'sks face   close-up', '']
 TOLERANCE = 1e-4

@@ -2,7 +2,8 @@
 import pytest
 
 import e4t_jax
-from e4t_jax import evaluate, reproduce
+from e4t_jax.lab import evaluate
+from e4t_jax.lab import reproduce
 from e4t_jax.errors import InputError
 
 

@@ -33,7 +33,7 @@ from e4t_jax.models import clip as clip_lib
 from e4t_jax.models import unet as unet_lib
 from e4t_jax.models import vae as vae_lib
 from e4t_jax.parallel import mesh as mesh_lib
-from e4t_jax.tokenizer import CLIPTokenizer
+from e4t_jax.models.tokenizer import CLIPTokenizer
 
 MESH_SHAPE = {'data': 2, 'fsdp': 2, 'tensor': 2}
 BATCH = 4  # sharded over data x fsdp in the forward checks

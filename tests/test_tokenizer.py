@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from e4t_jax.errors import InputError
-from e4t_jax.tokenizer import CLIPTokenizer
+from e4t_jax.models.tokenizer import CLIPTokenizer
 
 ASSETS = Path(__file__).resolve().parent.parent / 'e4t_jax' / 'assets' / 'clip_tokenizer'
 A_PHOTO_OF_A_CAT = [49406, 320, 1125, 539, 320, 2368, 49407]  # The well-known OpenAI CLIP ids.
@@ -117,7 +117,7 @@ def test_default_tokenizer_gives_the_known_clip_ids(tokenizer):
 
 
 def test_runtime_module_imports_neither_torch_nor_transformers():
-  code = ('import sys, e4t_jax.tokenizer as t; t.CLIPTokenizer.default().encode("x"); '
+  code = ('import sys, e4t_jax.models.tokenizer as t; t.CLIPTokenizer.default().encode("x"); '
           'bad = {"torch", "transformers", "tokenizers"} & set(sys.modules); assert not bad, bad')
   subprocess.run([sys.executable, '-c', code], check=True, cwd=ASSETS.parent.parent.parent)
 

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from e4t_jax import config as config_lib
-from e4t_jax.convert.common import read_safetensors
+from e4t_jax.train import config as config_lib
+from e4t_jax.fileio import read_safetensors
 from e4t_jax.errors import CheckpointError, ConfigError
 from e4t_jax.train import checkpoint as checkpoint_lib
 from e4t_jax.train import loop
@@ -72,7 +72,7 @@ def straight_run(tmp_path_factory, tiny_e4t):
 
 def test_train_and_evaluate_smoke(straight_run, tiny_e4t):
   workdir, summary, _ = straight_run
-  assert loop.config_lib.e4t_config(tiny_config()) == tiny_e4t.config  # configs/tiny.py is the shared fixture
+  assert config_lib.run_config(tiny_config()).e4t == tiny_e4t.config  # configs/tiny.py is the shared fixture
   assert summary['step'] == NUM_STEPS and not summary['preempted']
   assert np.isfinite(summary['loss']) and summary['grad_norm'] > 0 and summary['step_flops'] > 0
   lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
@@ -115,9 +115,10 @@ def test_sharded_run_matches_single_device(straight_run, tmp_path, tiny_e4t):
 
 def _abstract_state(config, model, mesh):
   """The TrainState's shapes with the shardings `mesh` gives them (nothing allocated)."""
-  trainable_shardings, _ = loop.state_and_frozen_shardings(model, mesh, config_lib.logical_axis_rules(config),
-                                                           config.mesh.frozen_sharding)
-  optimizer = step_lib.make_optimizer(config_lib.optimizer_config(config))
+  run = config_lib.run_config(config)
+  trainable_shardings, _ = loop.state_and_frozen_shardings(model, mesh, run.mesh.logical_axis_rules,
+                                                           run.mesh.frozen_sharding)
+  optimizer = step_lib.make_optimizer(run.optimizer)
   trainable, _ = jax.eval_shape(lambda p: tuple(step_lib.model_lib.split_params(p)), model.params)
   opt_state = jax.eval_shape(optimizer.init, trainable)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -165,8 +166,9 @@ def test_config_overrides_parse_and_check_types():
       '--config.encoder.clip_layers=-1,-3', '--config.model.dtype=bfloat16', '--config.data.path=/data/x'])
   assert config.optimizer.learning_rate == 3e-4 and config.train.num_steps == 1000
   assert config.e4t.use_loss_mask is True and tuple(config.encoder.clip_layers) == (-1, -3)
-  assert config_lib.e4t_config(config).encoder.clip_layers == (-1, -3)
-  assert config_lib.optimizer_config(config).learning_rate == 3e-4
+  run = config_lib.run_config(config)
+  assert run.e4t.encoder.clip_layers == (-1, -3) and run.optimizer.learning_rate == 3e-4
+  assert run.model.dtype == 'bfloat16' and run.data.path == '/data/x'
   for name in ('faces', 'cats', 'art'):
     assert config_lib.load_config(name).train.num_steps in (30_000, 60_000, 100_000)
   with pytest.raises(AttributeError):
@@ -186,7 +188,7 @@ def test_config_overrides_parse_and_check_types():
 ])
 def test_config_rejects_bad_overrides(override, message):
   with pytest.raises(ConfigError, match=message):
-    config_lib.load_config('tiny', [override])
+    config_lib.load_run_config('tiny', [override])
 
 
 def test_unknown_config_file_is_a_config_error():

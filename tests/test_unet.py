@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from e4t_jax import fileio
 from e4t_jax.convert import common
 from e4t_jax.convert.unet import WEIGHTS_NAME, load_unet, save_unet
 from e4t_jax.errors import ConfigError, ConversionError
@@ -194,10 +195,10 @@ def test_save_load_round_trip_is_exact(tiny_dir):
 
 
 def _rewrite(src, dst, edit):
-  state = {k: np.array(v) for k, v in common.read_safetensors(src / WEIGHTS_NAME).items()}
+  state = {k: np.array(v) for k, v in fileio.read_safetensors(src / WEIGHTS_NAME).items()}
   edit(state)
   dst.mkdir()
-  common.write_safetensors(dst / WEIGHTS_NAME, state)
+  fileio.write_safetensors(dst / WEIGHTS_NAME, state)
   (dst / 'config.json').write_text((src / 'config.json').read_text())
   return dst
 
@@ -291,7 +292,7 @@ def test_tiny_config_loads_in_diffusers(torch_lib, tiny_dir):
   """Our own config (UNetConfig.tiny().to_diffusers()) and params make a complete diffusers U-Net."""
   from diffusers import UNet2DConditionModel
   reloaded = UNet2DConditionModel.from_pretrained(tiny_dir)
-  ours = common.read_safetensors(tiny_dir / WEIGHTS_NAME)
+  ours = fileio.read_safetensors(tiny_dir / WEIGHTS_NAME)
   assert set(reloaded.state_dict()) == set(ours)
   for key, value in reloaded.state_dict().items():
     np.testing.assert_array_equal(value.numpy(), ours[key], err_msg=key)

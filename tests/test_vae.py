@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from e4t_jax import fileio
 from e4t_jax.convert import common
 from e4t_jax.convert.vae import WEIGHTS_NAME, load_vae, save_vae
 from e4t_jax.errors import ConfigError, ConversionError, InputError
@@ -210,9 +211,9 @@ def test_save_then_load_is_exact(own_vae_dir, config):
 
 def _rewrite_weights(src, dst, edit):
   shutil.copytree(src, dst)
-  tensors = {k: np.array(v) for k, v in common.read_safetensors(dst / WEIGHTS_NAME).items()}
+  tensors = {k: np.array(v) for k, v in fileio.read_safetensors(dst / WEIGHTS_NAME).items()}
   edit(tensors)
-  common.write_safetensors(dst / WEIGHTS_NAME, tensors)
+  fileio.write_safetensors(dst / WEIGHTS_NAME, tensors)
   return dst
 
 
@@ -249,7 +250,7 @@ def test_load_accepts_legacy_attention_names(own_vae_dir, tmp_path):
         if current in key:
           tensors[key.replace(current, f'.mid_block.attentions.0.{old}.')] = tensors.pop(key)
   path = _rewrite_weights(own_vae_dir[0], tmp_path / 'vae', rename)
-  assert 'encoder.mid_block.attentions.0.proj_attn.bias' in common.read_safetensors(path / WEIGHTS_NAME)
+  assert 'encoder.mid_block.attentions.0.proj_attn.bias' in fileio.read_safetensors(path / WEIGHTS_NAME)
   _, loaded = load_vae(path)
   jax.tree.map(np.testing.assert_array_equal, loaded, own_vae_dir[1])
 

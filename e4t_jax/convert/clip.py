@@ -25,7 +25,7 @@ import numpy as np
 
 from e4t_jax.convert.common import (check_params_match, params_to_state_dict, unbox, read_config, read_weights, state_dict_to_params,
                                     write_model_dir)
-from e4t_jax.errors import ConfigError, ConversionError
+from e4t_jax.errors import ConfigError
 from e4t_jax.models.clip import (CLIPTextConfig, CLIPTextTransformer, CLIPVisionConfig, CLIPVisionTransformer,
                                  abstract_params)
 

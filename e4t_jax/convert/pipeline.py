@@ -21,13 +21,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from e4t_jax.convert.clip import load_text_encoder, save_text_encoder
-from e4t_jax.convert.common import atomic_write_bytes
+from e4t_jax.fileio import atomic_write_bytes
 from e4t_jax.convert.unet import load_unet, save_unet
 from e4t_jax.convert.vae import load_vae, save_vae
 from e4t_jax.errors import ConfigError, ConversionError, InputError
@@ -36,7 +35,7 @@ from e4t_jax.models.clip import CLIPTextConfig, CLIPTextTransformer
 from e4t_jax.models.layers import host_init
 from e4t_jax.models.unet import UNet, UNetConfig
 from e4t_jax.models.vae import AutoencoderKL, VAEConfig
-from e4t_jax.tokenizer import CLIPTokenizer
+from e4t_jax.models.tokenizer import CLIPTokenizer
 
 # Stable Diffusion 1.x's training schedule (scaled-linear betas, 1000 steps, epsilon prediction).
 SD1_SCHEDULER_CONFIG = {

@@ -9,12 +9,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax.numpy as jnp
-from flax import traverse_util
 
 from e4t_jax.convert import common
-from e4t_jax.errors import ConfigError, ConversionError
+from e4t_jax.errors import ConfigError
 from e4t_jax.models.unet import UNet, UNetConfig, abstract_params
 
 WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -276,9 +277,14 @@ def verify_image_header(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MA
     raise InputError(f'{path}: is corrupt ({type(e).__name__}: {e}); re-copy or re-export the image.') from None
 
 
-def encode_png(array: np.ndarray) -> bytes:
-  """uint8 [H, W] or [H, W, 3] -> PNG bytes (lossless; used for resized shard records)."""
+def encode_png(array: np.ndarray, text: Mapping[str, str] | None = None) -> bytes:
+  """uint8 [H, W] or [H, W, 3] -> PNG bytes (lossless); `text` goes into iTXt chunks (UTF-8, so any
+  prompt survives), e.g. the generation settings of a render."""
+  from PIL.PngImagePlugin import PngInfo  # pylint: disable=g-import-not-at-top
+  info = PngInfo()
+  for key, value in (text or {}).items():
+    info.add_itxt(key, value)
   buffer = io.BytesIO()
-  Image.fromarray(np.ascontiguousarray(array)).save(buffer, format='PNG')
+  Image.fromarray(np.ascontiguousarray(array)).save(buffer, format='PNG', pnginfo=info)
   return buffer.getvalue()
 

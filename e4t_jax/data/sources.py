@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 import msgpack
 import numpy as np
 
-from e4t_jax.convert.common import atomic_write_bytes
+from e4t_jax.fileio import atomic_write_bytes
 from e4t_jax.data import images
 from e4t_jax.errors import InputError
 

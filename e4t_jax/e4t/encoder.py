@@ -26,11 +26,17 @@ from e4t_jax.models.unet import UNetFeatures
 UNET_FEATURE_SETS = ('down+mid', 'down', 'mid', 'none')
 
 
+def every_second_layer(num_layers: int) -> tuple[int, ...]:
+  """`clip_layers` of the reference encoder: every second layer of a `num_layers`-layer CLIP tower,
+  the last first ((-1, -3, ..., -31) for ViT-H/14's 32)."""
+  return tuple(range(-1, -num_layers - 1, -2))
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
   hidden_dim: int = 1024
   # Indices into CLIP's `hidden_states` (0 = embeddings, -1 = last layer); the reference reads every
-  # second layer of ViT-H/14. Empty: do not use CLIP features.
+  # second layer of ViT-H/14 (`every_second_layer(32)`). Empty: do not use CLIP features.
   clip_layers: Sequence[int] = (-1,)
   unet_features: str = 'down+mid'
   mlp_depth: int = 2  # hidden layers of the final MLP (each Dense + LeakyReLU), then the output layer

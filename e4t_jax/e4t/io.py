@@ -20,13 +20,13 @@ import numpy as np
 from flax import traverse_util
 
 from e4t_jax.convert.clip import load_image_encoder, save_image_encoder
-from e4t_jax.convert.common import atomic_write_bytes, read_safetensors, write_safetensors
+from e4t_jax.fileio import atomic_write_bytes, read_safetensors, write_safetensors
 from e4t_jax.convert.pipeline import StableDiffusion, load_stable_diffusion, save_stable_diffusion
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t.encoder import EncoderConfig
 from e4t_jax.e4t.offsets import OffsetsConfig, flatten_offsets, unflatten_offsets
 from e4t_jax.errors import CheckpointError, ConfigError
-from e4t_jax.tokenizer import CLIPTokenizer
+from e4t_jax.models.tokenizer import CLIPTokenizer
 
 MODEL_FORMAT = 'e4t-model/1'
 

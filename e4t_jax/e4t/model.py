@@ -29,7 +29,7 @@ from e4t_jax.models.layers import host_init
 from e4t_jax.models.unet import UNet, UNetConfig, UNetFeatures
 from e4t_jax.models.vae import AutoencoderKL, VAEConfig
 from e4t_jax.models.clip import CLIPTextConfig, CLIPTextTransformer
-from e4t_jax.tokenizer import CLIPTokenizer
+from e4t_jax.models.tokenizer import CLIPTokenizer
 
 FROZEN = ('unet', 'vae', 'text_encoder', 'image_encoder')
 TRAINABLE = ('encoder', 'weight_offsets')

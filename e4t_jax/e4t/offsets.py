@@ -98,10 +98,6 @@ def offsets_l2(offsets: Mapping[str, Mapping[str, jax.Array]]) -> jax.Array:
   return total
 
 
-def count_offset_params(offsets: Mapping[str, Mapping[str, Any]]) -> int:
-  return sum(int(x.size) for pair in offsets.values() for x in pair.values())
-
-
 OFFSETS_PREFIX = 'weight_offsets/'
 
 

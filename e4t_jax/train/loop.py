@@ -33,7 +33,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from e4t_jax import config as config_lib
+from e4t_jax import runtime
 from e4t_jax.data import loader as loader_lib
 from e4t_jax.data import sources
 from e4t_jax.e4t import model as model_lib
@@ -43,15 +43,8 @@ from e4t_jax.models import unet as unet_lib
 from e4t_jax.models import vae as vae_lib
 from e4t_jax.parallel import mesh as mesh_lib
 from e4t_jax.train import checkpoint as checkpoint_lib
+from e4t_jax.train import config as config_lib
 from e4t_jax.train import step as step_lib
-
-# Dense peak TFLOP/s per device (bf16), for the MFU estimate when train.peak_tflops_per_device = 0.
-PEAK_TFLOPS_BY_DEVICE_KIND = {
-    'TPU v4': 275.0, 'TPU v5 lite': 197.0, 'TPU v5e': 197.0, 'TPU v5p': 459.0, 'TPU v5': 459.0,
-    'TPU v6 lite': 918.0, 'TPU v6e': 918.0,
-    'NVIDIA H100 80GB HBM3': 989.0, 'NVIDIA H200': 989.0, 'NVIDIA A100-SXM4-80GB': 312.0,
-    'NVIDIA A100-SXM4-40GB': 312.0,
-}
 
 StepHook = Callable[[int, dict, dict], None]  # (step, this process's host batch, device metrics)
 
@@ -69,20 +62,19 @@ def _with_dtype(modules: model_lib.E4TModules, dtype: Any, remat_policy: str = '
       encoder=modules.encoder.clone(dtype=dtype))
 
 
-def build_model(config: ml_collections.ConfigDict) -> model_lib.E4TModel:
+def build_model(run: config_lib.RunConfig) -> model_lib.E4TModel:
   """The tiny random model, or Stable Diffusion + a CLIP image encoder from local folders."""
-  e4t_config = config_lib.e4t_config(config)
-  key = jax.random.key(config.train.seed)
-  if config.model.base == 'tiny':
-    model = model_lib.init_tiny(key, e4t_config)
+  key = jax.random.key(run.train.seed)
+  source = run.model
+  if source.base == 'tiny':
+    model = model_lib.init_tiny(key, run.e4t)
   else:
     from e4t_jax.convert.clip import load_image_encoder  # pylint: disable=g-import-not-at-top
     from e4t_jax.convert.pipeline import load_stable_diffusion  # pylint: disable=g-import-not-at-top
-    sd = load_stable_diffusion(config.model.base)
-    image_encoder, image_encoder_params = load_image_encoder(config.model.image_encoder, with_projection=False)
-    model = model_lib.init_e4t(key, e4t_config, sd, image_encoder, image_encoder_params)
-  return model_lib.E4TModel(_with_dtype(model.modules, jnp.dtype(config.model.dtype), config.model.remat_policy),
-                            model.params)
+    sd = load_stable_diffusion(source.base)
+    image_encoder, image_encoder_params = load_image_encoder(source.image_encoder, with_projection=False)
+    model = model_lib.init_e4t(key, run.e4t, sd, image_encoder, image_encoder_params)
+  return model_lib.E4TModel(_with_dtype(model.modules, jnp.dtype(source.dtype), source.remat_policy), model.params)
 
 
 def model_param_shardings(model: model_lib.E4TModel, mesh, rules) -> dict:
@@ -133,10 +125,9 @@ def place(tree: Any, shardings: Any, *, copy: bool = False) -> Any:
 
 
 # ----------------------------------------------------------------------------- data
-def make_source(config: ml_collections.ConfigDict, image_size: int):
-  data = config.data
+def make_source(data: config_lib.DataConfig, image_size: int, with_mask: bool):
+  """The record source `data` names, at `data.resolution` (0: the model's `image_size`)."""
   size = data.resolution or image_size
-  with_mask = config.e4t.use_loss_mask
   if data.source == 'synthetic':
     return sources.SyntheticSource(data.synthetic_records, size, seed=data.shuffle_seed, with_mask=with_mask)
   if data.source == 'synthetic_faces':
@@ -146,11 +137,8 @@ def make_source(config: ml_collections.ConfigDict, image_size: int):
     return sources.ImageFolderSource(data.path, size, mask_folder=data.mask_path or None)
   if data.source == 'array_record':
     return sources.ArrayRecordSource(data.path, size)
-  if data.source == 'tfds':
-    return sources.TFDSSource(data.path, data.tfds_split, data.tfds_data_dir or None, size,
-                              mask_key=data.tfds_mask_key or None)
-  raise ConfigError(f'data.source {data.source!r} is not one of synthetic, synthetic_faces, folder, array_record, '
-                    'tfds.')
+  return sources.TFDSSource(data.path, data.tfds_split, data.tfds_data_dir or None, size,
+                            mask_key=data.tfds_mask_key or None)  # 'tfds' (DataConfig checks the name)
 
 
 def prompts_for_step(templates: Sequence[str], placeholder: str, batch_size: int, *, seed: int, step: int,
@@ -216,29 +204,6 @@ class _TFSummaryWriter:
     self._writer.close()
 
 
-def program_flops(lowered) -> float:
-  """FLOPs of one step of the whole (global, unpartitioned) program, or 0 when XLA does not say.
-
-  Counted on the LOWERED program: after GPU compilation, matmuls and convolutions become cuBLAS/cuDNN
-  custom calls that XLA's cost analysis does not count (an SD U-Net step measured 0.71 of its 18.9
-  TFLOP on an H200), which would understate MFU by 25x.
-  """
-  try:
-    analysis = lowered.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return 0.0
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  return float((analysis or {}).get('flops', 0.0))
-
-
-def peak_tflops_per_device(config: ml_collections.ConfigDict) -> float:
-  if config.train.peak_tflops_per_device:
-    return float(config.train.peak_tflops_per_device)
-  kind = jax.devices()[0].device_kind
-  return next((v for k, v in PEAK_TFLOPS_BY_DEVICE_KIND.items() if kind.startswith(k)), 0.0)
-
-
 # ----------------------------------------------------------------------------- preemption
 class PreemptionWatcher:
   """Turns SIGTERM / SIGINT into a "save and stop" request the loop checks after every step.
@@ -278,13 +243,14 @@ class PreemptionWatcher:
 
 
 # ----------------------------------------------------------------------------- the run
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+def train_and_evaluate(config: config_lib.RunConfig | ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                        step_hooks: Sequence[StepHook] = (), model: model_lib.E4TModel | None = None
                        ) -> dict[str, Any]:
   """Pretrains an E4T domain encoder + weight offsets; resumes from `workdir` if it holds checkpoints.
 
   Args:
-    config: a config from `e4t_jax.config.load_config` (see configs/base.py for every field).
+    config: the run (`config.load_run_config`), or a ConfigDict (`config.load_config`) that is typed and
+      checked here, once (see e4t_jax/configs/base.py for every field).
     workdir: where checkpoints, metrics and the final model folder go (local path or gs://).
     step_hooks: called after every step as hook(step, host_batch, metrics) (tests, custom logging).
     model: an already built model to start from (tests, notebooks); None: `build_model(config)`.
@@ -293,14 +259,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     'compile_s', 'step_flops' and, when known, 'tflops_per_s' and 'mfu'.
   """
   workdir = os.fspath(workdir)
-  config_lib.validate(config)
+  run = config if isinstance(config, config_lib.RunConfig) else config_lib.run_config(config)
+  del config
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  rules = config_lib.logical_axis_rules(config)
-  global_batch = config.optimizer.global_batch_size
-  num_steps = config.train.num_steps
+  rules = run.mesh.logical_axis_rules
+  global_batch = run.global_batch_size
+  num_steps = run.train.num_steps
 
   # 1. The device mesh.
-  mesh = config_lib.make_mesh_from_config(config)
+  mesh = run.mesh.make_mesh()
   batch_axes = ('data', 'fsdp')
   if global_batch % (mesh.shape['data'] * mesh.shape['fsdp']):
     raise ConfigError(f'optimizer.global_batch_size={global_batch} must be divisible by mesh data x fsdp = '
@@ -308,15 +275,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   writer.print(f'mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)')
 
   # 2. The model, split into trainable and frozen weights, placed on the mesh.
-  model = build_model(config) if model is None else model
+  model = build_model(run) if model is None else model
   modules = model.modules
-  trainable_shardings, frozen_shardings = state_and_frozen_shardings(model, mesh, rules, config.mesh.frozen_sharding)
+  trainable_shardings, frozen_shardings = state_and_frozen_shardings(model, mesh, rules, run.mesh.frozen_sharding)
   trainable, frozen = model_lib.split_params(model.params, modules.config.trainable_patterns)
   trainable, frozen = place(trainable, trainable_shardings, copy=True), place(frozen, frozen_shardings)
   del model
   writer.print(f'trainable params {model_lib.count_params(trainable):,}, frozen {model_lib.count_params(frozen):,}')
 
-  optimizer = step_lib.make_optimizer(config_lib.optimizer_config(config))
+  optimizer = step_lib.make_optimizer(run.optimizer)
+  learning_rate = step_lib.learning_rate_schedule(run.optimizer)
   replicated = NamedSharding(mesh, P())
   # Optimizer moments are sharded like their params; counters are replicated.
   opt_state_shardings = optax.tree_map_params(
@@ -329,14 +297,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   # 3. The data: this process's share of every global batch.
   loader = loader_lib.make_loader(
-      make_source(config, modules.image_size), global_batch_size=global_batch, seed=config.data.shuffle_seed,
-      worker_count=config.data.workers, random_flip=config.data.random_flip)
+      make_source(run.data, modules.image_size, run.e4t.use_loss_mask), global_batch_size=global_batch,
+      seed=run.data.shuffle_seed, worker_count=run.data.workers, random_flip=run.data.random_flip)
   data_iterator = iter(loader)
 
   # 4. Resume from the latest checkpoint, if any.
   checkpointer = checkpoint_lib.TrainCheckpointer(
-      os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints,
-      save_every=config.train.checkpoint_every, async_save=config.train.async_checkpoints)
+      os.path.join(workdir, 'checkpoints'), keep=run.train.keep_checkpoints,
+      save_every=run.train.checkpoint_every, async_save=run.train.async_checkpoints)
   fingerprint = checkpoint_lib.frozen_fingerprint(frozen)
   if checkpointer.latest_step() is not None:
     restored = checkpointer.restore(state, fingerprint=fingerprint)
@@ -346,15 +314,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   start_step = int(jax.device_get(state.step))
 
   # 5. Compile the step once, ahead of time.
-  image_size = config.data.resolution or modules.image_size
+  image_size = run.data.resolution or modules.image_size
   prompt_length = modules.tokenize(['']).shape[1]
   batch_shardings = {'images': NamedSharding(mesh, P(batch_axes)), 'input_ids': NamedSharding(mesh, P(batch_axes))}
   abstract_batch = {'images': jax.ShapeDtypeStruct((global_batch, image_size, image_size, 3), jnp.float32),
                     'input_ids': jax.ShapeDtypeStruct((global_batch, prompt_length), jnp.int32)}
-  if config.e4t.use_loss_mask:
+  if run.e4t.use_loss_mask:
     batch_shardings['mask'] = NamedSharding(mesh, P(batch_axes))
     abstract_batch['mask'] = jax.ShapeDtypeStruct((global_batch, image_size, image_size), jnp.float32)
-  base_rng = jax.jit(lambda: jax.random.key(config.train.seed + 1), out_shardings=replicated)()
+  base_rng = jax.jit(lambda: jax.random.key(run.train.seed + 1), out_shardings=replicated)()
   train_step = step_lib.make_train_step(modules, optimizer)
 
   def step_with_rng(state, frozen, batch, base_rng):
@@ -367,28 +335,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     lowered = jitted.lower(state, frozen, abstract_batch, base_rng)
     compiled = lowered.compile()
   compile_s = time.perf_counter() - compile_start
-  step_flops = program_flops(lowered)  # the global step, all devices together
-  peak = peak_tflops_per_device(config)
+  step_flops = runtime.cost_stats(lowered)['flops'] or 0.0  # the global step, all devices together
+  peak = run.train.peak_tflops_per_device or runtime.peak_tflops() or 0.0
   writer.print(f'compiled the train step in {compile_s:.1f}s; {step_flops / 1e12:.3f} TFLOP per step')
 
   # 6. The loop.
   process_batch = global_batch // jax.process_count()
-  config_json = config_lib.to_json(config)
+  config_json = json.loads(run.as_json)
   summary: dict[str, Any] = {'step': start_step, 'preempted': False, 'compile_s': compile_s,
                              'step_flops': step_flops}
-  progress = _progress_bar(config, start_step, num_steps)
+  progress = _progress_bar(run.train.progress_bar, start_step, num_steps)
   last_time, last_step, saved_step = time.perf_counter(), start_step, start_step
   with PreemptionWatcher() as preemption:
     for step in range(start_step + 1, num_steps + 1):
       host_batch = dict(next(data_iterator))
-      if not config.e4t.use_loss_mask:
+      if not run.e4t.use_loss_mask:
         host_batch.pop('mask', None)
       captions = host_batch.pop('caption', None)
       if captions is not None:  # the data's own captions, with the placeholder for the subject
-        prompts = [bytes(c).decode().format(config.e4t.placeholder) for c in captions]
+        prompts = [bytes(c).decode().format(run.e4t.placeholder) for c in captions]
       else:
-        prompts = prompts_for_step(config.e4t.templates, config.e4t.placeholder, process_batch,
-                                   seed=config.data.shuffle_seed, step=step, process_index=jax.process_index())
+        prompts = prompts_for_step(run.templates, run.e4t.placeholder, process_batch,
+                                   seed=run.data.shuffle_seed, step=step, process_index=jax.process_index())
       host_batch['input_ids'] = modules.tokenize(prompts)
       batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], v) for k, v in host_batch.items()}
       state, metrics = compiled(state, frozen, batch, base_rng)
@@ -396,14 +364,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         hook(step, host_batch, metrics)
       progress.update(1)
 
-      if step % config.train.log_every == 0 or step == num_steps:
+      if step % run.train.log_every == 0 or step == num_steps:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         steps_per_s = (step - last_step) / max(now - last_time, 1e-9)
         last_time, last_step = now, step
-        values.update(learning_rate=float(step_lib.learning_rate_schedule(
-                          config_lib.optimizer_config(config))(step - 1)),
-                      steps_per_s=steps_per_s, images_per_s=steps_per_s * global_batch)
+        values.update(learning_rate=float(learning_rate(step - 1)), steps_per_s=steps_per_s,
+                      images_per_s=steps_per_s * global_batch)
         if step_flops:
           values['tflops_per_s'] = step_flops * steps_per_s / 1e12
           if peak:
@@ -431,16 +398,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   checkpointer.close()
 
   # 7. The E4T model folder.
-  if config.train.save_model and not summary['preempted'] and summary['step'] >= num_steps:
+  if run.train.save_model and not summary['preempted'] and summary['step'] >= num_steps:
     _save_model_folder(modules, state.trainable, frozen, os.path.join(workdir, 'model'), writer)
   writer.close()
   return summary
 
 
-def _progress_bar(config, start_step: int, num_steps: int):
+def _progress_bar(enabled: bool, start_step: int, num_steps: int):
   """The loop's bar; a disabled one when switched off or on processes other than 0."""
   from e4t_jax.progress import progress_bar  # pylint: disable=g-import-not-at-top
-  enabled = bool(config.train.progress_bar) and jax.process_index() == 0
+  enabled = enabled and jax.process_index() == 0
   return progress_bar(num_steps, 'e4t pretrain', initial=start_step, enabled=enabled)
 
 
@@ -469,8 +436,8 @@ def main_pretrain(config_path: str, workdir: str, overrides: Sequence[str] = ())
   from e4t_jax.parallel import multihost  # pylint: disable=g-import-not-at-top
   try:
     multihost.initialize_from_env()
-    config = config_lib.load_config(config_path, list(overrides))
-    summary = train_and_evaluate(config, workdir)
+    run = config_lib.load_run_config(config_path, list(overrides))
+    summary = train_and_evaluate(run, workdir)
   except E4TError as e:
     print(f'e4t pretrain: {e}', file=sys.stderr)
     return 2

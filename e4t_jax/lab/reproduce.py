@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from e4t_jax.convert.common import atomic_write_bytes
+from e4t_jax.fileio import atomic_write_bytes
 from e4t_jax.data import synthetic
 from e4t_jax.errors import InputError
 from e4t_jax.progress import progress_bar
@@ -91,7 +91,8 @@ class _Tuner:
   """Compile-once tuning for one method kind at a maximum step count: (image, prompt, key) -> (model, concept)."""
 
   def __init__(self, model, kind: str, max_steps: int):
-    from e4t_jax import baselines, personalize  # pylint: disable=g-import-not-at-top
+    from e4t_jax import personalize  # pylint: disable=g-import-not-at-top
+    from e4t_jax.lab import baselines
     self.model, self.kind = model, kind
     start = time.perf_counter()
     if kind in REFERENCE_KINDS:
@@ -105,7 +106,7 @@ class _Tuner:
     self.compile_seconds = time.perf_counter() - start
 
   def __call__(self, image: np.ndarray, prompt: str, key: jax.Array, steps: int):
-    from e4t_jax import baselines  # pylint: disable=g-import-not-at-top
+    from e4t_jax.lab import baselines  # pylint: disable=g-import-not-at-top
     if self.kind in REFERENCE_KINDS:
       return self.model, None
     if self.kind == 'dreambooth':
@@ -127,7 +128,9 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
                     tuner: _Tuner | None = None, grid_path: str | os.PathLike | None = None,
                     progress: bool = True) -> dict[str, Any]:
   """Tunes one concept per case with `kind` at `steps`, renders its prompts and scores them."""
-  from e4t_jax import baselines, evaluate, generate as generate_lib  # pylint: disable=g-import-not-at-top
+  from e4t_jax.lab import baselines  # pylint: disable=g-import-not-at-top
+  from e4t_jax.lab import evaluate
+  from e4t_jax import generation as generate_lib
   tuner = tuner or _Tuner(model, kind, steps)
   placeholder = model.config.placeholder
   bar = progress_bar(len(cases), f'{kind}:{steps}', 'concept', enabled=progress)
@@ -193,7 +196,7 @@ def run(model_dir: str | os.PathLike | None, out: str | os.PathLike, methods: Se
         grids: bool = True) -> dict[str, Any]:
   """Evaluates each method ('kind:steps') on `num_identities` cases; results accumulate in `out` (JSON)."""
   import e4t_jax  # pylint: disable=g-import-not-at-top
-  from e4t_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from e4t_jax.lab import evaluate  # pylint: disable=g-import-not-at-top
   parsed = [parse_method(m) for m in methods]
   model = e4t_jax.load_demo() if model_dir is None else e4t_jax.load(model_dir)
   model_folder = Path(e4t_jax.DEMO_MODEL_DIR if model_dir is None else model_dir)

@@ -43,7 +43,7 @@ import optax
 import flax.linen as nn
 from flax import traverse_util
 
-from e4t_jax.convert.common import atomic_write_bytes, read_safetensors, write_safetensors
+from e4t_jax.fileio import atomic_write_bytes, read_safetensors, write_safetensors
 from e4t_jax.convert.pipeline import SD1_SCHEDULER_CONFIG, StableDiffusion
 from e4t_jax.data import synthetic
 from e4t_jax.diffusion import schedule as schedule_lib
@@ -58,7 +58,7 @@ from e4t_jax.models.layers import host_init
 from e4t_jax.models.unet import CROSS_ATTN_DOWN, CROSS_ATTN_UP, UNet, UNetConfig
 from e4t_jax.models.vae import AutoencoderKL, VAEConfig
 from e4t_jax.progress import progress_bar
-from e4t_jax.tokenizer import CLIPTokenizer
+from e4t_jax.models.tokenizer import CLIPTokenizer
 
 STAGES = ('pool', 'vae', 'vision', 't2i', 'e4t', 'readout')
 TEXT_LENGTH = 40  # tokens; the longest caption (identity in words + context) is 33 with bos/eos
@@ -385,8 +385,8 @@ def train_t2i(config: DemoTrainConfig, unet_config: UNetConfig, text_config: CLI
 
 # ----------------------------------------------------------------------------- stage 5: E4T pretraining
 def e4t_pretrain_config(config: DemoTrainConfig, ablation: str = ''):
-  """The `configs/base.py` run config of the E4T stage (synthetic faces with their captions)."""
-  from e4t_jax.config import load_config  # pylint: disable=g-import-not-at-top
+  """The `e4t_jax/configs/base.py` run config of the E4T stage (synthetic faces with their captions)."""
+  from e4t_jax.train.config import load_config  # pylint: disable=g-import-not-at-top
   run = load_config('base')
   run.model.base = run.model.image_encoder = 'demo-train'  # the model is passed in, not loaded
   run.e4t.coarse_word = synthetic.COARSE_WORD
@@ -490,7 +490,7 @@ def run(workdir: str | os.PathLike, config: DemoTrainConfig = DemoTrainConfig(),
     atomic_write_bytes(stages.dir / f'e4t{suffix}.json',
                        [json.dumps(dict(e4t_summary, seconds=timings['e4t']), indent=2).encode()])
 
-  from e4t_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from e4t_jax.lab import evaluate  # pylint: disable=g-import-not-at-top
   readout_path = stages.dir / 'readout.safetensors'
   if not readout_path.is_file():
     readout = timed('readout', lambda: evaluate.train_readout(

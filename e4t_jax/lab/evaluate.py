@@ -1,6 +1,6 @@
 """Measuring identity preservation and prompt fidelity of generated synthetic faces.
 
-    from e4t_jax import evaluate
+    from e4t_jax.lab import evaluate
     readout = evaluate.load_or_train_readout('readout.safetensors')
     ident = evaluate.identity_scores(readout, images, identities)   # [N] fraction of 9 attributes kept
     ctx = evaluate.context_scores(readout, images, contexts)         # {'background', ..., 'prompt_fidelity'}
@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import json
 import os
-import struct
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -40,13 +39,13 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from e4t_jax.convert.common import read_safetensors, safetensors_metadata, write_safetensors
+from e4t_jax.fileio import read_tagged_safetensors, write_tagged_safetensors
 from e4t_jax.data.synthetic import (BACKGROUNDS, CONTEXT_ATTRIBUTES, IDENTITY_ATTRIBUTES, IMAGE_SIZE, Context,
                                     Identity, SyntheticFaces)
-from e4t_jax.errors import CheckpointError, ConversionError, InputError
+from e4t_jax.errors import CheckpointError, InputError
 from e4t_jax.progress import progress_bar
 
-FORMAT = 'e4t_jax.readout/1'
+FORMAT = 'e4t_jax.readout/2'  # /1 kept its metadata flat; /2 is a tagged file (e4t_jax.fileio)
 #: Every attribute the read-out predicts, in head order: identity first, then context.
 ATTRIBUTES: dict[str, tuple[str, ...]] = {**IDENTITY_ATTRIBUTES, **CONTEXT_ATTRIBUTES}
 IDENTITY_NAMES: tuple[str, ...] = tuple(IDENTITY_ATTRIBUTES)
@@ -102,18 +101,6 @@ def _check_images(images: Any) -> np.ndarray:
   return images
 
 
-def _check_header_length(path: Path) -> None:
-  """Raises ValueError unless the file starts with a safetensors header length that fits the file."""
-  size = path.stat().st_size
-  with open(path, 'rb') as f:
-    head = f.read(8)
-  if len(head) < 8:
-    raise ValueError(f'{size} bytes, shorter than a safetensors header')
-  (header_len,) = struct.unpack('<Q', head)
-  if header_len > size - 8:
-    raise ValueError(f'header length {header_len} exceeds the file size {size} (truncated or not safetensors)')
-
-
 @dataclasses.dataclass
 class ReadoutModel:
   """A trained read-out network: `module` (a `ReadoutNet`) and its `params`."""
@@ -148,31 +135,21 @@ class ReadoutModel:
     return {name: (np.concatenate(v) if v else np.zeros((0,), np.int32)) for name, v in out.items()}
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes one .safetensors file (atomically); the architecture goes into its metadata."""
+    """Writes one format-tagged .safetensors file (atomically); the architecture goes into its metadata."""
     flat = traverse_util.flatten_dict(jax.device_get(self.params), sep='/')
-    metadata = {'format': FORMAT, 'widths': json.dumps(list(self.module.widths)), 'dense': str(self.module.dense),
-                'attributes': json.dumps(ATTRIBUTES)}
-    write_safetensors(path, {k: np.asarray(v, np.float32) for k, v in flat.items()}, metadata=metadata)
+    write_tagged_safetensors(path, {k: np.asarray(v, np.float32) for k, v in flat.items()}, FORMAT,
+                             {'widths': list(self.module.widths), 'dense': self.module.dense,
+                              'attributes': ATTRIBUTES})
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> 'ReadoutModel':
     """Reads a file written by `save`. Raises InputError (missing) or CheckpointError (corrupt/foreign)."""
-    path = Path(path)
-    if not path.is_file():
-      raise InputError(f'{path}: no such read-out file; train one with evaluate.train_readout().save(path).')
+    tensors, metadata = read_tagged_safetensors(
+        path, FORMAT, what='read-out', missing_hint='train one with evaluate.train_readout().save(path)')
     try:
-      _check_header_length(path)
-      tensors = read_safetensors(path)
-      metadata = safetensors_metadata(path)
-    except (ConversionError, OSError, ValueError, TypeError, KeyError, struct.error) as e:
-      detail = str(e).removeprefix(f'{path}: ').splitlines()[0] if str(e) else type(e).__name__
-      raise CheckpointError(f'{path}: not a readable read-out file ({detail}).') from e
-    if metadata.get('format') != FORMAT:
-      raise CheckpointError(f'{path}: not a read-out file (format {metadata.get("format")!r}, expected {FORMAT!r}).')
-    try:
-      module = ReadoutNet(widths=tuple(int(w) for w in json.loads(metadata['widths'])), dense=int(metadata['dense']))
-      attributes = {k: tuple(v) for k, v in json.loads(metadata['attributes']).items()}
-    except (KeyError, ValueError, TypeError) as e:
+      module = ReadoutNet(widths=tuple(int(w) for w in metadata['widths']), dense=int(metadata['dense']))
+      attributes = {k: tuple(v) for k, v in metadata['attributes'].items()}
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
       raise CheckpointError(f'{path}: read-out metadata is damaged ({e}).') from e
     if attributes != ATTRIBUTES:
       raise CheckpointError(f'{path}: read-out was trained for other attribute vocabularies; retrain it.')
@@ -209,7 +186,7 @@ def degrade(images: Any, blur_sigma: float = 1.0, noise_sigma: float = 0.05, see
   return np.asarray(jnp.clip(jnp.rint(x), 0, 255)).astype(np.uint8)
 
 
-def _augment(key: jax.Array, images: jax.Array, degrade_fraction: float = 0.5) -> jax.Array:
+def augment_images(key: jax.Array, images: jax.Array, degrade_fraction: float = 0.5) -> jax.Array:
   """Random mirror, shift (0-2 px) and colour jitter of every image; gaussian blur (sigma 0-1.5 px) and
   additive noise (sigma 0-0.1 of the range) of a random `degrade_fraction` of them. uint8 in, float out."""
   b = images.shape[0]
@@ -293,7 +270,7 @@ def _training_program(module: ReadoutNet, batch_size: int, learning_rate: float,
     idx = jax.random.randint(k_idx, (batch_size,), 0, pool_images.shape[0])
     images, labels = pool_images[idx], pool_labels[idx]
     if augment:
-      images = _augment(k_aug, images)
+      images = augment_images(k_aug, images)
     loss, grads = jax.value_and_grad(functools.partial(_loss, module))(params, images, labels)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss

@@ -1,7 +1,8 @@
 """Art: Stable Diffusion 1.5 + OpenCLIP ViT-H/14, coarse word 'painting', 100k steps."""
 import ml_collections
 
-from configs import base
+from e4t_jax.configs import base
+from e4t_jax.e4t.encoder import every_second_layer
 
 ART_TEMPLATES = (
     'a painting of {}',
@@ -25,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = 'bfloat16'
   config.e4t.coarse_word = 'painting'
   config.e4t.templates = ART_TEMPLATES
-  config.encoder.clip_layers = tuple(range(-1, -33, -2))
+  config.encoder.clip_layers = every_second_layer(32)  # of ViT-H/14
   config.data.source = 'array_record'
   config.data.path = 'data/art/*.array_record'
   config.data.resolution = 512

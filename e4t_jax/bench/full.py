@@ -2,7 +2,7 @@
 
     e4t bench full --config sd15 --json bench_full.json [--deadline-s 480] [--torch]
 
-What `bench.py` measures abstractly on a CPU (FLOPs, compiled memory), this one executes: random
+What `bench.personalize` measures abstractly on a CPU (FLOPs, compiled memory), this one executes: random
 weights (timing does not depend on their values), the shipped programs, one process per measurement.
 
 Phase 1, compile (in parallel, up to `parallel` worker processes sharing one persistent compilation
@@ -33,7 +33,7 @@ applies, see `layers.dot_product_attention`; 'xla': the reference attention ever
 The PyTorch baseline (`--torch`): diffusers `UNet2DConditionModel` with the same architecture, the
 same batch and resolution, float32 weights under bfloat16 autocast, AdamW, eager; in this run.
 
-JSON keys: schema 'e4t-bench-full/1', config, date, machine (bench._machine_info + device memory),
+JSON keys: schema 'e4t-bench-full/1', config, date, machine (harness.machine_info + device memory),
 settings, peak_tflops (dense bf16 peak of the device, for MFU), compile {job name: {compile_s,
 memory, cost, worker}}, execute {job name: {...}}, attention {...}, torch {...}, errors [..].
 """
@@ -56,16 +56,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from e4t_jax import bench
 from e4t_jax import personalize as personalize_lib
+from e4t_jax import runtime
+from e4t_jax.bench import harness
+from e4t_jax.bench import personalize as bench
+from e4t_jax.bench import torch_reference
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.errors import ConfigError, InputError
 
 SCHEMA = 'e4t-bench-full/1'
+WORKER_MODULE = 'e4t_jax.bench.full'  # `python -m` runs its worker stages
 KINDS = ('personalize', 'personalize_batched', 'pretrain', 'unet_step')
-# Dense bfloat16 peak TFLOP/s per chip (datasheet), for MFU.
-PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'TPU v5 lite': 197.0, 'TPU v5e': 197.0,
-               'TPU v5p': 459.0, 'TPU v4': 275.0, 'TPU v6': 918.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +152,7 @@ def lower_job(model: model_lib.E4TModel, job: Job, num_steps: int = 5):
     b = job.batch
     args = (params, sds((b, size, size, 3), jnp.float32), jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b)),
             sds((b,), jnp.int32), sds((b,) + ids.shape, jnp.int32))
-    return personalize_lib._batched_program(m, tuning, None).lower(*args), args
+    return personalize_lib.batched_program(m, tuning, None).lower(*args), args
   if job.kind == 'pretrain':
     step_fn, state, frozen = _pretrain_step(model)
     batch = {'images': sds((job.batch, size, size, 3), jnp.float32),
@@ -249,17 +250,17 @@ def random_like(abstract: Any, seed: int = 0) -> Any:
 
 # ----------------------------------------------------------------------------- worker: compile
 def compile_worker(config_name: str, job: Job, cache_dir: str) -> None:
-  personalize_lib.enable_compilation_cache(cache_dir)
+  runtime.enable_compilation_cache(cache_dir)
   t0 = time.perf_counter()
   model = job_modules(config_name, job)
   lowered, _ = lower_job(model, job)
   lower_s = time.perf_counter() - t0
-  lowered_cost = bench._cost_stats(lowered.cost_analysis())
-  bench._emit({'stage': 'lowered', 'job': job.name, 'lower_s': lower_s, 'lowered_cost': lowered_cost})
+  lowered_cost = runtime.cost_stats(lowered)
+  harness.emit({'stage': 'lowered', 'job': job.name, 'lower_s': lower_s, 'lowered_cost': lowered_cost})
   t0 = time.perf_counter()
   compiled = lowered.compile()
-  bench._emit({'stage': 'compiled', 'job': job.name, 'lower_s': lower_s, 'compile_s': time.perf_counter() - t0,
-               'memory': bench._memory_stats(compiled), 'cost': bench._cost_stats(compiled.cost_analysis()),
+  harness.emit({'stage': 'compiled', 'job': job.name, 'lower_s': lower_s, 'compile_s': time.perf_counter() - t0,
+               'memory': runtime.memory_stats(compiled), 'cost': runtime.cost_stats(compiled),
                'lowered_cost': lowered_cost})
 
 
@@ -277,22 +278,22 @@ def _device_memory() -> dict[str, int] | None:
 def execute_worker(config_name: str, jobs: Sequence[Job], cache_dir: str, deadline: float,
                    num_concepts: int, train_steps: int) -> None:
   """Times `jobs` in order (one device, this process) until `deadline` (a time.time() value)."""
-  personalize_lib.enable_compilation_cache(cache_dir)
+  runtime.enable_compilation_cache(cache_dir)
   params_cache: dict[tuple, Any] = {}
   for index, job in enumerate(jobs):
     if index:  # the first program gets `num_concepts`; its variants 20 at most
       num_concepts = min(num_concepts, 20)
     if time.time() > deadline - 10:
-      bench._emit({'stage': 'skipped', 'job': job.name, 'why': 'deadline'})
+      harness.emit({'stage': 'skipped', 'job': job.name, 'why': 'deadline'})
       continue
     try:
-      record = _execute_job(config_name, job, params_cache, deadline, num_concepts, train_steps)
+      record = execute_job(config_name, job, params_cache, deadline, num_concepts, train_steps)
     except Exception as e:  # pylint: disable=broad-except  (one failing job must not lose the others)
       record = {'stage': 'failed', 'job': job.name, 'error': f'{type(e).__name__}: {str(e)[:800]}'}
-    bench._emit(record)
+    harness.emit(record)
 
 
-def _execute_job(config_name: str, job: Job, params_cache: dict, deadline: float, num_concepts: int,
+def execute_job(config_name: str, job: Job, params_cache: dict, deadline: float, num_concepts: int,
                  train_steps: int) -> dict:
   started = time.perf_counter()
   model = job_modules(config_name, job)
@@ -308,21 +309,21 @@ def _execute_job(config_name: str, job: Job, params_cache: dict, deadline: float
   concrete = model_lib.E4TModel(model.modules, params)
   record: dict[str, Any] = {'stage': 'executed', 'job': job.name, 'init_s': init_s,
                             'memory_before': _device_memory()}
-  with bench._JaxEvents() as events:
+  with harness.JaxEvents() as events:
     t0 = time.perf_counter()
     if job.kind == 'personalize':
       fn = personalize_lib.make_personalize_fn(concrete, 5)
       compiled = fn.compiled
     else:
       lowered, args = lower_job(model, job)
-      record['model_flops'] = bench._cost_stats(lowered.cost_analysis())['flops']
+      record['model_flops'] = runtime.cost_stats(lowered)['flops']
       compiled = lowered.compile()
     record['load_s'] = time.perf_counter() - t0
-  record['cache_hits'] = events.counts[bench.CACHE_HIT_EVENT]
-  record['cache_misses'] = events.counts[bench.CACHE_MISS_EVENT]
+  record['cache_hits'] = events.counts[harness.CACHE_HIT_EVENT]
+  record['cache_misses'] = events.counts[harness.CACHE_MISS_EVENT]
   record['compile_events'] = events.compilations
-  record['memory_analysis'] = bench._memory_stats(compiled)
-  record['flops'] = bench._cost_stats(compiled.cost_analysis())['flops']
+  record['memory_analysis'] = runtime.memory_stats(compiled)
+  record['flops'] = runtime.cost_stats(compiled)['flops']
 
   if job.kind == 'personalize':
     record.update(_time_personalize(fn, params, concrete.modules.image_size, deadline, num_concepts))
@@ -337,7 +338,7 @@ def _execute_job(config_name: str, job: Job, params_cache: dict, deadline: float
 
 def _time_personalize(fn: personalize_lib.PersonalizeFn, params: Any, size: int, deadline: float,
                       num_concepts: int) -> dict:
-  images = bench._synthetic_images(num_concepts + 1, size, seed=0)
+  images = harness.synthetic_images(num_concepts + 1, size, seed=0)
   keys = list(jax.random.split(jax.random.key(1), num_concepts + 1))  # a list: no slicing in the loop
   non_finite = 0
 
@@ -354,12 +355,12 @@ def _time_personalize(fn: personalize_lib.PersonalizeFn, params: Any, size: int,
   t0 = time.perf_counter()
   first = call(images[-1], keys[-1])
   first_s = time.perf_counter() - t0
-  seconds, _, compilations = bench._timed_calls(call, list(zip(images[:num_concepts], keys[:num_concepts])),
+  seconds, _, compilations = harness.timed_calls(call, list(zip(images[:num_concepts], keys[:num_concepts])),
                                                 stop=lambda: time.time() > deadline - 5)
   out = {'first_call_s': first_s, 'compilations_during_loop': compilations, 'non_finite': non_finite,
          'loss_trace_first': None if first is None else [float(x) for x in np.asarray(first.loss_trace)]}
   if seconds:
-    latency = bench._latency_stats(seconds)
+    latency = harness.latency_stats(seconds)
     latency['concepts_per_s'] = 1.0 / latency['p50_s']
     out['latency'] = latency
   return out
@@ -368,14 +369,14 @@ def _time_personalize(fn: personalize_lib.PersonalizeFn, params: Any, size: int,
 def _time_batched(compiled, model: model_lib.E4TModel, args: Sequence[Any], batch: int, deadline: float) -> dict:
   m, params = model.modules, model.params
   size = m.image_size
-  images = bench._synthetic_images(batch, size, seed=2)
+  images = harness.synthetic_images(batch, size, seed=2)
   pixels = jnp.asarray(np.stack([personalize_lib.prepare_image(im, size) for im in images]))
   keys = jax.random.split(jax.random.key(3), batch)
   steps = jnp.full((batch,), 5, jnp.int32)
   ids = personalize_lib.tuning_prompt_ids(m, personalize_lib.tuning_prompt(m, personalize_lib.TuningConfig()))
   ids = jnp.asarray(np.broadcast_to(ids, args[4].shape))
   jax.block_until_ready(compiled(params, pixels, keys, steps, ids))  # untimed first execution
-  seconds, _, _ = bench._timed_calls(compiled, [(params, pixels, keys, steps, ids)] * 5,
+  seconds, _, _ = harness.timed_calls(compiled, [(params, pixels, keys, steps, ids)] * 5,
                                      stop=lambda: time.time() > deadline - 5)
   if not seconds:
     return {}
@@ -415,7 +416,7 @@ def _time_train(compiled, job: Job, model: model_lib.E4TModel, args: Sequence[An
   loss = metrics['loss'] if isinstance(metrics, dict) else metrics
   out = {'batch': job.batch, 'final_loss': float(loss)}
   if seconds:
-    out['step'] = bench._latency_stats(seconds)
+    out['step'] = harness.latency_stats(seconds)
   return out
 
 
@@ -462,66 +463,11 @@ def attention_check(shapes: Sequence[tuple[int, int, int, int]] = ((2, 4096, 8, 
 
 
 # ----------------------------------------------------------------------------- torch baseline
-def torch_unet_step(batch: int, config_name: str, steps: int, deadline: float) -> dict:
-  """diffusers' UNet2DConditionModel, SD architecture, float32 weights, bf16 autocast, AdamW, eager."""
-  import torch
-  from diffusers import UNet2DConditionModel
-  from e4t_jax import presets
-  from e4t_jax.models.unet import UNetConfig
-  device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  cfg = presets.sd15()[0] if config_name == 'sd15' else UNetConfig.tiny()
-  torch.manual_seed(0)
-  unet = UNet2DConditionModel(**_diffusers_unet_kwargs(cfg)).to(device)
-  unet.train()
-  optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, weight_decay=1e-2)
-  side, tokens = cfg.sample_size, 77
-  latents = torch.randn(batch, cfg.in_channels, side, side, device=device)
-  context = torch.randn(batch, tokens, cfg.cross_attention_dims()[0], device=device)
-  autocast = torch.autocast(device_type=device, dtype=torch.bfloat16)
-
-  def step():
-    noise = torch.randn_like(latents)
-    t = torch.randint(0, 1000, (batch,), device=device)
-    with autocast:
-      prediction = unet(latents + noise, t, encoder_hidden_states=context).sample
-    loss = torch.nn.functional.mse_loss(prediction.float(), noise)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss
-
-  sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-  for _ in range(2):
-    step()
-  sync()
-  if device == 'cuda':
-    torch.cuda.reset_peak_memory_stats()
-  seconds, loss = [], None
-  for _ in range(steps):
-    if time.time() > deadline - 5:
-      break
-    t0 = time.perf_counter()
-    loss = step()
-    sync()
-    seconds.append(time.perf_counter() - t0)
-  out = {'framework': f'torch {torch.__version__}', 'device': device, 'batch': batch,
-         'final_loss': None if loss is None else float(loss),
-         'parameters': sum(p.numel() for p in unet.parameters()),
-         'attention_processor': type(next(iter(unet.attn_processors.values()))).__name__}
-  if device == 'cuda':
-    out['peak_memory_bytes'] = int(torch.cuda.max_memory_allocated())
-  if seconds:
-    out['step'] = bench._latency_stats(seconds)
-  return out
-
-
-def _diffusers_unet_kwargs(cfg) -> dict:
-  return {k: v for k, v in cfg.to_diffusers().items() if not k.startswith('_')}
 
 
 # ----------------------------------------------------------------------------- orchestration
 def _run(args: Sequence[str], timeout_s: float) -> tuple[list[dict], dict]:
-  return bench._run_worker(args, timeout_s=max(timeout_s, 1.0), module='e4t_jax.bench_full')
+  return harness.run_worker(WORKER_MODULE, args, timeout_s=max(timeout_s, 1.0))
 
 
 def _run_until(args: Sequence[str], deadline: float) -> tuple[list[dict], dict]:
@@ -535,7 +481,7 @@ def run_full_bench(config_name: str = 'sd15', *, json_out: str | os.PathLike | N
                    jobs: dict[str, list[Job]] | None = None, minimal: bool = False, compile_share: float = 0.55,
                    log=print) -> dict:
   """Compiles every job in parallel, then executes them one worker at a time; see the module docstring."""
-  bench._check_config(config_name)
+  bench.check_config(config_name)
   # Each process takes GPU memory as it needs it (not 75% up front): workers share the device, and
   # memory_stats' peak then says what a program really used.
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
@@ -545,11 +491,11 @@ def run_full_bench(config_name: str = 'sd15', *, json_out: str | os.PathLike | N
   result: dict[str, Any] = {
       'schema': SCHEMA, 'config': config_name,
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'machine': bench._machine_info(), 'device_memory': _device_memory(),
+      'machine': harness.machine_info(), 'device_memory': _device_memory(),
       'settings': {'deadline_s': deadline_s, 'parallel': parallel, 'num_concepts': num_concepts,
                    'train_steps': train_steps, 'train_batch': train_batch, 'concepts_batch': concepts_batch,
                    'num_steps': 5, 'jobs': {w: [j.name for j in js] for w, js in jobs.items()}},
-      'peak_tflops': peak_tflops(), 'compile': {}, 'execute': {}, 'errors': []}
+      'peak_tflops': runtime.peak_tflops(), 'compile': {}, 'execute': {}, 'errors': []}
 
   def save():
     result['elapsed_s'] = time.time() - start
@@ -627,11 +573,6 @@ def run_full_bench(config_name: str = 'sd15', *, json_out: str | os.PathLike | N
   return result
 
 
-def peak_tflops() -> float | None:
-  kind = jax.devices()[0].device_kind
-  return next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
-
-
 def summarize(result: dict) -> dict:
   """The headline figures: latency, memory, TFLOP/s and MFU of each executed job, JAX/torch ratio."""
   peak = result.get('peak_tflops')
@@ -699,9 +640,9 @@ def format_table(result: dict) -> str:
       other.append(f'{entry["tflops_per_s"]:.3g} TFLOP/s' + (f', MFU {entry["mfu"]:.1%}' if 'mfu' in entry else ''))
     if 'compilations_during_loop' in entry:
       other.append(f'{entry["compilations_during_loop"]} compiles in {entry["n"]} concepts')
-    lines.append(f'| {name} | {bench._fmt_seconds(compiled.get("compile_s"))} | {bench._fmt_bytes(program or None)} | '
-                 f'{bench._fmt_bytes(entry.get("device_peak_bytes"))} | {bench._fmt_seconds(p50)} | '
-                 f'{bench._fmt_seconds(entry.get("p95_s"))} | {"; ".join(other)} |')
+    lines.append(f'| {name} | {harness.fmt_seconds(compiled.get("compile_s"))} | {harness.fmt_bytes(program or None)} | '
+                 f'{harness.fmt_bytes(entry.get("device_peak_bytes"))} | {harness.fmt_seconds(p50)} | '
+                 f'{harness.fmt_seconds(entry.get("p95_s"))} | {"; ".join(other)} |')
   torch_result = result.get('torch') or {}
   if torch_result.get('step'):
     lines.append(f'torch U-Net step (b{torch_result["batch"]}, bf16 autocast, eager): '
@@ -715,7 +656,7 @@ def format_table(result: dict) -> str:
 
 
 def _worker_main(argv: Sequence[str]) -> int:
-  parser = argparse.ArgumentParser(prog='python -m e4t_jax.bench_full')
+  parser = argparse.ArgumentParser(prog='python -m e4t_jax.bench.full')
   stage = parser.add_mutually_exclusive_group(required=True)
   stage.add_argument('--compile', metavar='JOB')
   stage.add_argument('--execute', metavar='JOBS')
@@ -733,7 +674,7 @@ def _worker_main(argv: Sequence[str]) -> int:
     execute_worker(args.config, [Job.from_arg(a) for a in json.loads(args.execute)], args.cache_dir, args.deadline,
                    args.num_concepts, args.train_steps)
   else:
-    bench._emit(dict(stage='torch', **torch_unet_step(args.batch, args.config, args.train_steps, args.deadline)))
+    harness.emit(dict(stage='torch', **torch_reference.torch_unet_step(args.batch, args.config, args.train_steps, args.deadline)))
   return 0
 
 

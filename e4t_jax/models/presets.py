@@ -5,7 +5,6 @@ Values are those of the public config.json files (Stable Diffusion 1.5 / 2.1, Op
 """
 from __future__ import annotations
 
-from e4t_jax.errors import ConfigError
 from e4t_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
 from e4t_jax.models.unet import UNetConfig
 from e4t_jax.models.vae import VAEConfig
@@ -41,19 +40,3 @@ def clip_vit_l14() -> CLIPVisionConfig:
   """OpenAI CLIP ViT-L/14 vision tower (the reference's legacy encoder)."""
   return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, projection_dim=768, num_hidden_layers=24,
                           num_attention_heads=16, image_size=224, patch_size=14, hidden_act='quick_gelu')
-
-
-BASE_MODELS = {'sd15': sd15, 'sd21': sd21}
-IMAGE_ENCODERS = {'clip-vit-h-14': clip_vit_h14, 'clip-vit-l-14': clip_vit_l14}
-
-
-def base_model(name: str):
-  if name not in BASE_MODELS:
-    raise ConfigError(f'unknown base model preset {name!r}; known: {sorted(BASE_MODELS)}.')
-  return BASE_MODELS[name]()
-
-
-def image_encoder(name: str) -> CLIPVisionConfig:
-  if name not in IMAGE_ENCODERS:
-    raise ConfigError(f'unknown image encoder preset {name!r}; known: {sorted(IMAGE_ENCODERS)}.')
-  return IMAGE_ENCODERS[name]()

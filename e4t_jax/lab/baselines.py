@@ -47,8 +47,9 @@ from e4t_jax.e4t.objective import masked_mse
 from e4t_jax.e4t.prompts import encode_prompt, token_embedding
 from e4t_jax.errors import CheckpointError, InputError
 from e4t_jax.models.vae import AutoencoderKL, scale_latents
-from e4t_jax.personalize import (Concept, enable_compilation_cache, model_fingerprint, prepare_image,
-                                 tuning_prompt_ids)
+from e4t_jax.e4t.concept import Concept, model_fingerprint
+from e4t_jax.personalize import prepare_image, tuning_prompt_ids
+from e4t_jax.runtime import cost_stats, enable_compilation_cache
 
 METHODS = ('e4t', 'textual_inversion', 'dreambooth')
 _BYTES_PER_FLOAT32 = 4
@@ -284,8 +285,7 @@ class _BaselineFn:
     return trainable, losses, steps_run, metadata
 
   def cost_analysis(self) -> dict:
-    analysis = self.compiled.cost_analysis()
-    return analysis[0] if isinstance(analysis, (list, tuple)) else (analysis or {})
+    return cost_stats(self.compiled)
 
   def memory_analysis(self) -> Any:
     return self.compiled.memory_analysis()
@@ -353,15 +353,20 @@ def make_textual_inversion_fn(model: model_lib.E4TModel, num_steps: int | None =
     `ti_fn(params, image, rng=None, num_steps=None, prompt=None) -> Concept`; new images, keys, step
     counts and captions never compile again.
   """
-  config = config or TextualInversionConfig()
+  config = _prepare(config or TextualInversionConfig(), num_steps, cache_dir)
+  optimizer = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+  program = _tuning_program(model.modules, config.num_steps, optimizer, train_unet=False)
+  return TextualInversionFn(model, config, _compile(model, program, config.batch_size))
+
+
+def _prepare(config, num_steps: int | None, cache_dir: str | os.PathLike | None):
+  """The baseline config with `num_steps` applied and checked; the compilation cache switched on."""
   if num_steps is not None:
     config = dataclasses.replace(config, num_steps=int(num_steps))
   _check_config(config)
   if cache_dir is not None:
     enable_compilation_cache(cache_dir)
-  optimizer = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
-  program = _tuning_program(model.modules, config.num_steps, optimizer, train_unet=False)
-  return TextualInversionFn(model, config, _compile(model, program, config.batch_size))
+  return config
 
 
 def make_dreambooth_fn(model: model_lib.E4TModel, num_steps: int | None = None, *,
@@ -378,12 +383,7 @@ def make_dreambooth_fn(model: model_lib.E4TModel, num_steps: int | None = None, 
     `db_fn(params, image, rng=None, num_steps=None, prompt=None) -> (unet_params, Concept)`; new
     images, keys, step counts and captions never compile again.
   """
-  config = config or DreamBoothConfig()
-  if num_steps is not None:
-    config = dataclasses.replace(config, num_steps=int(num_steps))
-  _check_config(config)
-  if cache_dir is not None:
-    enable_compilation_cache(cache_dir)
+  config = _prepare(config or DreamBoothConfig(), num_steps, cache_dir)
   optimizer = optax.multi_transform(
       {'embedding': optax.adam(config.embedding_learning_rate), 'unet': optax.adam(config.learning_rate)},
       {'embedding': 'embedding', 'unet': 'unet'})

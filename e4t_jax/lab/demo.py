@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from e4t_jax.convert.common import atomic_write_bytes
+from e4t_jax.fileio import atomic_write_bytes
 from e4t_jax.errors import CheckpointError
 
 # The 4 new contexts every identity is rendered in (none is the input's context).
@@ -38,7 +38,9 @@ def _log(message: str) -> None:
 
 def run(out_dir: Path, seed: int = 0, tuning_steps: int = 5, num_identities: int = 3) -> dict:
   import e4t_jax
-  from e4t_jax import evaluate, generate as generate_lib, personalize as personalize_lib
+  from e4t_jax import personalize as personalize_lib
+  from e4t_jax.lab import evaluate
+  from e4t_jax import generation as generate_lib
   from e4t_jax.data import images as images_lib
   from e4t_jax.data import synthetic
   from e4t_jax.e4t import model as model_lib

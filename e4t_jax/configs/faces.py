@@ -6,7 +6,8 @@
 """
 import ml_collections
 
-from configs import base
+from e4t_jax.configs import base
+from e4t_jax.e4t.encoder import every_second_layer
 
 FACE_TEMPLATES = base.COMMON_TEMPLATES + (
     'a portrait of {}',
@@ -24,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.e4t.coarse_word = 'face'
   config.e4t.templates = FACE_TEMPLATES
   config.e4t.use_loss_mask = True
-  config.encoder.clip_layers = tuple(range(-1, -33, -2))  # every second layer of ViT-H/14
+  config.encoder.clip_layers = every_second_layer(32)  # of ViT-H/14
   config.data.source = 'array_record'
   config.data.path = 'data/faces/*.array_record'
   config.data.resolution = 512

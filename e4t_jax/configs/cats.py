@@ -1,7 +1,7 @@
 """Cats: Stable Diffusion 1.5 + OpenCLIP ViT-H/14, coarse word 'cat', 60k steps."""
 import ml_collections
 
-from configs import base
+from e4t_jax.configs import base
 
 CAT_TEMPLATES = base.COMMON_TEMPLATES + (
     'a photo of a cute {}',

@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 from flax import traverse_util
 
-from e4t_jax.convert.common import atomic_write_bytes, torch_key, write_safetensors
+from e4t_jax.convert.common import torch_key
+from e4t_jax.fileio import atomic_write_bytes, write_safetensors
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.errors import CheckpointError, InputError
-from e4t_jax.personalize import Concept, model_fingerprint
+from e4t_jax.e4t.concept import Concept, model_fingerprint
 
 EMBEDDING_FILE = 'learned_embeds.safetensors'
 LORA_FILE = 'pytorch_lora_weights.safetensors'
@@ -51,21 +52,15 @@ class DiffusersExport:
   token: str
 
 
-def _in_clip_vocabulary(modules: model_lib.E4TModules, token: str) -> bool:
-  """Whether `token` is a key of the BPE vocabulary (what transformers' `get_vocab()` holds)."""
-  # CLIPTokenizer has no public vocabulary lookup; its encoder's dict is the vocab.json mapping.
-  return token in modules.tokenizer._encoder.vocab  # noqa: SLF001
-
-
 def export_token(modules: model_lib.E4TModules, token: str | None = None) -> str:
   """The token the exported embedding is loaded under: `token`, else the model's placeholder when
   diffusers accepts it, else `DEFAULT_EXPORT_TOKEN`."""
   if token is None:
     placeholder = modules.config.placeholder
-    return DEFAULT_EXPORT_TOKEN if _in_clip_vocabulary(modules, placeholder) else placeholder
+    return DEFAULT_EXPORT_TOKEN if modules.tokenizer.in_vocabulary(placeholder) else placeholder
   if not token or any(char.isspace() for char in token):
     raise InputError(f'export token {token!r} must be one word without whitespace, e.g. {DEFAULT_EXPORT_TOKEN!r}.')
-  if _in_clip_vocabulary(modules, token) or token in modules.tokenizer.special_tokens.values():
+  if modules.tokenizer.in_vocabulary(token) or token in modules.tokenizer.special_tokens.values():
     raise InputError(f'export token {token!r} is already in the CLIP vocabulary, which diffusers refuses; '
                      f'use a new string such as {DEFAULT_EXPORT_TOKEN!r}.')
   return token

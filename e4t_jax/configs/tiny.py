@@ -4,7 +4,7 @@
 """
 import ml_collections
 
-from configs import base
+from e4t_jax.configs import base
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -320,6 +320,11 @@ class CLIPTokenizer:
     """Number of ids: the vocabulary plus the placeholders (the text encoder's embedding rows)."""
     return len(self._encoder.vocab) + len(self._placeholders)
 
+  def in_vocabulary(self, token: str) -> bool:
+    """Whether `token` is a key of the BPE vocabulary (vocab.json; what transformers' `get_vocab()`
+    holds besides added tokens)."""
+    return token in self._encoder.vocab
+
   @property
   def model_max_length(self) -> int:
     return self._model_max_length

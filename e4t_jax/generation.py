@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import json
 import os
 import re
@@ -37,15 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from e4t_jax.convert.common import atomic_write_bytes
+from e4t_jax.data import images as images_lib
 from e4t_jax.diffusion import samplers as samplers_lib
 from e4t_jax.diffusion.schedule import NoiseSchedule
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t import offsets as offsets_lib
+from e4t_jax.e4t.concept import Concept, model_fingerprint
 from e4t_jax.e4t.prompts import encode_prompt
 from e4t_jax.errors import CheckpointError, ConfigError, InputError
+from e4t_jax.fileio import atomic_write_bytes
 from e4t_jax.models.vae import decode_latents
-from e4t_jax.personalize import Concept, model_fingerprint
 
 # Generators kept alive per (modules, scheduler config); each holds its compiled programs.
 _MAX_CACHED_GENERATORS = 4
@@ -189,11 +189,6 @@ class Generator:
                         "pass the model's own scheduler/scheduler_config.json.")
     self._programs: dict[_ProgramKey, Any] = {}
     self._device_params: tuple[Any, dict] | None = None  # (the host params dict, its device copy)
-
-  @property
-  def num_programs(self) -> int:
-    """How many distinct programs (statics) were built; jit may hold several shapes of each."""
-    return len(self._programs)
 
   def prompt_warnings(self, prompts: Sequence[str], concepts: Sequence[Concept | None]) -> list[str]:
     """One line per prompt that will not render as meant (what `generate` warns about)."""
@@ -490,17 +485,6 @@ def make_grid(images: np.ndarray | Sequence[np.ndarray], labels: Sequence[str] |
   return np.asarray(canvas)
 
 
-def _png_bytes(image: np.ndarray, text: Mapping[str, str] | None = None) -> bytes:
-  from PIL import Image
-  from PIL.PngImagePlugin import PngInfo
-  info = PngInfo()
-  for key, value in (text or {}).items():
-    info.add_itxt(key, value)  # iTXt: UTF-8, so any prompt survives
-  buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format='PNG', pnginfo=info)
-  return buffer.getvalue()
-
-
 def _slug(text: str, max_length: int = 40) -> str:
   slug = re.sub(r'[^a-z0-9]+', '-', text.lower()).strip('-')[:max_length].strip('-')
   return slug or 'image'
@@ -557,14 +541,14 @@ def save_images(images: np.ndarray, out_dir: str | os.PathLike, prompts: Sequenc
     text = {k: str(v) for k, v in record.items()}
     text.update(settings=settings_json, software='e4t-jax')
     path = out_dir / f'{stem}.png'
-    atomic_write_bytes(path, [_png_bytes(image, text)])
+    atomic_write_bytes(path, [images_lib.encode_png(image, text)])
     sidecar = dict(record, settings=settings, file=path.name, height=int(image.shape[0]),
                    width=int(image.shape[1]))
     atomic_write_bytes(out_dir / f'{stem}.json', [json.dumps(sidecar, indent=2, sort_keys=True).encode()])
     paths.append(path)
   labels = [f'{p} (seed {seeds[i]})' if seeds is not None else p for i, p in enumerate(prompts)]
   grid_path = out_dir / 'grid.png'
-  atomic_write_bytes(grid_path, [_png_bytes(make_grid(images, labels, grid_columns),
+  atomic_write_bytes(grid_path, [images_lib.encode_png(make_grid(images, labels, grid_columns),
                                             {'prompts': json.dumps(prompts), 'settings': settings_json,
                                              'software': 'e4t-jax'})])
   paths.append(grid_path)
