@@ -60,12 +60,13 @@ def _cmd_personalize(args: argparse.Namespace) -> int:
   targets = [out_dir / f'{p.stem}.e4t.safetensors' for p in paths]
   if len(set(targets)) != len(targets):
     raise InputError('two input images share a file name stem; their concepts would overwrite each other.')
+  tuning = personalize_lib.TuningConfig(learning_rate=args.learning_rate, mode=args.mode,  # checked before work
+                                        **({} if args.views is None else {'batch_size': args.views}))
   model = _load_model(args.model)
   t0 = time.perf_counter()
-  personalize_fn = personalize_lib.make_personalize_fn(
-      model, num_steps=args.steps, tuning=personalize_lib.TuningConfig(learning_rate=args.learning_rate),
-      cache_dir=args.cache_dir)
-  print(f'compiled the {args.steps}-step tuning program in {time.perf_counter() - t0:.1f} s')
+  personalize_fn = personalize_lib.make_personalize_fn(model, num_steps=args.steps, tuning=tuning,
+                                                       cache_dir=args.cache_dir)
+  print(f'compiled the {args.steps}-step {args.mode}-mode tuning program in {time.perf_counter() - t0:.1f} s')
   timings = []
   for index, ((path, image), target) in enumerate(_progress(zip(loaded, targets), len(loaded), 'personalizing')):
     t0 = time.perf_counter()
@@ -239,7 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
   personalize.add_argument('--out', required=True, help='output directory for <image-stem>.e4t.safetensors')
   personalize.add_argument('--model', help='e4t model folder (default: the embedded demo model)')
   personalize.add_argument('--steps', type=int, default=5, help='tuning steps (default 5)')
-  personalize.add_argument('--learning-rate', type=float, default=1e-4)
+  personalize.add_argument('--learning-rate', type=float, default=1e-4, help='of the encoder and the offsets')
+  personalize.add_argument('--mode', choices=('lite', 'paper'), default='lite',
+                           help='lite: encoder + weight offsets (KB concepts); paper: also the U-Net, on a batch '
+                                'of views (the paper\'s tuning stage; MB concepts, more memory)')
+  personalize.add_argument('--views', type=int, default=None,
+                           help='views (paper) or noise draws (lite) per step (default 16 / 1)')
   personalize.add_argument('--seed', type=int, default=0)
   personalize.add_argument('--prompt', default=None,
                            help='tuning prompt describing the image, "{}" = the concept (default: the model\'s)')

@@ -239,8 +239,8 @@ class Generator:
     flat = traverse_util.flatten_dict(unet_params)
     for path, pair in concept.weight_offsets.items():
       kernel = flat.get(tuple(path.split('/')) + ('kernel',))
-      shape = (np.shape(pair['down'])[0], np.shape(pair['up'])[-1])
-      if kernel is None or tuple(kernel.shape) != shape:
+      if kernel is None or not offsets_lib.fits_kernel(pair, kernel.shape):
+        shape = (np.shape(pair['down'])[0], np.shape(pair['up'])[-1])
         raise CheckpointError(f'{source}: weight offset {path!r} ({shape}) has no matching U-Net kernel; '
                               'it was made for another model.')
 

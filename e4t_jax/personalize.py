@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from e4t_jax import runtime
 from e4t_jax.diffusion import schedule as schedule_lib
 from e4t_jax.e4t import model as model_lib
+from e4t_jax.e4t import offsets as offsets_lib
 from e4t_jax.e4t.concept import Concept, model_fingerprint
 from e4t_jax.e4t.encoder import placeholder_embedding
 from e4t_jax.e4t.objective import e4t_loss, image_features, predict_offset
@@ -35,42 +38,155 @@ from e4t_jax.models.vae import scale_latents
 
 
 # ----------------------------------------------------------------------------- tuning program
+TUNING_MODES = ('lite', 'paper')
+
+
 @dataclasses.dataclass(frozen=True)
 class TuningConfig:
+  """How one concept is tuned. Two modes, each compiled once and reused for every concept:
+
+  lite   the encoder and the low-rank weight offsets, one image, `batch_size` noise draws per step
+         (default 1): kilobyte concepts, the cheapest.
+  paper  the paper's tuning stage (Sec. 3.4: "the encoder and text-to-image models must be tuned in
+         tandem"): the encoder, the offsets AND the U-Net's kernels (`unet_patterns`), on a batch of
+         `batch_size` views of the image (default 16, as the references; view 0 is the image itself, the
+         others flipped / zoomed at random, each with its own noise and timestep). The tuned U-Net delta
+         is stored per kernel as a truncated SVD of rank `delta_rank`, so a concept stays MB-sized and
+         exports as a LoRA.
+  """
   num_steps: int = 5                  # the compiled maximum; a call may run fewer
-  learning_rate: float = 1e-4
-  batch_size: int = 1                 # noise/timestep draws of the one image per step
+  learning_rate: float = 1e-4         # the encoder and the weight offsets (Adam)
+  batch_size: int | None = None       # draws (lite) or views (paper) per step; None: 1 (lite), 16 (paper)
   prompt: str | None = None           # '{}' = the concept; None: the model's `E4TConfig.tuning_prompt`
   # Timesteps at which the final w* is read out (averaged); spread over the training range.
   readout_timesteps: Sequence[int] = (100, 300, 500, 700, 900)
+  mode: str = 'lite'
+  # paper mode: the U-Net's own learning rate (mkshing/e4t-diffusion's README: 1e-6 scaled by batch 16);
+  # regexes (re.search) over kernel module paths ('' = every Dense and conv kernel; biases and norms stay
+  # frozen, so the whole delta is low-rank compressible); captions cycled over the views (None: `prompt`);
+  # the SVD rank of each stored kernel delta (capped at the kernel's own rank: then exact).
+  unet_learning_rate: float = 1.6e-5
+  unet_patterns: Sequence[str] = ('',)
+  templates: Sequence[str] | None = None
+  delta_rank: int = 16
+  augment: bool | None = None         # random flip + zoom views; None: on in paper mode, off in lite
+
+  def __post_init__(self):
+    if self.mode not in TUNING_MODES:
+      raise InputError(f'tuning mode {self.mode!r} is not one of {TUNING_MODES}.')
+    paper = self.mode == 'paper'
+    if self.batch_size is None:
+      object.__setattr__(self, 'batch_size', 16 if paper else 1)
+    if self.augment is None:
+      object.__setattr__(self, 'augment', paper)
+    object.__setattr__(self, 'unet_patterns', tuple(self.unet_patterns))
+    object.__setattr__(self, 'readout_timesteps', tuple(int(t) for t in self.readout_timesteps))
+    if self.templates is not None:
+      object.__setattr__(self, 'templates', tuple(self.templates))
+      if not self.templates:
+        raise InputError('tuning templates must list at least one caption (or be None).')
+    if self.batch_size < 1 or self.delta_rank < 1:
+      raise InputError(f'tuning batch_size and delta_rank must be >= 1, got {self.batch_size}, {self.delta_rank}.')
+    if not (np.isfinite(self.learning_rate) and np.isfinite(self.unet_learning_rate)):
+      raise InputError('tuning learning rates must be finite numbers.')
+
+
+def tuned_unet_kernels(unet_params: Any, tuning: TuningConfig) -> list[str]:
+  """Module paths of the U-Net kernels paper mode tunes (none in lite mode), in a stable order."""
+  if tuning.mode != 'paper':
+    return []
+  patterns = [re.compile(p) for p in tuning.unet_patterns]
+  paths = sorted('/'.join(path[:-1]) for path in traverse_util.flatten_dict(dict(unet_params))
+                 if path[-1] == 'kernel' and any(p.search('/'.join(path[:-1])) for p in patterns))
+  if not paths:
+    raise InputError(f'tuning unet_patterns {list(tuning.unet_patterns)} match no U-Net kernel.')
+  return paths
+
+
+def tuning_captions(modules: model_lib.E4TModules, tuning: TuningConfig, prompt: str | None = None) -> list[str]:
+  """The caption of each row of a tuning step: one per view in paper mode or with templates (cycled over
+  the rows; a call's `prompt` replaces them), else one row that every draw shares."""
+  rows = tuning.batch_size if tuning.mode == 'paper' or tuning.templates is not None else 1
+  if prompt is not None or tuning.templates is None:
+    return [tuning_prompt(modules, tuning) if prompt is None else prompt] * rows
+  return [tuning.templates[i % len(tuning.templates)] for i in range(rows)]
+
+
+def tuning_ids(modules: model_lib.E4TModules, tuning: TuningConfig, prompt: str | None = None) -> np.ndarray:
+  """The `input_ids` argument of the tuning program: [rows, tokens] int32 (`tuning_captions`)."""
+  captions = tuning_captions(modules, tuning, prompt)
+  return tuning_prompt_ids(modules, captions, len(captions))
+
+
+def make_views(image: jax.Array, key: jax.Array, count: int, augment: bool, max_zoom: float = 1.15) -> jax.Array:
+  """`count` views of one image [S, S, 3]: view 0 is the image; with `augment` the others are mirrored
+  with probability 1/2 and zoomed in by a factor in [1, max_zoom] around a random point (bilinear)."""
+  views = jnp.broadcast_to(image, (count,) + image.shape)
+  if not augment or count == 1:
+    return views
+  size = image.shape[0]
+  k_flip, k_zoom, k_shift = jax.random.split(key, 3)
+  flip = jax.random.bernoulli(k_flip, 0.5, (count,)).at[0].set(False)
+  zoom = jax.random.uniform(k_zoom, (count,), minval=1.0, maxval=max_zoom).at[0].set(1.0)
+  # Output pixel y reads input (y - shift) / zoom: shifts in [size (1 - zoom), 0] stay inside the image.
+  shift = jax.random.uniform(k_shift, (count, 2)) * (size * (1.0 - zoom))[:, None]
+
+  def view(image, flip, zoom, shift):
+    image = jnp.where(flip, image[:, ::-1], image)
+    return jax.image.scale_and_translate(image, image.shape, (0, 1), jnp.stack([zoom, zoom]), shift, 'linear')
+
+  return jax.vmap(view)(views, flip, zoom, shift)
 
 
 def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Callable:
-  """The pure function compiled by `make_personalize_fn` (one concept)."""
+  """The pure function compiled by `make_personalize_fn` (one concept).
+
+  Returns (w*, concept offsets, loss trace, steps run, healthy). The concept offsets are the tuned weight
+  offsets (lite), or (paper) per kernel the truncated-SVD pair of everything tuning changed in it: the U-Net
+  delta plus the weight offsets, as one additive delta.
+  """
   config = modules.config
-  prompt_ids = modules.tokenize([tuning_prompt(modules, tuning).replace('{}', config.placeholder)]
-                               * tuning.batch_size)
-  optimizer = optax.adam(tuning.learning_rate)
+  paper = tuning.mode == 'paper'
+  prompt_ids = modules.tokenize([c.replace('{}', config.placeholder) for c in tuning_captions(modules, tuning)])
+  if paper:
+    # One optimizer, a learning rate per group: the U-Net's own kernels, and everything else.
+    label = lambda tree: {name: jax.tree.map(lambda _, n=name: 'unet' if n == 'unet' else 'e4t', sub)
+                          for name, sub in tree.items()}
+    optimizer = optax.multi_transform({'e4t': optax.adam(tuning.learning_rate),
+                                       'unet': optax.adam(tuning.unet_learning_rate)}, label)
+  else:
+    optimizer = optax.adam(tuning.learning_rate)
   readout_t = np.asarray(tuning.readout_timesteps, np.int32)
 
   def program(params, image, rng, num_steps, input_ids=None):
-    # image: [S, S, 3] float32 in [0, 1] (already at the model resolution); input_ids: [1, tokens]
-    # int32, the tuning prompt with the placeholder (None: tuning.prompt, baked in).
+    # image: [S, S, 3] float32 in [0, 1] (already at the model resolution); input_ids: [rows, tokens]
+    # int32, the tuning captions with the placeholder (1 row in lite mode, one per view in paper mode;
+    # None: the config's, baked in).
     trainable, frozen = model_lib.split_params(params, config.trainable_patterns)
-    images = jnp.broadcast_to(image[None] * 2.0 - 1.0, (tuning.batch_size,) + image.shape)
+    tuned_kernels = tuned_unet_kernels(params['unet'], tuning)
+    if paper:  # the selected U-Net kernels move to the trainable side
+      tuned = {tuple(p.split('/')) + ('kernel',) for p in tuned_kernels}
+      flat_unet = traverse_util.flatten_dict(frozen['unet'])
+      trainable = dict(trainable, unet=traverse_util.unflatten_dict({k: v for k, v in flat_unet.items()
+                                                                     if k in tuned}))
+      frozen = dict(frozen, unet=traverse_util.unflatten_dict({k: v for k, v in flat_unet.items()
+                                                               if k not in tuned}))
+    # Keys: fold_in(rng, i) for step i, num_steps for the read-out, num_steps + 1 for the views.
+    images = make_views(image * 2.0 - 1.0, jax.random.fold_in(rng, tuning.num_steps + 1), tuning.batch_size,
+                        tuning.augment)
     ids = jnp.asarray(prompt_ids) if input_ids is None else jnp.broadcast_to(
         input_ids, (tuning.batch_size, input_ids.shape[-1]))
     batch = {'images': images, 'input_ids': ids}
     # The image's VAE posterior, CLIP features and the coarse prompt do not change between steps:
     # compute them once, outside the loop (unless parts of CLIP train, config.trainable_patterns).
+    # Lite mode's rows are copies of one image; paper mode's views each have their own.
     cached = None
     if not config.trainable_patterns:
-      cached = image_features(modules, params, images[:1])
+      cached = image_features(modules, params, images if paper else images[:1])
 
     def loss_fn(trainable, key):
-      features = None if cached is None else cached.repeat(tuning.batch_size)
+      features = None if cached is None else (cached if paper else cached.repeat(tuning.batch_size))
       return e4t_loss(modules, model_lib.merge_params(trainable, frozen), batch, key, features)
-
     def step(carry, i):
       trainable, opt_state, healthy = carry
       key = jax.random.fold_in(rng, i)
@@ -98,7 +214,8 @@ def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Calla
     # Read out w*: the encoder's prediction averaged over fixed timesteps and noise draws.
     merged = model_lib.merge_params(trainable, frozen)
     k_vae, k_noise = jax.random.split(jax.random.fold_in(rng, tuning.num_steps))
-    features = image_features(modules, merged, images[:1]) if cached is None else cached
+    # From the image itself (view 0), not an augmented view.
+    features = image_features(modules, merged, images[:1]) if cached is None else jax.tree.map(lambda x: x[:1], cached)
     latents = scale_latents(modules.vae.config, features.posterior.sample(k_vae))
     latents = jnp.broadcast_to(latents, (len(readout_t),) + latents.shape[1:])
     noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
@@ -108,9 +225,27 @@ def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Calla
                             features.repeat(len(readout_t)))
     w_star = placeholder_embedding(token_embedding(merged['text_encoder'], modules.coarse_token_id),
                                    jnp.mean(offset, axis=0, keepdims=True), config.embedding_scale)[0]
-    return w_star, trainable['weight_offsets'], losses, jnp.minimum(num_steps, tuning.num_steps), healthy
+    concept_offsets = trainable['weight_offsets']
+    if paper:
+      concept_offsets = unet_delta_factors(params['unet'], merged['unet'], trainable['weight_offsets'],
+                                           config.offsets.mode, tuned_kernels, tuning.delta_rank)
+    return w_star, concept_offsets, losses, jnp.minimum(num_steps, tuning.num_steps), healthy
 
   return program
+
+
+def unet_delta_factors(original_unet: Any, tuned_unet: Any, weight_offsets: dict, offsets_mode: str,
+                       tuned_kernels: Sequence[str], rank: int) -> dict[str, dict[str, jax.Array]]:
+  """Per changed kernel (the tuned ones and the offsets' targets), the rank-`rank` additive pair of
+  (tuned U-Net with its offsets merged) - original: what a paper-mode concept stores, and what generation
+  and the LoRA export apply as W + down @ up."""
+  final = traverse_util.flatten_dict(offsets_lib.merge_offsets(tuned_unet, weight_offsets, offsets_mode))
+  original = traverse_util.flatten_dict(dict(original_unet))
+  factors = {}
+  for path in sorted(set(tuned_kernels) | set(weight_offsets)):
+    key = tuple(path.split('/')) + ('kernel',)
+    factors[path] = offsets_lib.low_rank_factors(final[key] - original[key], rank)
+  return factors
 
 
 def tuning_prompt(modules: model_lib.E4TModules, tuning: TuningConfig) -> str:
@@ -178,11 +313,14 @@ def prepare_image(image: Any, size: int, source: str = 'image') -> np.ndarray:
 def concept_metadata(model: model_lib.E4TModel, tuning: TuningConfig, fingerprint: str) -> tuple:
   """The static (key, value) metadata every concept of `model` tuned with `tuning` carries."""
   m = model.modules
-  return tuple(sorted({
-      'placeholder': m.config.placeholder, 'coarse_word': m.config.coarse_word,
-      'base_fingerprint': fingerprint, 'offsets_mode': m.config.offsets.mode,
-      'max_steps': str(tuning.num_steps), 'learning_rate': repr(tuning.learning_rate),
-  }.items()))
+  info = {'placeholder': m.config.placeholder, 'coarse_word': m.config.coarse_word,
+          'base_fingerprint': fingerprint, 'offsets_mode': m.config.offsets.mode,
+          'max_steps': str(tuning.num_steps), 'learning_rate': repr(tuning.learning_rate),
+          'tuning_mode': tuning.mode}
+  if tuning.mode == 'paper':  # the stored offsets are additive SVD pairs of the whole tuned delta
+    info.update(offsets_mode='additive', delta_rank=str(tuning.delta_rank), views=str(tuning.batch_size),
+                unet_learning_rate=repr(tuning.unet_learning_rate))
+  return tuple(sorted(info.items()))
 
 
 class PersonalizeFn:
@@ -202,8 +340,7 @@ class PersonalizeFn:
       raise InputError(f'num_steps={steps}: this function was compiled for at most {self.tuning.num_steps} steps.')
     pixels = prepare_image(image, self.model.modules.image_size)
     key = self._default_key if rng is None else rng
-    ids = tuning_prompt_ids(self.model.modules, tuning_prompt(self.model.modules, self.tuning) if prompt is None
-                            else prompt)
+    ids = tuning_ids(self.model.modules, self.tuning, prompt)
     w_star, offsets, losses, steps_run, healthy = self.compiled(params, pixels, key, np.int32(steps), ids)
     if not bool(healthy):
       raise InputError('tuning produced a non-finite loss (NaN/inf); lower the learning rate or check the '
@@ -240,7 +377,7 @@ def lower_personalize_program(modules: model_lib.E4TModules, abstract_params: An
   """The jitted tuning program lowered for params of these shapes/dtypes (`jax.ShapeDtypeStruct`s):
   what `make_personalize_fn` compiles; `e4t_jax.bench.full` compiles the same lowering ahead of time."""
   size = modules.image_size
-  ids = tuning_prompt_ids(modules, tuning_prompt(modules, tuning))
+  ids = tuning_ids(modules, tuning)
   return jax.jit(tuning_program(modules, tuning)).lower(
       abstract_params, jax.ShapeDtypeStruct((size, size, 3), jnp.float32),
       jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.int32),
@@ -286,10 +423,10 @@ def personalize_many(model: model_lib.E4TModel, images: Sequence[Any], *, num_st
   pixels = np.concatenate([pixels, np.repeat(pixels[:1], padded - count, axis=0)])
   keys = jax.random.split(jax.random.key(seed), padded)
   steps = np.full((padded,), num_steps, np.int32)
-  prompts = [tuning_prompt(model.modules, tuning)] * count if prompts is None else list(prompts)
+  prompts = [None] * count if prompts is None else list(prompts)
   if len(prompts) != count:
     raise InputError(f'{len(prompts)} prompts for {count} images; pass one tuning prompt per image.')
-  ids = np.stack([tuning_prompt_ids(model.modules, p) for p in prompts + prompts[:1] * (padded - count)])
+  ids = np.stack([tuning_ids(model.modules, tuning, p) for p in prompts + prompts[:1] * (padded - count)])
   batched = batched_program(model.modules, tuning, mesh)
   w_star, offsets, losses, steps_run, healthy = batched(model.params, pixels, keys, steps, ids)
   fingerprint = model_fingerprint(model)

@@ -17,13 +17,14 @@ import json
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from e4t_jax import generation as generate_lib
 from e4t_jax.e4t import export as export_lib
 from e4t_jax.e4t import offsets as offsets_lib
 from e4t_jax.e4t.prompts import encode_prompt
-from e4t_jax.errors import CheckpointError, InputError
 from e4t_jax.e4t.concept import Concept, model_fingerprint
+from e4t_jax.errors import CheckpointError, InputError
 
 STEPS = 2
 PROMPTS = ['a photo of *', 'a painting of * in a hat']
@@ -194,8 +195,29 @@ def test_lora_keys_follow_the_diffusers_names(tiny, concept):
   assert len(tensors) == 2 * len(concept.weight_offsets)
 
 
-def test_export_matches_diffusers_text_encoder_and_lora_unet(tiny, concept, tmp_path):
+def _conv_and_dense_concept(model, seed: int) -> Concept:
+  """A paper-mode-like concept: SVD factors of random deltas on conv kernels and on Dense kernels."""
+  from e4t_jax import personalize as personalize_lib
+  rng = np.random.default_rng(seed)
+  flat = {'/'.join(k[:-1]): v for k, v in traverse_util.flatten_dict(model.params['unet']).items() if k[-1] == 'kernel'}
+  paths = ['conv_in', next(p for p in sorted(flat) if p.endswith('resnets_0/conv1')),
+           sorted(model.params['weight_offsets'])[0]]
+  tuned = traverse_util.flatten_dict(model.params['unet'])
+  for path in paths:
+    key = tuple(path.split('/')) + ('kernel',)
+    tuned[key] = tuned[key] + 0.1 * rng.normal(size=tuned[key].shape).astype(np.float32)
+  factors = personalize_lib.unet_delta_factors(model.params['unet'], traverse_util.unflatten_dict(tuned), {},
+                                               'additive', paths, rank=3)
+  base = _random_concept(model, seed)
+  return Concept(embedding=base.embedding, weight_offsets=jax.device_get(factors), loss_trace=base.loss_trace,
+                 steps=base.steps, metadata=base.metadata)
+
+
+@pytest.mark.parametrize('kind', ['offsets', 'conv_and_dense_factors'])
+def test_export_matches_diffusers_text_encoder_and_lora_unet(tiny, concept, tmp_path, kind):
   torch = pytest.importorskip('torch')
+  if kind == 'conv_and_dense_factors':
+    concept = _conv_and_dense_concept(tiny, 7)
   diffusers = pytest.importorskip('diffusers')
   from e4t_jax.convert.pipeline import SD1_SCHEDULER_CONFIG, StableDiffusion, save_stable_diffusion
   from e4t_jax.models.tokenizer import CLIPTokenizer
@@ -240,8 +262,11 @@ def test_export_matches_diffusers_text_encoder_and_lora_unet(tiny, concept, tmp_
         if key.endswith('.lora_A.weight'):
           module = pipe.unet.get_submodule(key[len('unet.'):-len('.lora_A.weight')])
           lora_b = lora[key.replace('lora_A', 'lora_B')]
-          assert isinstance(module, torch.nn.Linear) and lora_b.shape[0] == module.out_features
-          module.weight += lora_b.float() @ lora_a.float()
+          if isinstance(module, torch.nn.Conv2d):  # PEFT's conv LoRA: a kh x kw conv to r, then a 1x1 conv
+            module.weight += torch.einsum('or,rihw->oihw', lora_b.float()[:, :, 0, 0], lora_a.float())
+          else:
+            assert isinstance(module, torch.nn.Linear) and lora_b.shape[0] == module.out_features
+            module.weight += lora_b.float() @ lora_a.float()
   rng = np.random.default_rng(0)
   latents = rng.normal(size=(1, 16, 16, 4)).astype(np.float32)
   with torch.no_grad():

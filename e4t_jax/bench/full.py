@@ -148,7 +148,7 @@ def lower_job(model: model_lib.E4TModel, job: Job, num_steps: int = 5):
   if job.kind == 'personalize':
     return personalize_lib.lower_personalize_program(m, params, tuning), None
   if job.kind == 'personalize_batched':
-    ids = personalize_lib.tuning_prompt_ids(m, personalize_lib.tuning_prompt(m, tuning))
+    ids = personalize_lib.tuning_ids(m, tuning)
     b = job.batch
     args = (params, sds((b, size, size, 3), jnp.float32), jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b)),
             sds((b,), jnp.int32), sds((b,) + ids.shape, jnp.int32))
@@ -373,7 +373,7 @@ def _time_batched(compiled, model: model_lib.E4TModel, args: Sequence[Any], batc
   pixels = jnp.asarray(np.stack([personalize_lib.prepare_image(im, size) for im in images]))
   keys = jax.random.split(jax.random.key(3), batch)
   steps = jnp.full((batch,), 5, jnp.int32)
-  ids = personalize_lib.tuning_prompt_ids(m, personalize_lib.tuning_prompt(m, personalize_lib.TuningConfig()))
+  ids = personalize_lib.tuning_ids(m, personalize_lib.TuningConfig())
   ids = jnp.asarray(np.broadcast_to(ids, args[4].shape))
   jax.block_until_ready(compiled(params, pixels, keys, steps, ids))  # untimed first execution
   seconds, _, _ = harness.timed_calls(compiled, [(params, pixels, keys, steps, ids)] * 5,

@@ -30,10 +30,11 @@ import numpy as np
 from flax import traverse_util
 
 from e4t_jax.convert.common import torch_key
-from e4t_jax.fileio import atomic_write_bytes, write_safetensors
 from e4t_jax.e4t import model as model_lib
-from e4t_jax.errors import CheckpointError, InputError
+from e4t_jax.e4t import offsets as offsets_lib
 from e4t_jax.e4t.concept import Concept, model_fingerprint
+from e4t_jax.errors import CheckpointError, InputError
+from e4t_jax.fileio import atomic_write_bytes, write_safetensors
 
 EMBEDDING_FILE = 'learned_embeds.safetensors'
 LORA_FILE = 'pytorch_lora_weights.safetensors'
@@ -77,16 +78,21 @@ def lora_state_dict(concept: Concept, unet_params) -> dict[str, np.ndarray]:
   flat = traverse_util.flatten_dict(dict(unet_params))
   tensors = {}
   for path, pair in sorted(concept.weight_offsets.items()):
-    down = np.asarray(pair['down'], np.float32)  # [in, r]
+    down = np.asarray(pair['down'], np.float32)  # [in, r] ([kh * kw * in, r] for a conv kernel)
     up = np.asarray(pair['up'], np.float32)      # [r, out]
     kernel = flat.get(tuple(path.split('/')) + ('kernel',))
-    if kernel is None or down.ndim != 2 or up.ndim != 2 or down.shape[1] != up.shape[0] \
-        or tuple(kernel.shape) != (down.shape[0], up.shape[1]):
+    if kernel is None or not offsets_lib.fits_kernel(pair, kernel.shape):
       raise CheckpointError(f'weight offset {path!r} (down {down.shape}, up {up.shape}) does not fit this '
                             'model\'s U-Net; the concept was made for another model.')
     module = UNET_PREFIX + lora_module_name(path)
-    tensors[f'{module}.lora_A.weight'] = np.ascontiguousarray(down.T)  # [r, in]
-    tensors[f'{module}.lora_B.weight'] = np.ascontiguousarray(up.T)    # [out, r]
+    if len(kernel.shape) == 4:  # PEFT's conv LoRA: A is a kh x kw conv to r channels, B a 1x1 conv (OIHW)
+      kh, kw, fan_in, _ = kernel.shape
+      lora_a = down.reshape(kh, kw, fan_in, -1).transpose(3, 2, 0, 1)  # [r, in, kh, kw]
+      lora_b = up.T[:, :, None, None]                                    # [out, r, 1, 1]
+    else:
+      lora_a, lora_b = down.T, up.T                                      # [r, in], [out, r]
+    tensors[f'{module}.lora_A.weight'] = np.ascontiguousarray(lora_a)
+    tensors[f'{module}.lora_B.weight'] = np.ascontiguousarray(lora_b)
   return tensors
 
 

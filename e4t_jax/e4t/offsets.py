@@ -74,9 +74,17 @@ def offset_matrix(pair: Mapping[str, jax.Array]) -> jax.Array:
   return pair['down'] @ pair['up']  # [in, out]
 
 
+def fits_kernel(pair: Mapping[str, Any], kernel_shape: Sequence[int]) -> bool:
+  """Whether a (down [in, r], up [r, out]) pair is a delta of this kernel: a Dense [in, out] or a conv
+  [kh, kw, in, out] kernel read as [kh * kw * in, out]."""
+  down, up = np.shape(pair['down']), np.shape(pair['up'])
+  return (len(down) == 2 and len(up) == 2 and down[1] == up[0] and len(kernel_shape) >= 2
+          and down[0] == int(np.prod(kernel_shape[:-1])) and up[1] == kernel_shape[-1])
+
+
 def merge_offsets(unet_params: Mapping[str, Any], offsets: Mapping[str, Mapping[str, jax.Array]],
                   mode: str = 'additive') -> dict:
-  """A new U-Net params tree with the offsets folded into their target kernels."""
+  """A new U-Net params tree with the offsets folded into their target kernels (Dense or conv)."""
   if mode not in MODES:
     raise ConfigError(f'weight offsets mode {mode!r} is not one of {MODES}.')
   flat = traverse_util.flatten_dict(dict(unet_params))
@@ -85,9 +93,20 @@ def merge_offsets(unet_params: Mapping[str, Any], offsets: Mapping[str, Mapping[
     if key not in flat:
       raise ConfigError(f'weight offset for {path!r} has no matching U-Net kernel (offsets from another model?).')
     kernel = flat[key]
-    delta = offset_matrix(pair).astype(kernel.dtype)
+    delta = offset_matrix(pair).reshape(kernel.shape).astype(kernel.dtype)
     flat[key] = kernel + delta if mode == 'additive' else kernel * (1 + delta)
   return traverse_util.unflatten_dict(flat)
+
+
+def low_rank_factors(delta: jax.Array, rank: int) -> dict[str, jax.Array]:
+  """The best rank-`rank` additive pair of a kernel delta (truncated SVD, Eckart-Young), split evenly:
+  down = U_r sqrt(S_r) [in, r], up = sqrt(S_r) V_r^T [r, out]; a conv delta is read as [kh * kw * in, out].
+  The rank is capped at the matrix's own, where the pair is exact up to float rounding."""
+  matrix = delta.reshape(-1, delta.shape[-1]).astype(jnp.float32)
+  rank = min(rank, *matrix.shape)
+  u, s, vt = jnp.linalg.svd(matrix, full_matrices=False)
+  root = jnp.sqrt(s[:rank])
+  return {'down': u[:, :rank] * root, 'up': root[:, None] * vt[:rank]}
 
 
 def offsets_l2(offsets: Mapping[str, Mapping[str, jax.Array]]) -> jax.Array:

@@ -1,0 +1,153 @@
+"""Paper-mode tuning (the encoder, the offsets and the U-Net in tandem, on a batch of views) and its
+compressed concepts, on the tiny random model."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import e4t_jax
+from e4t_jax import personalize as personalize_lib
+from e4t_jax.e4t import model as model_lib
+from e4t_jax.e4t import offsets as offsets_lib
+from e4t_jax.e4t.concept import Concept, model_fingerprint
+from e4t_jax.errors import InputError
+
+# Attention kernels and the first conv: enough to cover Dense and conv deltas, quick to compile.
+PATTERNS = (r'attn[12]/to_', r'^conv_in$')
+# Renders of an exact delta and of its full-rank SVD factors agree to float rounding: at most this many
+# uint8 levels apart, anywhere.
+FULL_RANK_RENDER_TOLERANCE = 1
+
+
+def _image(seed, size=40):
+  return np.random.default_rng(seed).integers(0, 256, (size, size + seed, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope='module')
+def tiny(tiny_e4t):
+  return tiny_e4t
+
+
+@pytest.fixture(scope='module')
+def paper_tuning():
+  return personalize_lib.TuningConfig(mode='paper', batch_size=3, learning_rate=1e-3, unet_learning_rate=1e-3,
+                                      unet_patterns=PATTERNS, delta_rank=64)
+
+
+@pytest.fixture(scope='module')
+def paper_fn(tiny, paper_tuning):
+  return personalize_lib.make_personalize_fn(tiny, num_steps=2, tuning=paper_tuning)
+
+
+@pytest.fixture(scope='module')
+def paper_concept(tiny, paper_fn):
+  return paper_fn(tiny.params, _image(0), jax.random.key(0))
+
+
+def _kernel(params, path):
+  return np.asarray(traverse_util.flatten_dict(params['unet'])[tuple(path.split('/')) + ('kernel',)])
+
+
+def test_modes_resolve_their_own_defaults():
+  lite, paper = personalize_lib.TuningConfig(), personalize_lib.TuningConfig(mode='paper')
+  assert (lite.batch_size, lite.augment) == (1, False)
+  assert (paper.batch_size, paper.augment) == (16, True)  # the references' batch of augmented copies
+  with pytest.raises(InputError, match='tuning mode'):
+    personalize_lib.TuningConfig(mode='full')
+
+
+def test_paper_mode_tunes_unet_kernels_and_lite_mode_only_the_offsets(tiny, paper_concept):
+  tuned = personalize_lib.tuned_unet_kernels(tiny.params['unet'], personalize_lib.TuningConfig(
+      mode='paper', unet_patterns=PATTERNS))
+  assert 'conv_in' in tuned and not set(tuned) <= set(tiny.params['weight_offsets'])
+  # Paper mode: every tuned kernel has a delta, and kernels without weight offsets changed too.
+  assert set(paper_concept.weight_offsets) == set(tuned) | set(tiny.params['weight_offsets'])
+  for path in ('conv_in', next(p for p in tuned if p not in tiny.params['weight_offsets'])):
+    pair = paper_concept.weight_offsets[path]
+    assert np.abs(np.asarray(offsets_lib.offset_matrix(pair))).max() > 1e-6, path
+  assert paper_concept.info['tuning_mode'] == 'paper' and paper_concept.info['offsets_mode'] == 'additive'
+  # Lite mode: the offsets' own targets only; the U-Net's weights are not part of the concept.
+  lite = personalize_lib.make_personalize_fn(tiny, num_steps=1)(tiny.params, _image(0))
+  assert set(lite.weight_offsets) == set(tiny.params['weight_offsets'])
+  assert lite.info['tuning_mode'] == 'lite'
+
+
+def test_paper_mode_compiles_once_for_five_images(tiny, paper_fn, compile_counter):
+  with compile_counter as counter:
+    concepts = [paper_fn(tiny.params, _image(i), jax.random.key(i)) for i in range(5)]
+  assert counter.count == 0, f'{counter.count} compilations for 5 concepts'
+  assert len({np.asarray(c.embedding).tobytes() for c in concepts}) == 5
+  assert all(np.isfinite(np.asarray(c.loss_trace)).all() for c in concepts)
+
+
+def test_paper_concept_round_trips_save_load_generate(tiny, paper_concept, tmp_path):
+  path = paper_concept.save(tmp_path / 'paper.e4t.safetensors')
+  loaded = Concept.load(path)
+  assert loaded.info == paper_concept.info
+  before = e4t_jax.generate(tiny, paper_concept, ['a photo of *'], num_steps=2, seed=3)
+  after = e4t_jax.generate(tiny, loaded, ['a photo of *'], num_steps=2, seed=3)
+  np.testing.assert_array_equal(before, after)
+  plain = e4t_jax.generate(tiny, None, ['a photo of *'], num_steps=2, seed=3)
+  assert np.abs(before.astype(int) - plain.astype(int)).max() > 0  # the concept changes the render
+
+
+def test_low_rank_factors_are_exact_at_full_rank_and_the_svd_optimum_below():
+  rng = np.random.default_rng(0)
+  for shape in ((12, 7), (3, 3, 4, 6)):  # Dense [in, out] and conv [kh, kw, in, out]
+    delta = rng.normal(size=shape).astype(np.float32)
+    full = offsets_lib.low_rank_factors(jnp.asarray(delta), rank=64)
+    np.testing.assert_allclose(np.asarray(offsets_lib.offset_matrix(full)).reshape(shape), delta, atol=1e-5)
+    low = offsets_lib.low_rank_factors(jnp.asarray(delta), rank=2)
+    assert np.shape(low['down'])[1] == 2
+    singular = np.linalg.svd(delta.reshape(-1, shape[-1]), compute_uv=False)
+    residual = np.linalg.norm(delta.reshape(-1, shape[-1]) - np.asarray(offsets_lib.offset_matrix(low)))
+    np.testing.assert_allclose(residual, np.sqrt(np.sum(singular[2:] ** 2)), rtol=1e-4)  # Eckart-Young
+
+
+def test_compressed_delta_renders_match_exact_delta_renders(tiny):
+  rng = np.random.default_rng(1)
+  paths = ['conv_in'] + sorted(tiny.params['weight_offsets'])[:2]
+  flat = traverse_util.flatten_dict(tiny.params['unet'])
+  tuned = dict(flat)
+  for path in paths:
+    key = tuple(path.split('/')) + ('kernel',)
+    tuned[key] = flat[key] + 0.05 * rng.normal(size=flat[key].shape).astype(np.float32)
+  tuned_unet = traverse_util.unflatten_dict(tuned)
+  factors = personalize_lib.unet_delta_factors(tiny.params['unet'], tuned_unet, {}, 'additive', paths, rank=256)
+  width = tiny.modules.text_encoder.config.hidden_size
+  embedding = rng.normal(0, 1, (width,)).astype(np.float32)
+  info = (('base_fingerprint', model_fingerprint(tiny)), ('offsets_mode', 'additive'))
+  compressed = Concept(embedding=embedding, weight_offsets=factors, loss_trace=np.zeros(1, np.float32),
+                       steps=np.int32(1), metadata=info)
+  exact_model = model_lib.E4TModel(tiny.modules, dict(tiny.params, unet=tuned_unet))
+  exact = Concept(embedding=embedding, weight_offsets={}, loss_trace=np.zeros(1, np.float32), steps=np.int32(1),
+                  metadata=(('offsets_mode', 'additive'),))
+  ours = e4t_jax.generate(tiny, compressed, ['a photo of *'], num_steps=2, seed=0)
+  reference = e4t_jax.generate(exact_model, exact, ['a photo of *'], num_steps=2, seed=0)
+  assert np.abs(ours.astype(int) - reference.astype(int)).max() <= FULL_RANK_RENDER_TOLERANCE
+  without_delta = e4t_jax.generate(tiny, exact, ['a photo of *'], num_steps=2, seed=0)
+  assert np.abs(without_delta.astype(int) - reference.astype(int)).max() > 10 * FULL_RANK_RENDER_TOLERANCE
+
+
+def test_views_start_with_the_image_and_are_random_per_key():
+  image = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (16, 16, 3)).astype(np.float32))
+  views = personalize_lib.make_views(image, jax.random.key(0), 8, augment=True)
+  assert views.shape == (8, 16, 16, 3)
+  np.testing.assert_array_equal(np.asarray(views[0]), np.asarray(image))
+  assert all(np.abs(np.asarray(views[i] - image)).max() > 1e-3 for i in range(1, 8))
+  again = personalize_lib.make_views(image, jax.random.key(0), 8, augment=True)
+  np.testing.assert_array_equal(np.asarray(views), np.asarray(again))
+  plain = personalize_lib.make_views(image, jax.random.key(0), 3, augment=False)
+  assert all(np.array_equal(np.asarray(v), np.asarray(image)) for v in plain)
+
+
+def test_templates_are_cycled_over_the_views(tiny):
+  tuning = personalize_lib.TuningConfig(mode='paper', batch_size=4, templates=('a {}', 'a photo of {}'))
+  assert personalize_lib.tuning_captions(tiny.modules, tuning) == ['a {}', 'a photo of {}'] * 2
+  assert personalize_lib.tuning_captions(tiny.modules, tuning, 'x {}') == ['x {}'] * 4  # a call's prompt wins
+  assert personalize_lib.tuning_ids(tiny.modules, tuning).shape[0] == 4
+  lite = dataclasses.replace(tuning, mode='lite', batch_size=1)
+  assert personalize_lib.tuning_captions(tiny.modules, lite, 'x {}') == ['x {}']
