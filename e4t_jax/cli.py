@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
       'read-out scores identity and prompt fidelity. Results accumulate in --out (reruns skip done methods).')
   evaluate.add_argument('--model', help='e4t model folder of the synthetic domain (default: the embedded demo model)')
   evaluate.add_argument('--methods', default=','.join(_default_methods()),
-                        help='comma-separated KIND:STEPS, KIND in e4t, textual_inversion (ti), dreambooth (db)')
+                        help='comma-separated KIND:STEPS, KIND in e4t (lite tuning), e4t_paper (paper), textual_inversion (ti), dreambooth (db)')
   evaluate.add_argument('--identities', type=int, default=50, help='held-out identities (default 50)')
   evaluate.add_argument('--seed', type=int, default=0)
   evaluate.add_argument('--label', default='', help='prefix of the result names (e.g. "no-offsets/")')

@@ -32,7 +32,7 @@ from e4t_jax.data import synthetic
 from e4t_jax.errors import InputError
 from e4t_jax.progress import progress_bar
 
-METHOD_KINDS = ('e4t', 'textual_inversion', 'dreambooth')
+METHOD_KINDS = ('e4t', 'e4t_paper', 'textual_inversion', 'dreambooth')  # e4t: lite tuning; e4t_paper: the paper's
 # Reference rows that calibrate the scores: 'truth' scores the generator's own renders of the true
 # identity in the prompted contexts (the ceiling the read-out allows), 'coarse' renders the prompts with
 # the coarse word instead of a concept (the domain model alone: no personalization at all),
@@ -40,7 +40,7 @@ METHOD_KINDS = ('e4t', 'textual_inversion', 'dreambooth')
 # dot eyes, ... on a blue background"): what the base model draws when told who it is, the ceiling of a
 # concept that lives in one word embedding.
 REFERENCE_KINDS = ('truth', 'described', 'coarse')
-_ALIASES = {'ti': 'textual_inversion', 'db': 'dreambooth'}
+_ALIASES = {'ti': 'textual_inversion', 'db': 'dreambooth', 'paper': 'e4t_paper', 'e4t_lite': 'e4t'}
 DEFAULT_METHODS = ('e4t:0', 'e4t:5', 'e4t:15', 'textual_inversion:5', 'textual_inversion:500', 'dreambooth:5',
                    'dreambooth:200')
 PROMPTS_PER_IDENTITY = 4
@@ -99,6 +99,9 @@ class _Tuner:
       self.fn = None
     elif kind == 'e4t':
       self.fn = personalize.make_personalize_fn(model, num_steps=max_steps)
+    elif kind == 'e4t_paper':
+      self.fn = personalize.make_personalize_fn(model, num_steps=max_steps,
+                                                tuning=personalize.TuningConfig(mode='paper'))
     elif kind == 'textual_inversion':
       self.fn = baselines.make_textual_inversion_fn(model, num_steps=max(max_steps, 1))
     else:
@@ -135,6 +138,7 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
   placeholder = model.config.placeholder
   bar = progress_bar(len(cases), f'{kind}:{steps}', 'concept', enabled=progress)
   images, identities, contexts, tune_seconds = [], [], [], []
+  stored_bytes = None  # e4t_paper: measured on its first concept (the SVD ranks set the size)
   pending: list[tuple[Any, Any, list[str]]] = []  # shared-model concepts rendered in batches
 
   def flush():
@@ -151,6 +155,8 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
     start = time.perf_counter()
     tuned_model, concept = tuner(image, case.input_context.template(), jax.random.key(seed * 100_003 + i), steps)
     tune_seconds.append(time.perf_counter() - start)
+    if kind == 'e4t_paper' and stored_bytes is None:
+      stored_bytes = 4 * sum(int(np.size(x)) for x in jax.tree.leaves((concept.embedding, concept.weight_offsets)))
     prompts = [c.template().format(placeholder) for c in case.contexts]
     identities += [case.identity] * len(prompts)
     contexts += list(case.contexts)
@@ -175,7 +181,8 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
   result.update(method=kind, steps=steps, identities=len(cases), images=int(len(images)),
                 tune_seconds_per_concept=float(np.median(tune_seconds)),
                 compile_seconds=round(tuner.compile_seconds, 2),
-                bytes_per_concept=0 if kind in REFERENCE_KINDS else baselines.concept_bytes(kind, model))
+                bytes_per_concept=0 if kind in REFERENCE_KINDS else
+                stored_bytes if stored_bytes is not None else baselines.concept_bytes(kind, model))
   if grid_path is not None:
     shown = min(4, len(cases))
     tiles, labels = [], []
