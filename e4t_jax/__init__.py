@@ -26,6 +26,7 @@ _LAZY = {
     'Concept': ('e4t_jax.e4t.concept', 'Concept'),
     'TuningConfig': ('e4t_jax.personalize', 'TuningConfig'),
     'generate': ('e4t_jax.generation', 'generate'),
+    'personalize_and_generate': ('e4t_jax.generation', 'personalize_and_generate'),
     'save_model': ('e4t_jax.e4t.io', 'save_model'),
     'E4TConfig': ('e4t_jax.e4t.model', 'E4TConfig'),
     'E4TModel': ('e4t_jax.e4t.model', 'E4TModel'),

@@ -18,6 +18,8 @@ EXAMPLES = """examples:
   e4t personalize me.png --out concepts/           # one concept per image (embedded model by default)
   e4t personalize a.jpg b.jpg --model faces/ --steps 15 --out concepts/
   e4t generate concepts/me.e4t.safetensors "a pop-art painting of *" "* wearing a space suit" --out renders/
+  e4t generate --image me.png "a photo of * as a knight" --encoder per_step --out renders/   # one program
+  e4t personalize me.png --mode paper --steps 15 --out concepts/   # the paper's tuning stage (U-Net too)
   e4t prepare photos/ --out shards/ --num-shards 64 --size 512
   e4t convert check sd15/                          # strictly load a local diffusers Stable Diffusion folder
   e4t convert concept-to-diffusers concepts/me.e4t.safetensors --out me-diffusers/
@@ -82,17 +84,39 @@ def _cmd_personalize(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
   import warnings
+  import jax
   from e4t_jax import generation as generate_lib
+  from e4t_jax import personalize as personalize_lib
+  from e4t_jax.data import images as images_lib
   from e4t_jax.e4t.concept import Concept
-  concept = Concept.load(args.concept) if args.concept and args.concept != 'none' else None  # fail fast
+  from e4t_jax.errors import InputError
+  if args.image is not None:  # personalize + generate in one program: every positional is a prompt
+    prompts = [args.concept] + list(args.prompts)
+    image = images_lib.load_image(args.image)  # fail fast
+    tuning = personalize_lib.TuningConfig(mode=args.mode)
+    concept = None
+  else:
+    if not args.prompts:
+      raise InputError('give a concept file (or "none") and at least one prompt, or --image IMAGE and prompts.')
+    if args.encoder == 'per_step':
+      raise InputError("--encoder per_step reads the concept's tuned encoder at every step, which a concept "
+                       'file does not hold; pass --image IMAGE to tune and render in one run.')
+    prompts = list(args.prompts)
+    concept = Concept.load(args.concept) if args.concept and args.concept != 'none' else None  # fail fast
   model = _load_model(args.model)
-  prompts = args.prompts
   settings = {'steps': args.steps, 'guidance_scale': args.guidance_scale, 'sampler': args.sampler,
-              'seed': args.seed, 'concept': args.concept}
+              'seed': args.seed, 'concept': args.concept if args.image is None else None, 'image': args.image,
+              'encoder': args.encoder}
+  sampling = dict(num_steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, seed=args.seed)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always', generate_lib.GenerationWarning)
-    images = generate_lib.generate(model, concept, prompts, args.negative_prompt, num_steps=args.steps,
-                                   guidance_scale=args.guidance_scale, sampler=args.sampler, seed=args.seed)
+    if args.image is not None:
+      settings.update(mode=args.mode, tuning_steps=args.tuning_steps)
+      images = generate_lib.personalize_and_generate(
+          model, image, prompts, args.negative_prompt, tuning=tuning, num_tuning_steps=args.tuning_steps,
+          encoder=args.encoder, rng=jax.random.key(args.seed), **sampling)
+    else:
+      images = generate_lib.generate(model, concept, prompts, args.negative_prompt, **sampling)
   for warning in caught:
     print(f'e4t: warning: {warning.message}', file=sys.stderr)
   paths = generate_lib.save_images(images, args.out, prompts, settings)
@@ -253,8 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
   personalize.set_defaults(func=_cmd_personalize)
 
   generate = sub.add_parser('generate', help='render prompts with a concept ("*" is the concept)')
-  generate.add_argument('concept', help='a .e4t.safetensors concept file, or "none" for the plain model')
-  generate.add_argument('prompts', nargs='+', help='prompts; "*" stands for the concept')
+  generate.add_argument('concept', help='a .e4t.safetensors concept file, or "none" for the plain model (with '
+                        '--image: the first prompt)')
+  generate.add_argument('prompts', nargs='*', help='prompts; "*" stands for the concept')
+  generate.add_argument('--image', default=None,
+                        help='personalize to this image and render in one compiled program (nothing saved)')
+  generate.add_argument('--mode', choices=('lite', 'paper'), default='lite', help='with --image: the tuning mode')
+  generate.add_argument('--tuning-steps', type=int, default=5, help='with --image: tuning steps (default 5)')
+  generate.add_argument('--encoder', choices=('averaged', 'per_step'), default='averaged',
+                        help='with --image: per_step re-reads the concept at every denoising step (the paper\'s)')
   generate.add_argument('--out', required=True, help='output directory (PNGs + JSON sidecars + grid.png)')
   generate.add_argument('--model', help='e4t model folder (default: the embedded demo model)')
   generate.add_argument('--negative-prompt', default=None)

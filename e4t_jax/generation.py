@@ -42,7 +42,8 @@ from e4t_jax.diffusion.schedule import NoiseSchedule
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t import offsets as offsets_lib
 from e4t_jax.e4t.concept import Concept, model_fingerprint
-from e4t_jax.e4t.prompts import encode_prompt
+from e4t_jax.e4t.encoder import placeholder_embedding
+from e4t_jax.e4t.prompts import encode_prompt, token_embedding
 from e4t_jax.errors import CheckpointError, ConfigError, InputError
 from e4t_jax.fileio import atomic_write_bytes
 from e4t_jax.models.vae import decode_latents
@@ -66,6 +67,10 @@ class _ProgramKey:
   sampler: samplers_lib.SamplerConfig
   stochastic: bool          # DDIM with eta != 0: per-step noise (eta becomes an array argument)
   offsets_mode: str
+  per_step: bool = False    # the concept read at every denoising step (one concept group; `tuned` argument)
+
+
+ENCODER_MODES = ('averaged', 'per_step')
 
 
 def _sampling_program(modules: model_lib.E4TModules, key: _ProgramKey, timesteps: np.ndarray):
@@ -79,6 +84,9 @@ def _sampling_program(modules: model_lib.E4TModules, key: _ProgramKey, timesteps
     seeds: [C, B] uint32, the initial noise seed of each slot.
     guidance_scale: float32 [].
     eta: float32 [] (DDIM only; ignored unless `key.stochastic`).
+    tuned: a `TunedEncoder` when `key.per_step` (C = 1): at every step the encoder reads the image's CLIP
+      features and the pass-1 U-Net's contracting path on the current noisy latents, and its w*(t) goes
+      into the conditional prompts (the paper's generation); the unconditional half keeps `embeddings`.
   Returns:
     uint8 [C, B, H, W, 3].
   """
@@ -86,7 +94,7 @@ def _sampling_program(modules: model_lib.E4TModules, key: _ProgramKey, timesteps
   latent_shape = (key.latent_height, key.latent_width, unet.config.in_channels)
 
   def program(unet_params, vae_params, text_params, embeddings, offsets, prompt_ids, negative_ids, seeds,
-              guidance_scale, eta):
+              guidance_scale, eta, tuned=None):
     num_groups, group_size, num_tokens = prompt_ids.shape
 
     # Text states for both CFG halves, with each group's w* at its placeholder positions.
@@ -116,9 +124,25 @@ def _sampling_program(modules: model_lib.E4TModules, key: _ProgramKey, timesteps
       model_fn = lambda x, step, context: unet.apply({'params': params}, x, step, context)
       return samplers_lib.guided_denoise_fn(model_fn, cond, uncond, guidance_scale)(x_t, t)
 
+    def per_step_context(x_t, t):  # x_t: [B, h, w, c] of the one group -> its text states with w*(t)
+      batch = x_t.shape[0]
+      timesteps = jnp.broadcast_to(jnp.asarray(t), (batch,))
+      coarse = jnp.broadcast_to(tuned.coarse_context, (batch,) + tuned.coarse_context.shape[1:])
+      pass1 = unet_params if tuned.unet is None else tuned.unet
+      features = unet.apply({'params': pass1}, x_t, timesteps, coarse, features_only=True)
+      clip_states = tuple(jnp.broadcast_to(h, (batch,) + h.shape[1:]) for h in tuned.clip_hidden_states)
+      offset = modules.encoder.apply({'params': tuned.encoder}, clip_states, features)  # f(t): [B, width]
+      w_t = placeholder_embedding(token_embedding(text_params, modules.coarse_token_id), offset,
+                                  modules.config.embedding_scale)
+      return encode_prompt(text_encoder, text_params, prompt_ids[0], placeholder_id=modules.placeholder_id,
+                           placeholder_embedding=w_t, substitute_id=modules.coarse_token_id)
+
     def denoise(x_t, t):  # x_t: [C * B, h, w, c]
       grouped = x_t.reshape(num_groups, group_size, *x_t.shape[1:])
-      if num_groups == 1:  # the common case: no vmap, plain [B, ...] U-Net calls
+      if key.per_step:
+        kernels = jax.tree.map(lambda k: k[0], merged)
+        out = group_denoise(kernels, grouped[0], t, per_step_context(grouped[0], t), uncond_context[0])[None]
+      elif num_groups == 1:  # the common case: no vmap, plain [B, ...] U-Net calls
         out = group_denoise(jax.tree.map(lambda k: k[0], merged), grouped[0], t, cond_context[0],
                             uncond_context[0])[None]
       else:
@@ -137,6 +161,24 @@ def _sampling_program(modules: model_lib.E4TModules, key: _ProgramKey, timesteps
     # As diffusers' postprocessing: [-1, 1] -> [0, 1], clamp, * 255, round.
     pixels = jnp.round(jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
     return pixels.reshape(num_groups, group_size, *pixels.shape[1:])
+
+  return program
+
+
+def _tune_and_sample_program(modules: model_lib.E4TModules, tuning: Any, key: _ProgramKey, timesteps: np.ndarray):
+  """Personalization and sampling as ONE pure function (`personalize_and_generate`): nothing leaves the
+  device between them, and nothing is written."""
+  from e4t_jax import personalize as personalize_lib  # pylint: disable=g-import-not-at-top
+  tune = personalize_lib.tuning_program(modules, tuning)
+  sample = _sampling_program(modules, key, timesteps)
+
+  def program(params, image, rng, num_tuning_steps, tune_ids, prompt_ids, negative_ids, seeds, guidance_scale,
+              eta):
+    w_star, offsets, _, _, healthy, *tuned = tune(params, image, rng, num_tuning_steps, tune_ids)
+    images = sample(params['unet'], params['vae'], params['text_encoder'], w_star[None],
+                    jax.tree.map(lambda x: x[None], offsets), prompt_ids, negative_ids, seeds, guidance_scale, eta,
+                    tuned[0] if tuned else None)
+    return images, healthy
 
   return program
 
@@ -188,7 +230,8 @@ class Generator:
       raise ConfigError('scheduler_config describes another noise schedule than the model was trained with; '
                         "pass the model's own scheduler/scheduler_config.json.")
     self._programs: dict[_ProgramKey, Any] = {}
-    self._device_params: tuple[Any, dict] | None = None  # (the host params dict, its device copy)
+    self._tune_and_sample_programs: dict[tuple[Any, _ProgramKey], Any] = {}
+    self._device_params: tuple[Any, tuple, dict] | None = None  # (host params, which names, device copy)
 
   def prompt_warnings(self, prompts: Sequence[str], concepts: Sequence[Concept | None]) -> list[str]:
     """One line per prompt that will not render as meant (what `generate` warns about)."""
@@ -216,15 +259,61 @@ class Generator:
       self._programs[key] = program
     return program
 
-  def _on_device(self, params: dict) -> dict:
-    """The Stable Diffusion params as device arrays; host (numpy) params are copied once, not per call."""
-    needed = {name: params[name] for name in ('unet', 'vae', 'text_encoder')}
+  def _on_device(self, params: dict, names: Sequence[str] = ('unet', 'vae', 'text_encoder')) -> dict:
+    """Those params as device arrays (default: Stable Diffusion's); host (numpy) params are copied once, not
+    per call."""
+    needed = {name: params[name] for name in names}
     if all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(needed)):
       return needed
-    if self._device_params is None or self._device_params[0] is not params:
+    cache_key = (id(params), tuple(names))
+    if self._device_params is None or self._device_params[0] is not params or self._device_params[1] != cache_key:
       # Keyed by identity and holding a reference: params trees are not mutated in place in JAX code.
-      self._device_params = (params, jax.device_put(needed))
-    return self._device_params[1]
+      self._device_params = (params, cache_key, jax.device_put(needed))
+    return self._device_params[2]
+
+  def personalize_and_generate(self, model: model_lib.E4TModel, image: Any, prompts: str | Sequence[str],
+                               negative_prompts: str | Sequence[str] | None = None, *,
+                               tuning: Any = None, num_tuning_steps: int = 5, tuning_prompt: str | None = None,
+                               encoder: str = 'averaged', rng: jax.Array | None = None, num_steps: int = 25,
+                               guidance_scale: float = 7.5, sampler: str | samplers_lib.SamplerConfig = 'dpmpp_2m',
+                               seed: int | Sequence[int] = 0, eta: float = 0.0, height: int | None = None,
+                               width: int | None = None) -> np.ndarray:
+    """See `personalize_and_generate` (module level)."""
+    from e4t_jax import personalize as personalize_lib  # pylint: disable=g-import-not-at-top
+    if model.modules is not self.modules:
+      raise ValueError('this Generator was built for another model; use personalize_and_generate().')
+    m = self.modules
+    if encoder not in ENCODER_MODES:
+      raise InputError(f'encoder {encoder!r} is not one of {ENCODER_MODES}.')
+    if isinstance(num_tuning_steps, bool) or not isinstance(num_tuning_steps, int) or num_tuning_steps < 0:
+      raise InputError(f'num_tuning_steps must be an integer >= 0, got {num_tuning_steps!r}.')
+    tuning = dataclasses.replace(tuning or personalize_lib.TuningConfig(), num_steps=num_tuning_steps,
+                                 keep_encoder=encoder == 'per_step')
+    settings = self.sampling_settings(prompts, negative_prompts, num_steps=num_steps,
+                                      guidance_scale=guidance_scale, sampler=sampler, seed=seed, eta=eta,
+                                      height=height, width=width)
+    pixels = personalize_lib.prepare_image(image, m.image_size)
+    tune_ids = personalize_lib.tuning_ids(m, tuning, tuning_prompt)
+    # Every prompt has the concept (any non-None entry says so).
+    for line in self.prompt_warnings(settings['prompts'], [True] * len(settings['prompts'])):
+      warnings.warn(line, GenerationWarning, stacklevel=3)
+    mode = 'additive' if tuning.mode == 'paper' else m.config.offsets.mode
+    key = dataclasses.replace(settings['key'], offsets_mode=mode, per_step=encoder == 'per_step')
+    program = self._tune_and_sample_programs.get((tuning, key))
+    if program is None:
+      program = jax.jit(_tune_and_sample_program(m, tuning, key, samplers_lib.make_timesteps(
+          m.schedule, key.num_steps, key.sampler)))
+      self._tune_and_sample_programs[(tuning, key)] = program
+    count = len(settings['prompts'])
+    images, healthy = program(
+        self._on_device(model.params, tuple(model.params)), pixels, jax.random.key(0) if rng is None else rng,
+        np.int32(num_tuning_steps), tune_ids, m.tokenize(settings['prompts'])[None],
+        m.tokenize(settings['negative_prompts'])[None], np.asarray(settings['seeds'], np.uint32).reshape(1, count),
+        np.asarray(guidance_scale, np.float32), np.asarray(eta, np.float32))
+    if not bool(healthy):
+      raise InputError('tuning produced a non-finite loss (NaN/inf); lower the learning rate or check the model '
+                       'weights.')
+    return np.asarray(images)[0]
 
   def _check_concept(self, concept: Concept, unet_params: Any, fingerprint: str | None, index: int) -> None:
     source = f'concept of prompt {index}'
@@ -244,14 +333,10 @@ class Generator:
         raise CheckpointError(f'{source}: weight offset {path!r} ({shape}) has no matching U-Net kernel; '
                               'it was made for another model.')
 
-  def generate(self, model: model_lib.E4TModel, concept: Concept | Sequence[Concept | None] | None,
-               prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None, *,
-               num_steps: int = 25, guidance_scale: float = 7.5,
-               sampler: str | samplers_lib.SamplerConfig = 'dpmpp_2m', seed: int | Sequence[int] = 0,
-               eta: float = 0.0, height: int | None = None, width: int | None = None) -> np.ndarray:
-    """See `generate` (module level)."""
-    if model.modules is not self.modules:
-      raise ValueError('this Generator was built for another model; use generate() or a new Generator.')
+  def sampling_settings(self, prompts, negative_prompts, *, num_steps: int, guidance_scale: float, sampler,
+                        seed, eta: float, height: int | None, width: int | None) -> dict[str, Any]:
+    """Checks the per-call sampling arguments (before any work): prompts, negative prompts, seeds, size,
+    sampler, steps, guidance, eta. Returns them as lists, and the `_ProgramKey` (for no concept)."""
     m = self.modules
     prompts = _as_list(prompts, 'prompts')
     if not prompts:
@@ -264,18 +349,7 @@ class Generator:
       negative_prompts = negative_prompts * count
     if len(negative_prompts) != count:
       raise InputError(f'{len(negative_prompts)} negative prompts for {count} prompts; pass one or one per prompt.')
-    if concept is None or isinstance(concept, Concept):
-      concepts = [concept] * count
-    else:
-      concepts = list(concept)
-      if len(concepts) != count:
-        raise InputError(f'{len(concepts)} concepts for {count} prompts; pass one concept or one per prompt.')
-      for c in concepts:
-        if c is not None and not isinstance(c, Concept):
-          raise InputError(f'a concept must be a Concept (see Concept.load), got {type(c).__name__}.')
     seeds = image_seeds(seed, count)
-
-    # Statics: resolution, steps, sampler.
     factor = m.vae.config.downsample_factor
     height = m.image_size if height is None else int(height)
     width = m.image_size if width is None else int(width)
@@ -292,6 +366,42 @@ class Generator:
       raise InputError(f'eta={eta} applies to the DDIM sampler only; use sampler="ddim" or eta=0.')
     if not np.isfinite(guidance_scale):
       raise InputError(f'guidance_scale must be a finite number, got {guidance_scale}.')
+    key = _ProgramKey(latent_height=height // factor, latent_width=width // factor, num_steps=int(num_steps),
+                      sampler=sampler_config, stochastic=bool(eta), offsets_mode=m.config.offsets.mode)
+    return {'prompts': prompts, 'negative_prompts': negative_prompts, 'seeds': seeds, 'key': key}
+
+  def generate(self, model: model_lib.E4TModel, concept: Concept | Sequence[Concept | None] | None,
+               prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None, *,
+               num_steps: int = 25, guidance_scale: float = 7.5,
+               sampler: str | samplers_lib.SamplerConfig = 'dpmpp_2m', seed: int | Sequence[int] = 0,
+               eta: float = 0.0, height: int | None = None, width: int | None = None,
+               encoder: str = 'averaged') -> np.ndarray:
+    """See `generate` (module level)."""
+    if model.modules is not self.modules:
+      raise ValueError('this Generator was built for another model; use generate() or a new Generator.')
+    m = self.modules
+    settings = self.sampling_settings(prompts, negative_prompts, num_steps=num_steps,
+                                      guidance_scale=guidance_scale, sampler=sampler, seed=seed, eta=eta,
+                                      height=height, width=width)
+    prompts, negative_prompts, seeds = settings['prompts'], settings['negative_prompts'], settings['seeds']
+    count = len(prompts)
+    if concept is None or isinstance(concept, Concept):
+      concepts = [concept] * count
+    else:
+      concepts = list(concept)
+      if len(concepts) != count:
+        raise InputError(f'{len(concepts)} concepts for {count} prompts; pass one concept or one per prompt.')
+      for c in concepts:
+        if c is not None and not isinstance(c, Concept):
+          raise InputError(f'a concept must be a Concept (see Concept.load), got {type(c).__name__}.')
+    if encoder not in ENCODER_MODES:
+      raise InputError(f'encoder {encoder!r} is not one of {ENCODER_MODES}.')
+    per_step = encoder == 'per_step'
+    if per_step and (concepts[0] is None or any(c is not concepts[0] for c in concepts)
+                     or concepts[0].tuned_encoder is None):
+      raise InputError("encoder='per_step' reads one concept's tuned encoder at every denoising step: pass one "
+                       'concept from a personalize_fn compiled with TuningConfig(keep_encoder=True) (a saved '
+                       "concept keeps only the averaged w*), or use e4t_jax.personalize_and_generate.")
 
     # Concepts: checked, then grouped (first-appearance order) and stacked.
     present = [c for c in concepts if c is not None]
@@ -339,14 +449,13 @@ class Generator:
                                         else np.asarray(c.weight_offsets[path][name], np.float32)
                                         for c in group_concepts])
 
-    key = _ProgramKey(latent_height=height // factor, latent_width=width // factor, num_steps=int(num_steps),
-                      sampler=sampler_config, stochastic=bool(eta), offsets_mode=mode)
+    key = dataclasses.replace(settings['key'], offsets_mode=mode, per_step=per_step)
     program = self._program(key)
     params = self._on_device(model.params)
     images = program(params['unet'], params['vae'], params['text_encoder'], embeddings,
                      offsets, prompt_ids[slot_index], negative_ids[slot_index],
                      np.asarray(seeds, np.uint32)[slot_index], np.asarray(guidance_scale, np.float32),
-                     np.asarray(eta, np.float32))
+                     np.asarray(eta, np.float32), concepts[0].tuned_encoder if per_step else None)
     images = np.asarray(images)  # [C, B, H, W, 3]
     out = np.empty((count,) + images.shape[2:], np.uint8)
     for group, members in enumerate(groups.values()):
@@ -378,7 +487,7 @@ def generate(model: model_lib.E4TModel, concept: Concept | Sequence[Concept | No
              num_steps: int = 25, guidance_scale: float = 7.5,
              sampler: str | samplers_lib.SamplerConfig = 'dpmpp_2m', seed: int | Sequence[int] = 0,
              eta: float = 0.0, height: int | None = None, width: int | None = None,
-             scheduler_config: Mapping[str, Any] | None = None) -> np.ndarray:
+             scheduler_config: Mapping[str, Any] | None = None, encoder: str = 'averaged') -> np.ndarray:
   """Generates one image per prompt.
 
   Args:
@@ -396,6 +505,9 @@ def generate(model: model_lib.E4TModel, concept: Concept | Sequence[Concept | No
     height, width: output size in pixels (multiples of the VAE's factor); default the model's.
     scheduler_config: the diffusers scheduler_config.json dict of the base model; default Stable
       Diffusion 1.x's (`E4TModules` does not keep it).
+    encoder: 'averaged' (default): the concept's stored w*, one vector for every step; 'per_step' (the
+      paper's): the tuned encoder re-reads the concept at every denoising step from the current noisy
+      latents (one concept for all prompts, tuned with `TuningConfig(keep_encoder=True)`).
   Returns:
     uint8 [len(prompts), height, width, 3].
   Raises:
@@ -409,6 +521,27 @@ def generate(model: model_lib.E4TModel, concept: Concept | Sequence[Concept | No
   """
   return get_generator(model.modules, scheduler_config).generate(
       model, concept, prompts, negative_prompts, num_steps=num_steps, guidance_scale=guidance_scale,
+      sampler=sampler, seed=seed, eta=eta, height=height, width=width, encoder=encoder)
+
+
+def personalize_and_generate(model: model_lib.E4TModel, image: Any, prompts: str | Sequence[str],
+                             negative_prompts: str | Sequence[str] | None = None, *, tuning: Any = None,
+                             num_tuning_steps: int = 5, tuning_prompt: str | None = None, encoder: str = 'averaged',
+                             rng: jax.Array | None = None, num_steps: int = 25, guidance_scale: float = 7.5,
+                             sampler: str | samplers_lib.SamplerConfig = 'dpmpp_2m', seed: int | Sequence[int] = 0,
+                             eta: float = 0.0, height: int | None = None, width: int | None = None,
+                             scheduler_config: Mapping[str, Any] | None = None) -> np.ndarray:
+  """Personalizes the model to `image` and renders `prompts` with the concept, in ONE compiled program (the
+  paper's "no model saved per concept"): nothing is written and nothing leaves the device in between.
+
+  `tuning` (a `TuningConfig`: lite or paper mode), `num_tuning_steps`, `tuning_prompt` and `rng` are those of
+  `make_personalize_fn` / `personalize_fn`; `encoder` and the sampling arguments those of `generate`. The
+  image, the key, the step count, the prompts, seeds and guidance are array arguments: a new image or prompt
+  of the same shapes never compiles again. Returns uint8 [len(prompts), height, width, 3].
+  """
+  return get_generator(model.modules, scheduler_config).personalize_and_generate(
+      model, image, prompts, negative_prompts, tuning=tuning, num_tuning_steps=num_tuning_steps,
+      tuning_prompt=tuning_prompt, encoder=encoder, rng=rng, num_steps=num_steps, guidance_scale=guidance_scale,
       sampler=sampler, seed=seed, eta=eta, height=height, width=width)
 
 

@@ -29,7 +29,7 @@ from e4t_jax import runtime
 from e4t_jax.diffusion import schedule as schedule_lib
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t import offsets as offsets_lib
-from e4t_jax.e4t.concept import Concept, model_fingerprint
+from e4t_jax.e4t.concept import Concept, TunedEncoder, model_fingerprint
 from e4t_jax.e4t.encoder import placeholder_embedding
 from e4t_jax.e4t.objective import e4t_loss, image_features, predict_offset
 from e4t_jax.e4t.prompts import token_embedding
@@ -70,6 +70,9 @@ class TuningConfig:
   templates: Sequence[str] | None = None
   delta_rank: int = 16
   augment: bool | None = None         # random flip + zoom views; None: on in paper mode, off in lite
+  # Also return what per-step generation needs (`Concept.tuned_encoder`: the tuned encoder, the image's
+  # features, paper mode's pass-1 U-Net), for `generate(..., encoder='per_step')`; held in memory only.
+  keep_encoder: bool = False
 
   def __post_init__(self):
     if self.mode not in TUNING_MODES:
@@ -229,7 +232,12 @@ def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Calla
     if paper:
       concept_offsets = unet_delta_factors(params['unet'], merged['unet'], trainable['weight_offsets'],
                                            config.offsets.mode, tuned_kernels, tuning.delta_rank)
-    return w_star, concept_offsets, losses, jnp.minimum(num_steps, tuning.num_steps), healthy
+    outputs = (w_star, concept_offsets, losses, jnp.minimum(num_steps, tuning.num_steps), healthy)
+    if tuning.keep_encoder:
+      outputs += (TunedEncoder(encoder=trainable['encoder'], unet=merged['unet'] if paper else None,
+                               clip_hidden_states=tuple(features.clip_hidden_states),
+                               coarse_context=features.coarse_context),)
+    return outputs
 
   return program
 
@@ -341,12 +349,12 @@ class PersonalizeFn:
     pixels = prepare_image(image, self.model.modules.image_size)
     key = self._default_key if rng is None else rng
     ids = tuning_ids(self.model.modules, self.tuning, prompt)
-    w_star, offsets, losses, steps_run, healthy = self.compiled(params, pixels, key, np.int32(steps), ids)
+    w_star, offsets, losses, steps_run, healthy, *tuned = self.compiled(params, pixels, key, np.int32(steps), ids)
     if not bool(healthy):
       raise InputError('tuning produced a non-finite loss (NaN/inf); lower the learning rate or check the '
                        'model weights. The concept was not saved.')
     return Concept(embedding=w_star, weight_offsets=offsets, loss_trace=losses, steps=steps_run,
-                   metadata=self._metadata + (('steps', str(steps)),))
+                   metadata=self._metadata + (('steps', str(steps)),), tuned_encoder=tuned[0] if tuned else None)
 
   def cost_analysis(self) -> dict:
     """FLOPs and bytes of the compiled program (`e4t_jax.runtime.cost_stats`)."""
@@ -428,7 +436,7 @@ def personalize_many(model: model_lib.E4TModel, images: Sequence[Any], *, num_st
     raise InputError(f'{len(prompts)} prompts for {count} images; pass one tuning prompt per image.')
   ids = np.stack([tuning_ids(model.modules, tuning, p) for p in prompts + prompts[:1] * (padded - count)])
   batched = batched_program(model.modules, tuning, mesh)
-  w_star, offsets, losses, steps_run, healthy = batched(model.params, pixels, keys, steps, ids)
+  w_star, offsets, losses, steps_run, healthy, *tuned = batched(model.params, pixels, keys, steps, ids)
   fingerprint = model_fingerprint(model)
   metadata = concept_metadata(model, tuning, fingerprint) + (('steps', str(num_steps)),)
   concepts = []
@@ -436,5 +444,6 @@ def personalize_many(model: model_lib.E4TModel, images: Sequence[Any], *, num_st
     if not bool(healthy[i]):
       raise InputError(f'image {i}: tuning produced a non-finite loss (NaN/inf).')
     concepts.append(Concept(embedding=w_star[i], weight_offsets=jax.tree.map(lambda x: x[i], offsets),
-                            loss_trace=losses[i], steps=steps_run[i], metadata=metadata))
+                            loss_trace=losses[i], steps=steps_run[i], metadata=metadata,
+                            tuned_encoder=jax.tree.map(lambda x: x[i], tuned[0]) if tuned else None))
   return concepts

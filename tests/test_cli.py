@@ -59,3 +59,16 @@ def test_convert_e4t_to_diffusers_and_back(tiny_e4t, tmp_path):
   np.testing.assert_array_equal(np.asarray(again.params['unet']['conv_in']['kernel']),
                                 np.asarray(tiny_e4t.params['unet']['conv_in']['kernel']))
   assert cli.main(['convert', 'check', str(tmp_path / 'sd')]) == 0
+
+
+def test_generate_from_an_image_personalizes_and_renders_in_one_run(tmp_path, capsys):
+  image = _write_image(tmp_path / 'me.png')
+  out = tmp_path / 'renders'
+  assert cli.main(['generate', '--image', str(image), 'a photo of *', 'a * at night', '--out', str(out),
+                   '--steps', '2', '--tuning-steps', '1', '--encoder', 'per_step']) == 0
+  assert len(list(out.glob('*.png'))) == 3 and not list(tmp_path.glob('*.e4t.safetensors'))  # nothing stored
+  sidecar = json.loads(sorted(out.glob('*.json'))[0].read_text())['settings']
+  assert sidecar['image'] == str(image) and sidecar['encoder'] == 'per_step'
+  code = cli.main(['generate', str(tmp_path / 'c.e4t.safetensors'), 'a photo of *', '--encoder', 'per_step',
+                   '--out', str(out)])
+  assert code == 2 and 'per_step' in capsys.readouterr().err

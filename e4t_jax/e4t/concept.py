@@ -23,6 +23,18 @@ CONCEPT_FORMAT = 'e4t-concept/1'
 
 
 @flax.struct.dataclass
+class TunedEncoder:
+  """What reading the concept at every denoising step needs from its tuning run (the paper's generation,
+  `generate(..., encoder='per_step')`): the tuned encoder, the U-Net its first pass reads (None: the
+  model's own; the tuned one in paper mode) and the concept image's features. Held in memory only: a
+  stored concept keeps the averaged w* (a textual-inversion vector)."""
+  encoder: dict                        # the tuned E4T encoder's params
+  unet: dict | None                    # pass-1 U-Net params, or None for the model's
+  clip_hidden_states: tuple            # CLIP vision hidden states of the image, each [1, tokens, width]
+  coarse_context: jax.Array            # [1, tokens, width] text states of the coarse prompt
+
+
+@flax.struct.dataclass
 class Concept:
   """A personalized concept: w* and the tuned weight offsets (+ how it was made)."""
   embedding: jax.Array                 # [width] the placeholder's token embedding w*
@@ -31,13 +43,16 @@ class Concept:
   steps: jax.Array                     # int32 scalar, tuning steps actually run
   # Static, hashable metadata: (key, value) string pairs.
   metadata: tuple = flax.struct.field(pytree_node=False, default=())
+  # Only from `TuningConfig(keep_encoder=True)`; never saved (see TunedEncoder).
+  tuned_encoder: TunedEncoder | None = None
 
   @property
   def info(self) -> dict[str, str]:
     return dict(self.metadata)
 
   def save(self, path: str | os.PathLike) -> Path:
-    """Writes `<path>` as safetensors (tensors) + JSON metadata in its header, atomically."""
+    """Writes `<path>` as safetensors (tensors) + JSON metadata in its header, atomically (w*, offsets and
+    how it was made; not the in-memory `tuned_encoder`)."""
     tensors = {'embedding': np.asarray(self.embedding, np.float32),
                'loss_trace': np.asarray(self.loss_trace, np.float32),
                'steps': np.asarray(self.steps, np.int32).reshape(())}
