@@ -220,7 +220,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
   for method in methods:  # validate before any work
     reproduce.parse_method(method)
   results = reproduce.run(args.model, args.out, methods, num_identities=args.identities, seed=args.seed,
-                          label=args.label, grids=not args.no_grids)
+                          label=args.label, grids=not args.no_grids, encoder=args.encoder)
   print(reproduce.markdown_table(results))
   attributes = reproduce.attribute_table(results)
   if attributes:
@@ -307,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
   evaluate.add_argument('--label', default='', help='prefix of the result names (e.g. "no-offsets/")')
   evaluate.add_argument('--out', default='outputs/eval/results.json')
   evaluate.add_argument('--no-grids', action='store_true', help='do not write a sample grid per method')
+  evaluate.add_argument('--encoder', choices=('averaged', 'per_step'), default='averaged',
+                        help='how E4T concepts are read while sampling (per_step: the paper\'s; pair it with --label)')
   evaluate.set_defaults(func=_cmd_eval)
 
   demo_train = sub.add_parser('demo-train', help='train the embedded demo model from scratch (synthetic faces)')

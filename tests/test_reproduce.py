@@ -57,6 +57,8 @@ def test_evaluate_method_scores_references_and_e4t_on_the_demo_model(tmp_path):
                                               progress=False)
     assert results[kind]['images'] == 2 * reproduce.PROMPTS_PER_IDENTITY
     assert (tmp_path / f'{kind}.png').stat().st_size > 0
+  per_step = reproduce.evaluate_method(model, readout, 'e4t', 1, cases, progress=False, encoder='per_step')
+  assert per_step['encoder'] == 'per_step' and per_step['images'] == 2 * reproduce.PROMPTS_PER_IDENTITY
   assert results['truth']['identity']['mean'] >= 0.9  # the generator's own renders
   assert results['e4t']['bytes_per_concept'] > 0 and results['coarse']['bytes_per_concept'] == 0
   assert 0.0 <= results['described']['prompt_fidelity']['mean'] <= 1.0

@@ -90,18 +90,17 @@ def parse_method(text: str) -> tuple[str, int]:
 class _Tuner:
   """Compile-once tuning for one method kind at a maximum step count: (image, prompt, key) -> (model, concept)."""
 
-  def __init__(self, model, kind: str, max_steps: int):
+  def __init__(self, model, kind: str, max_steps: int, encoder: str = 'averaged'):
     from e4t_jax import personalize  # pylint: disable=g-import-not-at-top
     from e4t_jax.lab import baselines
     self.model, self.kind = model, kind
     start = time.perf_counter()
     if kind in REFERENCE_KINDS:
       self.fn = None
-    elif kind == 'e4t':
-      self.fn = personalize.make_personalize_fn(model, num_steps=max_steps)
-    elif kind == 'e4t_paper':
-      self.fn = personalize.make_personalize_fn(model, num_steps=max_steps,
-                                                tuning=personalize.TuningConfig(mode='paper'))
+    elif kind in ('e4t', 'e4t_paper'):  # per_step generation needs the tuned encoder kept
+      tuning = personalize.TuningConfig(mode='paper' if kind == 'e4t_paper' else 'lite',
+                                        keep_encoder=encoder == 'per_step')
+      self.fn = personalize.make_personalize_fn(model, num_steps=max_steps, tuning=tuning)
     elif kind == 'textual_inversion':
       self.fn = baselines.make_textual_inversion_fn(model, num_steps=max(max_steps, 1))
     else:
@@ -129,12 +128,14 @@ def _reference_prompt(kind: str, model, identity: synthetic.Identity, context: s
 
 def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case], *, seed: int = 0,
                     tuner: _Tuner | None = None, grid_path: str | os.PathLike | None = None,
-                    progress: bool = True) -> dict[str, Any]:
-  """Tunes one concept per case with `kind` at `steps`, renders its prompts and scores them."""
+                    progress: bool = True, encoder: str = 'averaged') -> dict[str, Any]:
+  """Tunes one concept per case with `kind` at `steps`, renders its prompts and scores them. `encoder`:
+  how E4T concepts are read while sampling ('per_step': the tuned encoder at every step, one concept a call)."""
+  per_step = encoder == 'per_step' and kind in ('e4t', 'e4t_paper')
   from e4t_jax.lab import baselines  # pylint: disable=g-import-not-at-top
   from e4t_jax.lab import evaluate
   from e4t_jax import generation as generate_lib
-  tuner = tuner or _Tuner(model, kind, steps)
+  tuner = tuner or _Tuner(model, kind, steps, encoder)
   placeholder = model.config.placeholder
   bar = progress_bar(len(cases), f'{kind}:{steps}', 'concept', enabled=progress)
   images, identities, contexts, tune_seconds = [], [], [], []
@@ -147,7 +148,8 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
     prompts = [p for _, _, ps in pending for p in ps]
     concepts = [c for _, c, ps in pending for _ in ps]
     images.append(generate_lib.generate(pending[0][0], concepts, prompts, num_steps=SAMPLING_STEPS,
-                                        guidance_scale=GUIDANCE_SCALE, seed=seed))
+                                        guidance_scale=GUIDANCE_SCALE, seed=seed,
+                                        encoder='per_step' if per_step else 'averaged'))
     pending.clear()
 
   for i, case in enumerate(cases):
@@ -165,11 +167,11 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
       images.append(np.stack([synthetic.render(case.identity, c) for c in case.contexts]))
     elif kind in ('coarse', 'described'):
       pending.append((model, None, [_reference_prompt(kind, model, case.identity, c) for c in case.contexts]))
-    elif tuned_model is model:
+    elif tuned_model is model and not per_step:
       pending.append((model, concept, prompts))
       if sum(len(p) for _, _, p in pending) >= GENERATE_CHUNK:
         flush()
-    else:  # its own U-Net: render alone
+    else:  # its own U-Net, or its own encoder at every step: render alone
       flush()
       pending.append((tuned_model, concept, prompts))
       flush()
@@ -178,7 +180,7 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
   bar.close()
   images = np.concatenate(images)
   result = evaluate.evaluate_images(readout, images, identities, contexts)
-  result.update(method=kind, steps=steps, identities=len(cases), images=int(len(images)),
+  result.update(method=kind, steps=steps, identities=len(cases), images=int(len(images)), encoder=encoder,
                 tune_seconds_per_concept=float(np.median(tune_seconds)),
                 compile_seconds=round(tuner.compile_seconds, 2),
                 bytes_per_concept=0 if kind in REFERENCE_KINDS else
@@ -200,8 +202,9 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
 
 def run(model_dir: str | os.PathLike | None, out: str | os.PathLike, methods: Sequence[str] = DEFAULT_METHODS, *,
         num_identities: int = 50, seed: int = 0, label: str = '', readout_path: str | os.PathLike | None = None,
-        grids: bool = True) -> dict[str, Any]:
-  """Evaluates each method ('kind:steps') on `num_identities` cases; results accumulate in `out` (JSON)."""
+        grids: bool = True, encoder: str = 'averaged') -> dict[str, Any]:
+  """Evaluates each method ('kind:steps') on `num_identities` cases; results accumulate in `out` (JSON).
+  `encoder` = 'per_step' renders E4T concepts with the encoder read at every step (name them with a label)."""
   import e4t_jax  # pylint: disable=g-import-not-at-top
   from e4t_jax.lab import evaluate  # pylint: disable=g-import-not-at-top
   parsed = [parse_method(m) for m in methods]
@@ -223,10 +226,11 @@ def run(model_dir: str | os.PathLike | None, out: str | os.PathLike, methods: Se
     # One executable per kind, compiled for the largest step count asked for; fewer steps run on it.
     max_steps = max(s for k, s in parsed if k == kind)
     if kind not in tuners:
-      tuners[kind] = _Tuner(model, kind, max_steps)
+      tuners[kind] = _Tuner(model, kind, max_steps, encoder)
     slug = ''.join(c if c.isalnum() or c in '_.' else '-' for c in name)
     grid = out.with_name(f'{out.stem}-{slug}.png') if grids else None
-    result = evaluate_method(model, readout, kind, steps, cases, seed=seed, tuner=tuners[kind], grid_path=grid)
+    result = evaluate_method(model, readout, kind, steps, cases, seed=seed, tuner=tuners[kind], grid_path=grid,
+                             encoder=encoder)
     result['model'] = str(model_folder)
     results[name] = result
     atomic_write_bytes(out, [json.dumps(results, indent=2).encode()])
