@@ -191,7 +191,8 @@ def _cmd_bench_full(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
   from e4t_jax.bench import personalize as bench
   result = bench.run_personalize_bench(args.config, num_steps=args.steps, num_concepts=args.concepts,
-                                       baseline=args.baseline, abstract=args.abstract, json_out=args.json)
+                                       baseline=args.baseline, abstract=args.abstract, json_out=args.json,
+                                       mode=args.mode)
   print(bench.format_table(result))
   return 0
 
@@ -338,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
   bench_personalize.add_argument('--concepts', type=int, default=20)
   bench_personalize.add_argument('--baseline', choices=['torch'], default=None)
   bench_personalize.add_argument('--abstract', action='store_true', help='full-size AOT analysis, no weights')
+  bench_personalize.add_argument('--mode', choices=('lite', 'paper'), default='lite', help='the tuning mode measured')
   bench_personalize.add_argument('--json', default=None, help='write the results here')
   bench_personalize.set_defaults(func=_cmd_bench)
   bench_full = bench_sub.add_parser(

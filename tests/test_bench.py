@@ -22,7 +22,7 @@ from e4t_jax.bench import personalize as bench
 HAS_TORCH = all(importlib.util.find_spec(name) for name in ('torch', 'diffusers', 'transformers'))
 
 TOP_KEYS = {'schema', 'mode', 'config', 'date', 'machine', 'settings', 'missing', 'compile', 'latency', 'batched',
-            'memory', 'concept_file_bytes', 'loss_trace_first', 'baseline'}
+            'memory', 'concept_file_bytes', 'loss_trace_first', 'baseline', 'fused'}
 COMPILE_KEYS = {'cold_s', 'cold_trace_s', 'cold_lower_s', 'cold_backend_s', 'cold_cache_misses', 'warm_s',
                 'warm_backend_s', 'warm_trace_s', 'warm_lower_s', 'warm_cache_hits', 'warm_cache_misses',
                 'warm_process_s', 'warm_speedup', 'cache_bytes'}
@@ -41,7 +41,7 @@ def bench_run(tmp_path_factory):
   # Small on purpose: 3 concepts, 2 steps, no batched section, one torch thread count, one warm-up run.
   result = bench.run_personalize_bench('tiny', num_steps=NUM_STEPS, num_concepts=NUM_CONCEPTS, batch=0,
                                        baseline='torch' if HAS_TORCH else None, json_out=json_out,
-                                       torch_warmup=1, torch_threads=(1,))
+                                       torch_warmup=1, torch_threads=(1,), fused_repeats=1)
   return result, json_out
 
 
@@ -56,6 +56,9 @@ def test_smoke_has_every_key_and_never_compiles_in_the_loop(bench_run):
 
   assert result['latency']['compilations'] == 0
   assert result['latency']['n'] == NUM_CONCEPTS
+  fused = result['fused']  # one program against two, each warmed up: neither compiles while timed
+  assert fused['compilations'] == 0 and fused['personalize_and_generate']['p50_s'] > 0
+  assert fused['fused_over_separate_p50'] > 0 and result['settings']['mode'] == 'lite'
   assert 0 < result['latency']['min_s'] <= result['latency']['p50_s'] <= result['latency']['p95_s']
   assert result['compile']['cold_s'] > 0 and result['compile']['warm_s'] > 0
   assert result['compile']['warm_cache_hits'] >= 1  # the second process read the shared cache
@@ -103,3 +106,18 @@ def test_rejects_unknown_configs_and_full_size_execution():
     bench.run_personalize_bench('sd15')
   with pytest.raises(ConfigError, match='baseline'):
     bench.run_personalize_bench('tiny', baseline='tensorflow')
+  with pytest.raises(ConfigError, match='lite-mode'):
+    bench.run_personalize_bench('tiny', baseline='torch', mode='paper')
+  with pytest.raises(ConfigError, match='tuning mode'):
+    bench.run_personalize_bench('tiny', mode='full')
+
+
+def test_abstract_analysis_of_paper_mode_lowers_the_whole_program():
+  records = []
+  bench.abstract_analysis('tiny', 'float32', 2, compile_program=False, emit=records.append, mode='paper')
+  (lowered,) = records
+  lite = []
+  bench.abstract_analysis('tiny', 'float32', 2, compile_program=False, emit=lite.append)
+  # Sixteen views and the U-Net's gradient: far more work per program than lite mode's one draw.
+  assert lowered['lowered_program']['flops'] > 4 * lite[0]['lowered_program']['flops']
+  assert lowered['lowered_step']['flops'] is None  # measured for lite mode only (said in `missing`)

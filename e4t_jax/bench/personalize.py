@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from e4t_jax import personalize as personalize_lib
 from e4t_jax import runtime
@@ -96,20 +97,18 @@ def build_abstract_model(config_name: str, dtype: Any = jnp.float32) -> model_li
   return model_lib.abstract_model(full_size_e4t_config(), unet, vae, text, presets.clip_vit_h14(), dtype=dtype)
 
 
-# ----------------------------------------------------------------------------- measuring helpers
-
-
 # ----------------------------------------------------------------------------- subprocess workers
 
 
-def _warm_compile_worker(config_name: str, num_steps: int, cache_dir: str) -> None:
+def _warm_compile_worker(config_name: str, num_steps: int, cache_dir: str, mode: str = 'lite') -> None:
   """Second-process half of the compile measurement: same model shapes, same cache directory."""
   started = time.perf_counter()
   model = build_model(config_name)
   init_s = time.perf_counter() - started
   with harness.JaxEvents() as events:
     t0 = time.perf_counter()
-    personalize_lib.make_personalize_fn(model, num_steps, tuning=personalize_lib.TuningConfig(), cache_dir=cache_dir)
+    personalize_lib.make_personalize_fn(model, num_steps, tuning=personalize_lib.TuningConfig(mode=mode),
+                                        cache_dir=cache_dir)
     compile_s = time.perf_counter() - t0
   harness.emit({'stage': 'warm_compile', 'compile_s': compile_s, 'init_s': init_s,
          'backend_s': float(events.seconds[harness.BACKEND_COMPILE_EVENT]), 'trace_s': float(events.seconds[harness.TRACE_EVENT]),
@@ -144,7 +143,7 @@ def _one_step_program(modules: model_lib.E4TModules, tuning: personalize_lib.Tun
 
 
 def abstract_analysis(config_name: str, dtype_name: str, num_steps: int, compile_program: bool,
-                      emit: Callable[[dict], None]) -> None:
+                      emit: Callable[[dict], None], mode: str = 'lite') -> None:
   """Lowers (and compiles) the personalization program of `config_name` from abstract params.
 
   Calls `emit` with a 'lowered' record, then (when `compile_program`) a 'compiled' record; the
@@ -158,7 +157,7 @@ def abstract_analysis(config_name: str, dtype_name: str, num_steps: int, compile
         dataclasses.replace(model.modules, unet=model.modules.unet.clone(remat_policy='nothing_saveable')),
         model.params)
   modules, params = model.modules, model.params
-  tuning = personalize_lib.TuningConfig(num_steps=num_steps)
+  tuning = personalize_lib.TuningConfig(num_steps=num_steps, mode=mode)
   size = modules.image_size
   image = jax.ShapeDtypeStruct((size, size, 3), jnp.float32)
   key = jax.eval_shape(lambda: jax.random.key(0))
@@ -169,13 +168,15 @@ def abstract_analysis(config_name: str, dtype_name: str, num_steps: int, compile
   lower_s = time.perf_counter() - t0
   program_cost = runtime.cost_stats(lowered)
 
-  step, optimizer = _one_step_program(modules, tuning)
-  trainable, _ = model_lib.split_params(params, modules.config.trainable_patterns)
-  opt_state = jax.eval_shape(optimizer.init, trainable)
-  features = None
-  if not modules.config.trainable_patterns:  # as in the real program: hoisted out of the step loop
-    features = jax.eval_shape(lambda p, im: image_features(modules, p, im[None] * 2.0 - 1.0), params, image)
-  step_cost = runtime.cost_stats(jax.jit(step).lower(params, opt_state, image, key, features))
+  step_cost = dict.fromkeys(('flops', 'bytes_accessed', 'transcendentals'))
+  if mode == 'lite':  # the loop-free one-step program exists for lite mode only
+    step, optimizer = _one_step_program(modules, tuning)
+    trainable, _ = model_lib.split_params(params, modules.config.trainable_patterns)
+    opt_state = jax.eval_shape(optimizer.init, trainable)
+    features = None
+    if not modules.config.trainable_patterns:  # as in the real program: hoisted out of the step loop
+      features = jax.eval_shape(lambda p, im: image_features(modules, p, im[None] * 2.0 - 1.0), params, image)
+    step_cost = runtime.cost_stats(jax.jit(step).lower(params, opt_state, image, key, features))
   estimate = None
   if program_cost['flops'] is not None and step_cost['flops'] is not None:
     estimate = program_cost['flops'] + (num_steps - 1) * step_cost['flops']
@@ -232,13 +233,14 @@ def _worker_main(argv: Sequence[str]) -> int:
   parser.add_argument('--cache-dir')
   parser.add_argument('--dtype', default='float32', choices=ABSTRACT_DTYPES)
   parser.add_argument('--no-compile', action='store_true')
+  parser.add_argument('--mode', default='lite', choices=personalize_lib.TUNING_MODES)
   args = parser.parse_args(argv)
   if args.warm_compile:
     if not args.cache_dir:
       parser.error('--warm-compile needs --cache-dir')
-    _warm_compile_worker(args.config, args.num_steps, args.cache_dir)
+    _warm_compile_worker(args.config, args.num_steps, args.cache_dir, args.mode)
   else:
-    abstract_analysis(args.config, args.dtype, args.num_steps, not args.no_compile, harness.emit)
+    abstract_analysis(args.config, args.dtype, args.num_steps, not args.no_compile, harness.emit, args.mode)
   return 0
 
 
@@ -248,7 +250,8 @@ def run_personalize_bench(config_name: str = 'tiny', *, num_steps: int = 5, num_
                           json_out: str | os.PathLike | None = None, seed: int = 0, batched_repeats: int = 2,
                           torch_warmup: int = 2, torch_threads: Sequence[int] | None = None,
                           compile_timeout_s: float = 1800.0,
-                          rss_limit_bytes: int | None = 16 * 2**30) -> dict:
+                          rss_limit_bytes: int | None = 16 * 2**30, mode: str = 'lite',
+                          fused_repeats: int = 3) -> dict:
   """Measures personalization and returns (and optionally writes) the result dict (keys: module docstring).
 
   Args:
@@ -267,22 +270,29 @@ def run_personalize_bench(config_name: str = 'tiny', *, num_steps: int = 5, num_
       shared CPU, OpenMP's spinning barriers can make the default far slower than one thread).
     compile_timeout_s, rss_limit_bytes: limits of each abstract compile worker process (it is killed
       beyond them and the lowering-only figures are reported).
+    mode: the tuning mode measured, 'lite' or 'paper' (`TuningConfig.mode`).
+    fused_repeats: concrete mode: timed runs of `personalize_and_generate` and of personalize-then-generate
+      (0 skips that section).
   Raises:
     ConfigError: unknown config or baseline, or a full-size config without `abstract`.
   """
   check_config(config_name)
+  if mode not in personalize_lib.TUNING_MODES:
+    raise ConfigError(f'unknown tuning mode {mode!r}; known: {list(personalize_lib.TUNING_MODES)}.')
+  if baseline == 'torch' and mode != 'lite':
+    raise ConfigError('the PyTorch baseline implements lite-mode tuning only; run paper mode without --baseline.')
   if baseline not in BASELINES:
     raise ConfigError(f'unknown baseline {baseline!r}; known: {[b for b in BASELINES if b]}.')
   if abstract:
     if baseline is not None:
       raise ConfigError('the torch baseline needs real weights and execution; it does not combine with abstract=True.')
-    result = _abstract_bench(config_name, num_steps, compile_timeout_s, rss_limit_bytes)
+    result = _abstract_bench(config_name, num_steps, compile_timeout_s, rss_limit_bytes, mode)
   else:
     if num_concepts < 1 or batch < 0 or num_steps < 1:
       raise ConfigError('num_concepts and num_steps must be >= 1, batch >= 0.')
     result = _concrete_bench(config_name, num_steps=num_steps, num_concepts=num_concepts, batch=batch,
                              baseline=baseline, seed=seed, batched_repeats=batched_repeats, torch_warmup=torch_warmup,
-                             torch_threads=torch_threads)
+                             torch_threads=torch_threads, mode=mode, fused_repeats=fused_repeats)
   result['machine']['load_average_end'] = harness.load_average()
   if json_out is not None:
     path = Path(json_out)
@@ -298,13 +308,14 @@ def _header(config_name: str, mode: str) -> dict:
 
 
 def _concrete_bench(config_name: str, *, num_steps: int, num_concepts: int, batch: int, baseline: str | None,
-                    seed: int, batched_repeats: int, torch_warmup: int, torch_threads: Sequence[int] | None) -> dict:
+                    seed: int, batched_repeats: int, torch_warmup: int, torch_threads: Sequence[int] | None,
+                    mode: str = 'lite', fused_repeats: int = 3) -> dict:
   result = _header(config_name, 'concrete')
   model = build_model(config_name, seed)
-  tuning = personalize_lib.TuningConfig(num_steps=num_steps)
+  tuning = personalize_lib.TuningConfig(num_steps=num_steps, mode=mode)
   size = model.modules.image_size
   result['settings'] = {
-      'num_steps': num_steps, 'num_concepts': num_concepts, 'batch': batch, 'seed': seed,
+      'mode': mode, 'num_steps': num_steps, 'num_concepts': num_concepts, 'batch': batch, 'seed': seed,
       'learning_rate': tuning.learning_rate, 'tuning_batch_size': tuning.batch_size, 'image_size': size,
       'parameters': {name: model_lib.count_params(tree) for name, tree in model.params.items()}}
   images = harness.synthetic_images(max(num_concepts, batch) + 1, size, seed)
@@ -325,7 +336,8 @@ def _concrete_bench(config_name: str, *, num_steps: int, num_concepts: int, batc
                        'cold_cache_misses': events.counts[harness.CACHE_MISS_EVENT]}
       # Warm: a second process with the same shapes reads the executable from the shared cache.
       records, info = harness.run_worker(WORKER_MODULE, ['--warm-compile', '--config', config_name, '--num-steps',
-                                                         str(num_steps), '--cache-dir', str(cache_dir)], timeout_s=900)
+                                                         str(num_steps), '--cache-dir', str(cache_dir),
+                                                         '--mode', mode], timeout_s=900)
       warm = next((r for r in records if r.get('stage') == 'warm_compile'), None)
       if warm is None:
         raise RuntimeError(f'the warm-compile worker failed: {info}')
@@ -348,6 +360,8 @@ def _concrete_bench(config_name: str, *, num_steps: int, num_concepts: int, batc
       result['loss_trace_first'] = [float(x) for x in np.asarray(concepts[0].loss_trace)]
       result['concept_file_bytes'] = concepts[0].save(tmp / 'concept.e4t.safetensors').stat().st_size
 
+      result['fused'] = _fused_bench(model, tuning, personalize_fn, images, keys, fused_repeats) if fused_repeats \
+          else None
       result['batched'], batched_memory = None, None
       if batch:
         result['batched'], batched_memory = _batched_bench(model, tuning, images[:batch], seed, batched_repeats)
@@ -394,14 +408,20 @@ def _batched_bench(model: model_lib.E4TModel, tuning: personalize_lib.TuningConf
   return stats, runtime.memory_stats(compiled)
 
 
-def _abstract_bench(config_name: str, num_steps: int, compile_timeout_s: float, rss_limit_bytes: int | None) -> dict:
+def _abstract_bench(config_name: str, num_steps: int, compile_timeout_s: float, rss_limit_bytes: int | None,
+                    mode: str = 'lite') -> dict:
   result = _header(config_name, 'abstract')
   model = build_abstract_model(config_name)
   encoder = model.modules.config.encoder
   trainable, _ = model_lib.split_params(model.params, model.modules.config.trainable_patterns)
-  tuning = personalize_lib.TuningConfig(num_steps=num_steps)
+  tuning = personalize_lib.TuningConfig(num_steps=num_steps, mode=mode)
+  if mode == 'paper':  # the tuned U-Net kernels train too
+    flat = {'/'.join(k): v for k, v in traverse_util.flatten_dict(model.params['unet']).items()}
+    tuned = personalize_lib.tuned_unet_kernels(model.params['unet'], tuning)
+    trainable = dict(trainable, unet=[flat[f'{p}/kernel'] for p in tuned])
+    result['missing'].append('paper mode: lowered_step (per-step FLOPs) is measured for lite mode only.')
   result['settings'] = {
-      'num_steps': num_steps, 'learning_rate': tuning.learning_rate, 'tuning_batch_size': tuning.batch_size,
+      'mode': mode, 'num_steps': num_steps, 'learning_rate': tuning.learning_rate, 'tuning_batch_size': tuning.batch_size,
       'image_size': model.modules.image_size,
       'parameters': {name: model_lib.count_params(tree) for name, tree in model.params.items()},
       'encoder': {'hidden_dim': encoder.hidden_dim, 'clip_layers': list(encoder.clip_layers)},
@@ -414,7 +434,7 @@ def _abstract_bench(config_name: str, num_steps: int, compile_timeout_s: float, 
     # One process per dtype: a compile that runs out of time or memory is killed without taking the
     # benchmark with it, and each peak RSS is the compile's own.
     records, info = harness.run_worker(WORKER_MODULE, ['--abstract-worker', '--config', config_name, '--dtype',
-                                                       dtype_name, '--num-steps', str(num_steps)],
+                                                       dtype_name, '--num-steps', str(num_steps), '--mode', mode],
                                        timeout_s=compile_timeout_s, rss_limit_bytes=rss_limit_bytes)
     by_stage = {r['stage']: r for r in records}
     lowered, compiled = by_stage.get('lowered'), by_stage.get('compiled')
@@ -431,6 +451,32 @@ def _abstract_bench(config_name: str, num_steps: int, compile_timeout_s: float, 
       result['missing'].append(f'{dtype_name}: the compile {why}; only lowering figures are reported.')
     result['dtypes'][dtype_name] = entry
   return result
+
+
+def _fused_bench(model: model_lib.E4TModel, tuning: personalize_lib.TuningConfig,
+                 personalize_fn: personalize_lib.PersonalizeFn, images: Sequence[np.ndarray], keys: Sequence[jax.Array],
+                 repeats: int, prompts: Sequence[str] = ('a photo of *', 'a painting of *'), sampling_steps: int = 25
+                 ) -> dict:
+  """`personalize_and_generate` (one program) against `personalize_fn` then `generate` (two), same keys,
+  each warmed up first: seconds per image set, their ratio (< 1: the fused program is faster)."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  from e4t_jax import generation  # pylint: disable=g-import-not-at-top
+  sampling = dict(num_steps=sampling_steps, seed=0)
+  fused = lambda image, key: generation.personalize_and_generate(
+      model, image, list(prompts), tuning=tuning, num_tuning_steps=tuning.num_steps, rng=key, **sampling)
+  separate = lambda image, key: generation.generate(model, personalize_fn(model.params, image, key), list(prompts),
+                                                    **sampling)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', generation.GenerationWarning)
+    jax.block_until_ready(fused(images[-1], keys[-1]))
+    jax.block_until_ready(separate(images[-1], keys[-1]))
+    arguments = list(zip(images[:repeats], keys[:repeats]))
+    fused_s, _, fused_compilations = harness.timed_calls(fused, arguments)
+    separate_s, _, separate_compilations = harness.timed_calls(separate, arguments)
+  fused_stats, separate_stats = harness.latency_stats(fused_s), harness.latency_stats(separate_s)
+  return {'prompts': len(prompts), 'sampling_steps': sampling_steps, 'personalize_and_generate': fused_stats,
+          'personalize_then_generate': separate_stats, 'compilations': fused_compilations + separate_compilations,
+          'fused_over_separate_p50': fused_stats['p50_s'] / separate_stats['p50_s']}
 
 
 # ----------------------------------------------------------------------------- the PyTorch baseline
@@ -515,8 +561,8 @@ def format_table(result: dict) -> str:
   """A short human-readable table of a `run_personalize_bench` result."""
   rows: list[tuple[str, str]] = []
   settings, machine = result['settings'], result['machine']
-  rows.append(('config', f"{result['config']} ({result['mode']}), {settings['num_steps']} steps, "
-                         f"{settings['image_size']} px"))
+  rows.append(('config', f"{result['config']} ({result['mode']}, {settings.get('mode', 'lite')} tuning), "
+                         f"{settings['num_steps']} steps, {settings['image_size']} px"))
   rows.append(('machine', f"{machine['cpu_model']}, {machine['cpu_count']} cores, {', '.join(machine['jax_devices'])}"))
   if result['mode'] == 'concrete':
     c, lat, b, mem = result['compile'], result['latency'], result['batched'], result['memory']
@@ -533,6 +579,14 @@ def format_table(result: dict) -> str:
           (f"concepts/s, batched x{b['batch']} (steady)", f"{b['steady_concepts_per_s']:.2f}"),
           (f"personalize_many x{b['batch']}, end to end", f"{harness.fmt_seconds(b['personalize_many_s'])} "
                                                           f"({b['personalize_many_compilations']} compilation(s))"),
+      ]
+    fused = result.get('fused')
+    if fused:
+      rows += [
+          (f"personalize_and_generate ({fused['prompts']} images, {fused['sampling_steps']} sampling steps)",
+           f"p50 {harness.fmt_seconds(fused['personalize_and_generate']['p50_s'])}"),
+          ('personalize, then generate', f"p50 {harness.fmt_seconds(fused['personalize_then_generate']['p50_s'])} "
+                                         f"(fused / separate {fused['fused_over_separate_p50']:.2f})"),
       ]
     rows += [
         ('compiled memory: args / temp / output',
