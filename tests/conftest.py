@@ -10,6 +10,18 @@ if '--xla_force_host_platform_device_count' not in _flags:
 import pytest  # noqa: E402
 
 
+def _random_image(seed: int, size: int = 40):
+  """A random uint8 RGB image, size x (size + seed): every seed a different image and aspect ratio."""
+  import numpy as np
+  return np.random.default_rng(seed).integers(0, 256, (size, size + seed, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope='session')
+def random_image():
+  """`random_image(seed, size=40)`: a random uint8 RGB image of size x (size + seed)."""
+  return _random_image
+
+
 @pytest.fixture(scope='session')
 def tiny_e4t():
   """One tiny random E4T model shared by every test module (init is the slow part)."""

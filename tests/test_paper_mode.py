@@ -22,9 +22,6 @@ PATTERNS = (r'attn[12]/to_', r'^conv_in$')
 FULL_RANK_RENDER_TOLERANCE = 1
 
 
-def _image(seed, size=40):
-  return np.random.default_rng(seed).integers(0, 256, (size, size + seed, 3), dtype=np.uint8)
-
 
 @pytest.fixture(scope='module')
 def tiny(tiny_e4t):
@@ -43,8 +40,8 @@ def paper_fn(tiny, paper_tuning):
 
 
 @pytest.fixture(scope='module')
-def paper_concept(tiny, paper_fn):
-  return paper_fn(tiny.params, _image(0), jax.random.key(0))
+def paper_concept(random_image, tiny, paper_fn):
+  return paper_fn(tiny.params, random_image(0), jax.random.key(0))
 
 
 def _kernel(params, path):
@@ -59,7 +56,7 @@ def test_modes_resolve_their_own_defaults():
     personalize_lib.TuningConfig(mode='full')
 
 
-def test_paper_mode_tunes_unet_kernels_and_lite_mode_only_the_offsets(tiny, paper_concept):
+def test_paper_mode_tunes_unet_kernels_and_lite_mode_only_the_offsets(random_image, tiny, paper_concept):
   tuned = personalize_lib.tuned_unet_kernels(tiny.params['unet'], personalize_lib.TuningConfig(
       mode='paper', unet_patterns=PATTERNS))
   assert 'conv_in' in tuned and not set(tuned) <= set(tiny.params['weight_offsets'])
@@ -70,14 +67,14 @@ def test_paper_mode_tunes_unet_kernels_and_lite_mode_only_the_offsets(tiny, pape
     assert np.abs(np.asarray(offsets_lib.offset_matrix(pair))).max() > 1e-6, path
   assert paper_concept.info['tuning_mode'] == 'paper' and paper_concept.info['offsets_mode'] == 'additive'
   # Lite mode: the offsets' own targets only; the U-Net's weights are not part of the concept.
-  lite = personalize_lib.make_personalize_fn(tiny, num_steps=1)(tiny.params, _image(0))
+  lite = personalize_lib.make_personalize_fn(tiny, num_steps=1)(tiny.params, random_image(0))
   assert set(lite.weight_offsets) == set(tiny.params['weight_offsets'])
   assert lite.info['tuning_mode'] == 'lite'
 
 
-def test_paper_mode_compiles_once_for_five_images(tiny, paper_fn, compile_counter):
+def test_paper_mode_compiles_once_for_five_images(random_image, tiny, paper_fn, compile_counter):
   with compile_counter as counter:
-    concepts = [paper_fn(tiny.params, _image(i), jax.random.key(i)) for i in range(5)]
+    concepts = [paper_fn(tiny.params, random_image(i), jax.random.key(i)) for i in range(5)]
   assert counter.count == 0, f'{counter.count} compilations for 5 concepts'
   assert len({np.asarray(c.embedding).tobytes() for c in concepts}) == 5
   assert all(np.isfinite(np.asarray(c.loss_trace)).all() for c in concepts)

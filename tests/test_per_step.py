@@ -18,9 +18,6 @@ SAMPLING = dict(num_steps=2, seed=0)
 FUSED_TOLERANCE = 2
 
 
-def _image(seed, size=40):
-  return np.random.default_rng(seed).integers(0, 256, (size, size + seed, 3), dtype=np.uint8)
-
 
 @pytest.fixture(scope='module')
 def tiny(tiny_e4t):
@@ -43,23 +40,23 @@ def _quiet_generate(*args, **kwargs):
     return e4t_jax.generate(*args, **kwargs)
 
 
-def test_per_step_with_an_untrained_encoder_equals_averaged(tiny, personalize_fn):
-  concept = personalize_fn(tiny.params, _image(0), num_steps=0)  # the zero-initialized output layer: f = 0
+def test_per_step_with_an_untrained_encoder_equals_averaged(random_image, tiny, personalize_fn):
+  concept = personalize_fn(tiny.params, random_image(0), num_steps=0)  # the zero-initialized output layer: f = 0
   assert concept.tuned_encoder is not None
   averaged = _quiet_generate(tiny, concept, PROMPTS, **SAMPLING)
   per_step = _quiet_generate(tiny, concept, PROMPTS, encoder='per_step', **SAMPLING)
   assert np.abs(averaged.astype(int) - per_step.astype(int)).max() <= 1
 
 
-def test_per_step_with_a_tuned_encoder_reads_the_current_generation(tiny, personalize_fn):
-  concept = personalize_fn(tiny.params, _image(1), jax.random.key(3))
+def test_per_step_with_a_tuned_encoder_reads_the_current_generation(random_image, tiny, personalize_fn):
+  concept = personalize_fn(tiny.params, random_image(1), jax.random.key(3))
   averaged = _quiet_generate(tiny, concept, PROMPTS, **SAMPLING)
   per_step = _quiet_generate(tiny, concept, PROMPTS, encoder='per_step', **SAMPLING)
   assert np.abs(averaged.astype(int) - per_step.astype(int)).max() > 2  # w*(t) is not the average
 
 
-def test_per_step_needs_the_tuned_encoder(tiny, personalize_fn, tmp_path):
-  concept = personalize_fn(tiny.params, _image(0))
+def test_per_step_needs_the_tuned_encoder(random_image, tiny, personalize_fn, tmp_path):
+  concept = personalize_fn(tiny.params, random_image(0))
   stored = e4t_jax.Concept.load(concept.save(tmp_path / 'c.e4t.safetensors'))
   assert stored.tuned_encoder is None  # never written
   with pytest.raises(InputError, match='per_step'):
@@ -69,18 +66,18 @@ def test_per_step_needs_the_tuned_encoder(tiny, personalize_fn, tmp_path):
 
 
 @pytest.mark.parametrize('encoder', ['averaged', 'per_step'])
-def test_personalize_and_generate_equals_personalize_then_generate(tiny, tuning, personalize_fn, encoder):
+def test_personalize_and_generate_equals_personalize_then_generate(random_image, tiny, tuning, personalize_fn, encoder):
   key = jax.random.key(7)
-  fused = e4t_jax.personalize_and_generate(tiny, _image(2), PROMPTS, tuning=tuning, num_tuning_steps=2, rng=key,
+  fused = e4t_jax.personalize_and_generate(tiny, random_image(2), PROMPTS, tuning=tuning, num_tuning_steps=2, rng=key,
                                            encoder=encoder, **SAMPLING)
-  concept = personalize_fn(tiny.params, _image(2), key)
+  concept = personalize_fn(tiny.params, random_image(2), key)
   separate = _quiet_generate(tiny, concept, PROMPTS, encoder=encoder, **SAMPLING)
   assert fused.shape == separate.shape == (2, tiny.modules.image_size, tiny.modules.image_size, 3)
   assert np.abs(fused.astype(int) - separate.astype(int)).max() <= FUSED_TOLERANCE
 
 
-def test_personalize_and_generate_compiles_once(tiny, tuning, compile_counter):
-  run = lambda i: e4t_jax.personalize_and_generate(tiny, _image(i), ['a photo of * at dusk', 'a * in the rain'],
+def test_personalize_and_generate_compiles_once(random_image, tiny, tuning, compile_counter):
+  run = lambda i: e4t_jax.personalize_and_generate(tiny, random_image(i), ['a photo of * at dusk', 'a * in the rain'],
                                                    tuning=tuning, num_tuning_steps=2, rng=jax.random.key(i),
                                                    **SAMPLING)
   run(0)
@@ -90,10 +87,10 @@ def test_personalize_and_generate_compiles_once(tiny, tuning, compile_counter):
   assert len({o.tobytes() for o in outputs}) == 3
 
 
-def test_personalize_and_generate_checks_its_input_before_work(tiny):
+def test_personalize_and_generate_checks_its_input_before_work(random_image, tiny):
   with pytest.raises(InputError, match='num_tuning_steps'):
-    e4t_jax.personalize_and_generate(tiny, _image(0), PROMPTS, num_tuning_steps=-1)
+    e4t_jax.personalize_and_generate(tiny, random_image(0), PROMPTS, num_tuning_steps=-1)
   with pytest.raises(InputError, match='HxWx3'):
     e4t_jax.personalize_and_generate(tiny, np.zeros((4, 4, 5)), PROMPTS, num_tuning_steps=1)
   with pytest.raises(InputError, match='no prompts'):
-    e4t_jax.personalize_and_generate(tiny, _image(0), [], num_tuning_steps=1)
+    e4t_jax.personalize_and_generate(tiny, random_image(0), [], num_tuning_steps=1)

@@ -20,45 +20,42 @@ def personalize_fn(tiny):
                                              tuning=personalize_lib.TuningConfig(learning_rate=1e-3))
 
 
-def _image(seed, size=40):
-  return np.random.default_rng(seed).integers(0, 256, (size, size + seed, 3), dtype=np.uint8)
 
-
-def test_personalize_compiles_once(tiny, personalize_fn, compile_counter):
+def test_personalize_compiles_once(random_image, tiny, personalize_fn, compile_counter):
   with compile_counter as counter:
-    concepts = [personalize_fn(tiny.params, _image(i), jax.random.key(i)) for i in range(5)]
+    concepts = [personalize_fn(tiny.params, random_image(i), jax.random.key(i)) for i in range(5)]
   assert counter.count == 0, f'{counter.count} compilations for 5 concepts'
   embeddings = np.stack([np.asarray(c.embedding) for c in concepts])
   assert len({e.tobytes() for e in embeddings}) == 5  # different images/keys -> different concepts
   assert all(int(c.steps) == 3 for c in concepts)
 
 
-def test_tuning_moves_the_encoder_prediction_and_offsets(tiny, personalize_fn):
-  concept = personalize_fn(tiny.params, _image(0))
+def test_tuning_moves_the_encoder_prediction_and_offsets(random_image, tiny, personalize_fn):
+  concept = personalize_fn(tiny.params, random_image(0))
   coarse = np.asarray(tiny.params['text_encoder']['embeddings']['token_embedding']['embedding'][tiny.modules.coarse_token_id])
   assert not np.allclose(np.asarray(concept.embedding), coarse)  # the encoder's output layer learned
   assert any(np.abs(np.asarray(p['up'])).max() > 0 for p in concept.weight_offsets.values())
   assert np.isfinite(np.asarray(concept.loss_trace)).all()
 
 
-def test_same_image_and_key_give_identical_concepts(tiny, personalize_fn):
-  a = personalize_fn(tiny.params, _image(1), jax.random.key(5))
-  b = personalize_fn(tiny.params, _image(1), jax.random.key(5))
+def test_same_image_and_key_give_identical_concepts(random_image, tiny, personalize_fn):
+  a = personalize_fn(tiny.params, random_image(1), jax.random.key(5))
+  b = personalize_fn(tiny.params, random_image(1), jax.random.key(5))
   np.testing.assert_array_equal(a.embedding, b.embedding)
 
 
-def test_fewer_steps_per_call_within_the_compiled_maximum(tiny, personalize_fn):
-  concept = personalize_fn(tiny.params, _image(2), num_steps=1)
+def test_fewer_steps_per_call_within_the_compiled_maximum(random_image, tiny, personalize_fn):
+  concept = personalize_fn(tiny.params, random_image(2), num_steps=1)
   trace = np.asarray(concept.loss_trace)
   assert int(concept.steps) == 1 and np.isfinite(trace[0]) and np.isnan(trace[1:]).all()
-  zero = personalize_fn(tiny.params, _image(2), num_steps=0)  # the encoder alone
+  zero = personalize_fn(tiny.params, random_image(2), num_steps=0)  # the encoder alone
   assert int(zero.steps) == 0
   with pytest.raises(InputError, match='at most 3'):
-    personalize_fn(tiny.params, _image(2), num_steps=4)
+    personalize_fn(tiny.params, random_image(2), num_steps=4)
 
 
-def test_concept_save_load_round_trip_and_compatibility(tiny, personalize_fn, tmp_path):
-  concept = personalize_fn(tiny.params, _image(3))
+def test_concept_save_load_round_trip_and_compatibility(random_image, tiny, personalize_fn, tmp_path):
+  concept = personalize_fn(tiny.params, random_image(3))
   path = concept.save(tmp_path / 'me.e4t.safetensors')
   loaded = Concept.load(path)
   np.testing.assert_array_equal(loaded.embedding, concept.embedding)
@@ -88,25 +85,25 @@ def test_bad_images_are_clear_errors(tiny, personalize_fn):
     personalize_fn(tiny.params, np.full((32, 32, 3), 7.0, np.float32))
 
 
-def test_personalize_many_matches_shapes_and_shards_over_data(tiny, compile_counter):
+def test_personalize_many_matches_shapes_and_shards_over_data(random_image, tiny, compile_counter):
   from e4t_jax.parallel.mesh import make_mesh
   mesh = make_mesh({'data': 2, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:2])
-  concepts = personalize_lib.personalize_many(tiny, [_image(i) for i in range(3)], num_steps=2, mesh=mesh)
+  concepts = personalize_lib.personalize_many(tiny, [random_image(i) for i in range(3)], num_steps=2, mesh=mesh)
   assert len(concepts) == 3
   assert len({np.asarray(c.embedding).tobytes() for c in concepts}) == 3
   assert all(int(c.steps) == 2 for c in concepts)
   with compile_counter as counter:  # the batched program is cached: new images, no compilation
-    personalize_lib.personalize_many(tiny, [_image(i + 5) for i in range(3)], num_steps=2, mesh=mesh, seed=1)
+    personalize_lib.personalize_many(tiny, [random_image(i + 5) for i in range(3)], num_steps=2, mesh=mesh, seed=1)
   assert counter.count == 0
 
 
-def test_non_finite_loss_stops_tuning_with_a_clear_error(tiny, personalize_fn):
+def test_non_finite_loss_stops_tuning_with_a_clear_error(random_image, tiny, personalize_fn):
   params = dict(tiny.params)
   encoder = dict(params['encoder'])
   encoder['out'] = dict(encoder['out'], bias=np.full(np.shape(encoder['out']['bias']), np.nan, np.float32))
   params['encoder'] = encoder
   with pytest.raises(InputError, match='non-finite'):
-    personalize_fn(params, _image(4))
+    personalize_fn(params, random_image(4))
 
 
 def test_persistent_compilation_cache_directory_is_populated(tiny, tmp_path):
