@@ -50,7 +50,10 @@ class TuningConfig:
   paper  the paper's tuning stage (Sec. 3.4: "the encoder and text-to-image models must be tuned in
          tandem"): the encoder, the offsets AND the U-Net's kernels (`unet_patterns`), on a batch of
          `batch_size` views of the image (default 16, as the references; view 0 is the image itself, the
-         others flipped / zoomed at random, each with its own noise and timestep). The tuned U-Net delta
+         others flipped / zoomed at random, each with its own noise and timestep; the views are drawn once
+         per concept and reused by every step, so their VAE and CLIP features are computed once, where the
+         reference re-augments every step). The encoder and offsets keep `learning_rate` (the reference
+         trains everything at the U-Net's 1.6e-5). The tuned U-Net delta
          is stored per kernel as a truncated SVD of rank `delta_rank`, so a concept stays MB-sized and
          exports as a LoRA.
   """
