@@ -102,6 +102,9 @@ def test_low_rank_factors_are_exact_at_full_rank_and_the_svd_optimum_below():
     singular = np.linalg.svd(delta.reshape(-1, shape[-1]), compute_uv=False)
     residual = np.linalg.norm(delta.reshape(-1, shape[-1]) - np.asarray(offsets_lib.offset_matrix(low)))
     np.testing.assert_allclose(residual, np.sqrt(np.sum(singular[2:] ** 2)), rtol=1e-4)  # Eckart-Young
+    cut = offsets_lib.truncate_factors({'k': full}, 2)['k']  # a stored full-rank pair cut to rank 2
+    np.testing.assert_allclose(np.asarray(offsets_lib.offset_matrix(cut)), np.asarray(offsets_lib.offset_matrix(low)),
+                               atol=1e-5)
 
 
 def test_compressed_delta_renders_match_exact_delta_renders(tiny):

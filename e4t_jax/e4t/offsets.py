@@ -109,6 +109,12 @@ def low_rank_factors(delta: jax.Array, rank: int) -> dict[str, jax.Array]:
   return {'down': u[:, :rank] * root, 'up': root[:, None] * vt[:rank]}
 
 
+def truncate_factors(offsets: Mapping[str, Mapping[str, Any]], rank: int) -> dict[str, dict[str, Any]]:
+  """SVD-ordered pairs (`low_rank_factors`) cut to their first `rank` components: the rank-`rank`
+  truncated SVD of each delta, without another decomposition."""
+  return {path: {'down': pair['down'][:, :rank], 'up': pair['up'][:rank]} for path, pair in offsets.items()}
+
+
 def offsets_l2(offsets: Mapping[str, Mapping[str, jax.Array]]) -> jax.Array:
   """Σ ‖ΔW‖²_F over all offsets, without forming ΔW: ‖DU‖² = tr((DᵀD)(UUᵀ)), rank x rank products."""
   total = jnp.zeros((), jnp.float32)

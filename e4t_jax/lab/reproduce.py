@@ -200,6 +200,51 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
   return result
 
 
+def compression_study(model, readout, cases: Sequence[Case], *, steps: int = 15, ranks: Sequence[int] = (4, 16, 64),
+                      seed: int = 0, progress: bool = True) -> dict[str, Any]:
+  """What storing a paper-mode concept as truncated SVDs costs: each case is tuned once with factors of full
+  rank (the exact delta, up to float rounding), then rendered with those and with their first r components
+  for each rank r. Returns per rank: bytes per concept, the mean / max absolute pixel difference to the
+  exact renders (uint8 levels) and the identity / prompt-fidelity scores, next to the exact ones."""
+  import dataclasses as dc  # pylint: disable=g-import-not-at-top
+  from e4t_jax import generation as generate_lib
+  from e4t_jax import personalize
+  from e4t_jax.e4t import offsets as offsets_lib
+  from e4t_jax.lab import evaluate
+  full_rank = 1 << 30  # capped at each kernel's own rank: the exact delta
+  fn = personalize.make_personalize_fn(model, num_steps=steps,
+                                       tuning=personalize.TuningConfig(mode='paper', delta_rank=full_rank))
+  placeholder = model.config.placeholder
+  renders: dict[str, list[np.ndarray]] = {'exact': [], **{str(r): [] for r in ranks}}
+  sizes: dict[str, int] = {}
+  identities, contexts = [], []
+  bar = progress_bar(len(cases), 'compression', 'concept', enabled=progress)
+  for i, case in enumerate(cases):
+    concept = fn(model.params, synthetic.render(case.identity, case.input_context),
+                 jax.random.key(seed * 100_003 + i), prompt=case.input_context.template())
+    prompts = [c.template().format(placeholder) for c in case.contexts]
+    identities += [case.identity] * len(prompts)
+    contexts += list(case.contexts)
+    for name in renders:
+      variant = concept if name == 'exact' else dc.replace(
+          concept, weight_offsets=offsets_lib.truncate_factors(concept.weight_offsets, int(name)))
+      sizes[name] = 4 * sum(int(np.size(x)) for x in jax.tree.leaves((variant.embedding, variant.weight_offsets)))
+      renders[name].append(generate_lib.generate(model, variant, prompts, num_steps=SAMPLING_STEPS,
+                                                 guidance_scale=GUIDANCE_SCALE, seed=seed))
+    bar.update(1)
+  bar.close()
+  exact = np.concatenate(renders['exact']).astype(np.int32)
+  result = {'steps': steps, 'identities': len(cases), 'images': int(len(exact))}
+  for name, images in renders.items():
+    images = np.concatenate(images)
+    scores = evaluate.evaluate_images(readout, images, identities, contexts)
+    difference = np.abs(images.astype(np.int32) - exact)
+    result[name] = {'bytes_per_concept': sizes[name], 'identity': scores['identity'],
+                    'prompt_fidelity': scores['prompt_fidelity'],
+                    'pixel_difference_mean': float(difference.mean()), 'pixel_difference_max': int(difference.max())}
+  return result
+
+
 def run(model_dir: str | os.PathLike | None, out: str | os.PathLike, methods: Sequence[str] = DEFAULT_METHODS, *,
         num_identities: int = 50, seed: int = 0, label: str = '', readout_path: str | os.PathLike | None = None,
         grids: bool = True, encoder: str = 'averaged') -> dict[str, Any]:
