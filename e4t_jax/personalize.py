@@ -180,8 +180,8 @@ def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Calla
     # Keys: fold_in(rng, i) for step i, num_steps for the read-out, num_steps + 1 for the views.
     images = make_views(image * 2.0 - 1.0, jax.random.fold_in(rng, tuning.num_steps + 1), tuning.batch_size,
                         tuning.augment)
-    ids = jnp.asarray(prompt_ids) if input_ids is None else jnp.broadcast_to(
-        input_ids, (tuning.batch_size, input_ids.shape[-1]))
+    ids = jnp.asarray(prompt_ids) if input_ids is None else input_ids
+    ids = jnp.broadcast_to(ids, (tuning.batch_size, ids.shape[-1]))  # one row serves every draw
     batch = {'images': images, 'input_ids': ids}
     # The image's VAE posterior, CLIP features and the coarse prompt do not change between steps:
     # compute them once, outside the loop (unless parts of CLIP train, config.trainable_patterns).
@@ -193,6 +193,7 @@ def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Calla
     def loss_fn(trainable, key):
       features = None if cached is None else (cached if paper else cached.repeat(tuning.batch_size))
       return e4t_loss(modules, model_lib.merge_params(trainable, frozen), batch, key, features)
+
     def step(carry, i):
       trainable, opt_state, healthy = carry
       key = jax.random.fold_in(rng, i)
