@@ -139,12 +139,9 @@ def _sampling_program(modules: model_lib.E4TModules, key: _ProgramKey, timesteps
 
     def denoise(x_t, t):  # x_t: [C * B, h, w, c]
       grouped = x_t.reshape(num_groups, group_size, *x_t.shape[1:])
-      if key.per_step:
-        kernels = jax.tree.map(lambda k: k[0], merged)
-        out = group_denoise(kernels, grouped[0], t, per_step_context(grouped[0], t), uncond_context[0])[None]
-      elif num_groups == 1:  # the common case: no vmap, plain [B, ...] U-Net calls
-        out = group_denoise(jax.tree.map(lambda k: k[0], merged), grouped[0], t, cond_context[0],
-                            uncond_context[0])[None]
+      if num_groups == 1:  # the common case (and always per_step's): no vmap, plain [B, ...] U-Net calls
+        cond = per_step_context(grouped[0], t) if key.per_step else cond_context[0]
+        out = group_denoise(jax.tree.map(lambda k: k[0], merged), grouped[0], t, cond, uncond_context[0])[None]
       else:
         out = jax.vmap(group_denoise, in_axes=(0, 0, None, 0, 0))(merged, grouped, t, cond_context, uncond_context)
       return out.reshape(x_t.shape)
@@ -265,10 +262,10 @@ class Generator:
     needed = {name: params[name] for name in names}
     if all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(needed)):
       return needed
-    cache_key = (id(params), tuple(names))
-    if self._device_params is None or self._device_params[0] is not params or self._device_params[1] != cache_key:
+    names = tuple(names)
+    if self._device_params is None or self._device_params[0] is not params or self._device_params[1] != names:
       # Keyed by identity and holding a reference: params trees are not mutated in place in JAX code.
-      self._device_params = (params, cache_key, jax.device_put(needed))
+      self._device_params = (params, names, jax.device_put(needed))
     return self._device_params[2]
 
   def personalize_and_generate(self, model: model_lib.E4TModel, image: Any, prompts: str | Sequence[str],

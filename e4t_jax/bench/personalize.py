@@ -110,10 +110,11 @@ def _warm_compile_worker(config_name: str, num_steps: int, cache_dir: str, mode:
     personalize_lib.make_personalize_fn(model, num_steps, tuning=personalize_lib.TuningConfig(mode=mode),
                                         cache_dir=cache_dir)
     compile_s = time.perf_counter() - t0
+  seconds = lambda event: float(events.seconds[event])
   harness.emit({'stage': 'warm_compile', 'compile_s': compile_s, 'init_s': init_s,
-         'backend_s': float(events.seconds[harness.BACKEND_COMPILE_EVENT]), 'trace_s': float(events.seconds[harness.TRACE_EVENT]),
-         'lower_s': float(events.seconds[harness.LOWER_EVENT]), 'cache_hits': events.counts[harness.CACHE_HIT_EVENT],
-         'cache_misses': events.counts[harness.CACHE_MISS_EVENT]})
+                'backend_s': seconds(harness.BACKEND_COMPILE_EVENT), 'trace_s': seconds(harness.TRACE_EVENT),
+                'lower_s': seconds(harness.LOWER_EVENT), 'cache_hits': events.counts[harness.CACHE_HIT_EVENT],
+                'cache_misses': events.counts[harness.CACHE_MISS_EVENT]})
 
 
 def _one_step_program(modules: model_lib.E4TModules, tuning: personalize_lib.TuningConfig

@@ -120,6 +120,11 @@ class _Tuner:
     return self.model, concept
 
 
+def concept_float32_bytes(concept) -> int:
+  """What a concept's w* and weight offsets take as float32 (the `bytes_per_concept` of a tuned concept)."""
+  return 4 * sum(int(np.size(x)) for x in jax.tree.leaves((concept.embedding, concept.weight_offsets)))
+
+
 def _reference_prompt(kind: str, model, identity: synthetic.Identity, context: synthetic.Context) -> str:
   """The prompt of a 'coarse' or 'described' reference image (no concept)."""
   coarse = model.config.coarse_word
@@ -158,7 +163,7 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
     tuned_model, concept = tuner(image, case.input_context.template(), jax.random.key(seed * 100_003 + i), steps)
     tune_seconds.append(time.perf_counter() - start)
     if kind == 'e4t_paper' and stored_bytes is None:
-      stored_bytes = 4 * sum(int(np.size(x)) for x in jax.tree.leaves((concept.embedding, concept.weight_offsets)))
+      stored_bytes = concept_float32_bytes(concept)
     prompts = [c.template().format(placeholder) for c in case.contexts]
     identities += [case.identity] * len(prompts)
     contexts += list(case.contexts)
@@ -228,7 +233,7 @@ def compression_study(model, readout, cases: Sequence[Case], *, steps: int = 15,
     for name in renders:
       variant = concept if name == 'exact' else dc.replace(
           concept, weight_offsets=offsets_lib.truncate_factors(concept.weight_offsets, int(name)))
-      sizes[name] = 4 * sum(int(np.size(x)) for x in jax.tree.leaves((variant.embedding, variant.weight_offsets)))
+      sizes[name] = concept_float32_bytes(variant)
       renders[name].append(generate_lib.generate(model, variant, prompts, num_steps=SAMPLING_STEPS,
                                                  guidance_scale=GUIDANCE_SCALE, seed=seed))
     bar.update(1)
