@@ -5,11 +5,14 @@ Every user mistake surfaces as an `E4TError` and becomes one line on stderr and 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import sys
+import warnings
 from pathlib import Path
 
-from e4t_jax import __version__
-from e4t_jax.errors import ConfigError, E4TError
+from e4t_jax import __version__, fileio, interrupts
+from e4t_jax.errors import ConfigError, E4TError, printable
 
 EXAMPLES = """examples:
   e4t demo                                         # end to end on the embedded model -> outputs/demo/
@@ -30,6 +33,74 @@ EXAMPLES = """examples:
 A model is an e4t model folder (written by `e4t pretrain` / e4t_jax.save_model); without --model the
 embedded demo model is used. Bad input gives one line on stderr and exit code 2.
 """
+
+
+MAX_STEPS = 1000     # tuning, sampling and tuning-in-generate steps (the paper tunes 5-15; samplers use <= 1000)
+MAX_VIEWS = 256      # views (paper) / noise draws (lite) per tuning step
+MAX_SEED = 2**32 - 1
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse whose errors are one line (`e4t: error: ...`) and exit code 2, like every other error."""
+
+  def error(self, message):
+    self.exit(2, f'e4t: error: {printable(message)} (see `{self.prog} --help`)\n')
+
+
+def _steps(text: str) -> int:
+  return _bounded_int(text, 1, MAX_STEPS)
+
+
+def _views(text: str) -> int:
+  return _bounded_int(text, 1, MAX_VIEWS)
+
+
+def _count(text: str) -> int:
+  return _bounded_int(text, 1, 10**6)
+
+
+def _seed(text: str) -> int:
+  return _bounded_int(text, 0, MAX_SEED)
+
+
+def _bounded_int(text: str, low: int, high: int) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+  if not low <= value <= high:
+    raise argparse.ArgumentTypeError(f'{value} is outside {low}..{high}')
+  return value
+
+
+def _positive(text: str) -> float:
+  value = _finite(text)
+  if value <= 0:
+    raise argparse.ArgumentTypeError(f'{text!r} must be > 0')
+  return value
+
+
+def _non_negative(text: str) -> float:
+  value = _finite(text)
+  if value < 0:
+    raise argparse.ArgumentTypeError(f'{text!r} must be >= 0')
+  return value
+
+
+def _finite(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+  if not math.isfinite(value):
+    raise argparse.ArgumentTypeError(f'{text!r} is not a finite number')
+  return value
+
+
+def _model_inputs(model: str | None) -> list[Path]:
+  """Folders no output may go into: the model folder read (the embedded one by default)."""
+  import e4t_jax
+  return [Path(model) if model else e4t_jax.DEMO_MODEL_DIR]
 
 
 def _default_methods() -> tuple[str, ...]:
@@ -53,63 +124,92 @@ def _progress(iterable, total: int, desc: str):
 def _cmd_personalize(args: argparse.Namespace) -> int:
   import time
   import jax
+  import numpy as np
   from e4t_jax import personalize as personalize_lib
   from e4t_jax.data import images as images_lib
-  from e4t_jax.errors import InputError
+  from e4t_jax.errors import DivergenceError, InputError
   paths = [Path(p) for p in args.images]
-  loaded = [(p, images_lib.load_image(p)) for p in paths]  # validate every input before any work
-  out_dir = Path(args.out)
+  # Everything is checked before the model loads or anything compiles.
+  out_dir = fileio.check_output_dir(args.out, inputs=_model_inputs(args.model))
+  if args.cache_dir:
+    fileio.check_output_dir(args.cache_dir, flag='--cache-dir')
   targets = [out_dir / f'{p.stem}.e4t.safetensors' for p in paths]
-  if len(set(targets)) != len(targets):
-    raise InputError('two input images share a file name stem; their concepts would overwrite each other.')
-  tuning = personalize_lib.TuningConfig(learning_rate=args.learning_rate, mode=args.mode,  # checked before work
+  seen: dict[Path, Path] = {}
+  for path, target in zip(paths, targets):
+    if target in seen:
+      raise InputError(f'{seen[target]} and {path} share the file name stem {path.stem!r}: their concepts would '
+                       'both be written to ' f'{target}; rename one or personalize them into separate --out folders.')
+    seen[target] = path
+  fileio.check_output_files(targets)
+  if args.seed + len(paths) - 1 > MAX_SEED:
+    raise InputError(f'--seed {args.seed} + {len(paths)} images passes {MAX_SEED}; pass a smaller --seed.')
+  tuning = personalize_lib.TuningConfig(learning_rate=args.learning_rate, mode=args.mode,
                                         **({} if args.views is None else {'batch_size': args.views}))
+  loaded = [(p, images_lib.load_image(p)) for p in paths]
   model = _load_model(args.model)
+  personalize_lib.tuning_prompt_ids(model.modules, personalize_lib.tuning_prompt(model.modules, tuning)
+                                    if args.prompt is None else args.prompt)  # placeholder once, not cut
+  fileio.sweep_stale_temp_files(out_dir)  # temporary files a killed earlier run left
+  print(f'compiling the {args.steps}-step {args.mode}-mode tuning program...', flush=True)
   t0 = time.perf_counter()
   personalize_fn = personalize_lib.make_personalize_fn(model, num_steps=args.steps, tuning=tuning,
                                                        cache_dir=args.cache_dir)
-  print(f'compiled the {args.steps}-step {args.mode}-mode tuning program in {time.perf_counter() - t0:.1f} s')
+  print(f'compiled the {args.steps}-step {args.mode}-mode tuning program in {time.perf_counter() - t0:.1f} s',
+        flush=True)
   timings = []
   for index, ((path, image), target) in enumerate(_progress(zip(loaded, targets), len(loaded), 'personalizing')):
     t0 = time.perf_counter()
-    concept = personalize_fn(model.params, image, jax.random.key(args.seed + index), prompt=args.prompt)
+    diverged = f'{path}: tuning diverged (NaN/inf); nothing was saved for it; lower --learning-rate (now ' \
+               f'{args.learning_rate:g}) or --steps.'
+    try:
+      concept = personalize_fn(model.params, image, jax.random.key(args.seed + index), prompt=args.prompt)
+    except DivergenceError:
+      raise DivergenceError(diverged) from None
     jax.block_until_ready(concept.embedding)
     timings.append(time.perf_counter() - t0)
+    losses = np.asarray(concept.loss_trace)[:int(concept.steps)]
+    if not np.isfinite(losses).all() or concept.non_finite():  # the program stops at a NaN; never save one
+      raise DivergenceError(diverged)
     concept.save(target)
     print(f'{path} -> {target} ({target.stat().st_size / 1024:.1f} KiB, {timings[-1]:.2f} s, '
-          f'final loss {float(concept.loss_trace[max(int(concept.steps) - 1, 0)]):.4f})')
+          f'final loss {float(losses[-1]):.4f})', flush=True)
   print(f'{len(paths)} concept(s) in {out_dir}/, {sum(timings) / len(timings):.2f} s per concept after compile')
   return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-  import warnings
   import jax
   from e4t_jax import generation as generate_lib
   from e4t_jax import personalize as personalize_lib
   from e4t_jax.data import images as images_lib
   from e4t_jax.e4t.concept import Concept
   from e4t_jax.errors import InputError
+  # Everything is checked before the model loads or anything compiles.
+  prompts = [args.concept] + list(args.prompts) if args.image is not None else list(args.prompts)
+  if args.image is None and not args.prompts:
+    raise InputError('give a concept file (or "none") and at least one prompt, or --image IMAGE and prompts.')
+  if args.image is None and args.encoder == 'per_step':
+    raise InputError("--encoder per_step reads the concept's tuned encoder at every step, which a concept "
+                     'file does not hold; pass --image IMAGE to tune and render in one run.')
+  if args.seed + len(prompts) - 1 > MAX_SEED:
+    raise InputError(f'--seed {args.seed} + {len(prompts)} prompts passes {MAX_SEED}; pass a smaller --seed.')
+  out_dir = fileio.check_output_dir(args.out, inputs=_model_inputs(args.model))
+  fileio.check_output_files(generate_lib.output_paths(out_dir, prompts, args.seed))
   if args.image is not None:  # personalize + generate in one program: every positional is a prompt
-    prompts = [args.concept] + list(args.prompts)
-    image = images_lib.load_image(args.image)  # fail fast
+    image = images_lib.load_image(args.image)
     tuning = personalize_lib.TuningConfig(mode=args.mode)
     concept = None
   else:
-    if not args.prompts:
-      raise InputError('give a concept file (or "none") and at least one prompt, or --image IMAGE and prompts.')
-    if args.encoder == 'per_step':
-      raise InputError("--encoder per_step reads the concept's tuned encoder at every step, which a concept "
-                       'file does not hold; pass --image IMAGE to tune and render in one run.')
-    prompts = list(args.prompts)
-    concept = Concept.load(args.concept) if args.concept and args.concept != 'none' else None  # fail fast
+    concept = Concept.load(args.concept) if args.concept and args.concept != 'none' else None
   model = _load_model(args.model)
+  fileio.sweep_stale_temp_files(out_dir)
   settings = {'steps': args.steps, 'guidance_scale': args.guidance_scale, 'sampler': args.sampler,
               'seed': args.seed, 'concept': args.concept if args.image is None else None, 'image': args.image,
               'encoder': args.encoder}
   sampling = dict(num_steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, seed=args.seed)
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter('always', generate_lib.GenerationWarning)
+  with _warnings_as_lines():
+    if concept is not None:
+      concept.check_compatible(model)  # before compiling: another model's concept, NaNs, shapes
     if args.image is not None:
       settings.update(mode=args.mode, tuning_steps=args.tuning_steps)
       images = generate_lib.personalize_and_generate(
@@ -117,9 +217,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
           encoder=args.encoder, rng=jax.random.key(args.seed), **sampling)
     else:
       images = generate_lib.generate(model, concept, prompts, args.negative_prompt, **sampling)
-  for warning in caught:
-    print(f'e4t: warning: {warning.message}', file=sys.stderr)
-  paths = generate_lib.save_images(images, args.out, prompts, settings)
+  paths = generate_lib.save_images(images, out_dir, prompts, settings)
   print(f'{len(prompts)} image(s) and the grid {paths[-1]} written to {args.out}/')
   return 0
 
@@ -135,11 +233,14 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
   from e4t_jax.e4t.export import export_concept_to_diffusers
   from e4t_jax.e4t.concept import Concept
+  out_dir = fileio.check_output_dir(args.out, inputs=_model_inputs(args.model))
   concept = Concept.load(args.concept)
   model = _load_model(args.model)
-  result = export_concept_to_diffusers(concept, model, args.out, token=args.token)
+  with _warnings_as_lines():
+    concept.check_compatible(model)
+    result = export_concept_to_diffusers(concept, model, out_dir, token=args.token)
   print(f'textual inversion: {result.embedding}\nLoRA: {result.lora}\nusage: {result.readme} '
-        f'(token {result.token!r})')
+        f'(token {printable(result.token)!r})')
   return 0
 
 
@@ -147,6 +248,7 @@ def _cmd_diffusers_to_e4t(args: argparse.Namespace) -> int:
   import jax
   from e4t_jax.convert import load_image_encoder, load_stable_diffusion
   from e4t_jax.e4t import io, model as model_lib
+  fileio.check_output_dir(args.out, inputs=[args.sd_dir, args.image_encoder])
   sd = load_stable_diffusion(args.sd_dir)
   vision, vision_params = load_image_encoder(args.image_encoder)
   config = model_lib.E4TConfig(coarse_word=args.coarse_word, placeholder=args.placeholder)
@@ -161,6 +263,7 @@ def _cmd_e4t_to_diffusers(args: argparse.Namespace) -> int:
   from e4t_jax.convert import save_image_encoder, save_stable_diffusion
   from e4t_jax.convert.pipeline import StableDiffusion
   from e4t_jax.e4t import io
+  fileio.check_output_dir(args.out, inputs=[args.model_dir])
   model = io.load_model(args.model_dir)
   m = model.modules
   sd = StableDiffusion(m.unet, m.vae, m.text_encoder, m.base_tokenizer, dict(m.scheduler_config),
@@ -241,8 +344,27 @@ def _cmd_convert_check(args: argparse.Namespace) -> int:
   return 0
 
 
+@contextlib.contextmanager
+def _warnings_as_lines():
+  """Prints each e4t warning raised inside as one escaped `e4t: warning:` line on stderr."""
+  from e4t_jax.errors import E4TWarning
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always', E4TWarning)
+    try:
+      yield
+    finally:
+      shown = set()
+      for warning in caught:
+        if issubclass(warning.category, E4TWarning):
+          if str(warning.message) not in shown:  # a check repeated by a lower layer warns once
+            print(f'e4t: warning: {printable(warning.message)}', file=sys.stderr)
+          shown.add(str(warning.message))
+        else:
+          warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog='e4t', description='E4T: encoder-based domain tuning for fast text-to-image personalization (JAX).',
       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--version', action='version', version=f'e4t-jax {__version__}')
@@ -250,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   demo = sub.add_parser('demo', help='personalize 3 unseen identities with the embedded demo model, render, score')
   demo.add_argument('--out', default='outputs/demo', help='output directory (default: outputs/demo)')
-  demo.add_argument('--seed', type=int, default=0)
+  demo.add_argument('--seed', type=_seed, default=0)
   demo.set_defaults(func=_cmd_demo)
 
   pretrain = sub.add_parser(
@@ -264,14 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
   personalize.add_argument('images', nargs='+', help='image files (jpg/png/webp; non-square images are center-cropped)')
   personalize.add_argument('--out', required=True, help='output directory for <image-stem>.e4t.safetensors')
   personalize.add_argument('--model', help='e4t model folder (default: the embedded demo model)')
-  personalize.add_argument('--steps', type=int, default=5, help='tuning steps (default 5)')
-  personalize.add_argument('--learning-rate', type=float, default=1e-4, help='of the encoder and the offsets')
+  personalize.add_argument('--steps', type=_steps, default=5, help=f'tuning steps, 1..{MAX_STEPS} (default 5)')
+  personalize.add_argument('--learning-rate', type=_positive, default=1e-4, help='of the encoder and the offsets')
   personalize.add_argument('--mode', choices=('lite', 'paper'), default='lite',
                            help='lite: encoder + weight offsets (KB concepts); paper: also the U-Net, on a batch '
                                 'of views (the paper\'s tuning stage; MB concepts, more memory)')
-  personalize.add_argument('--views', type=int, default=None,
+  personalize.add_argument('--views', type=_views, default=None,
                            help='views (paper) or noise draws (lite) per step (default 16 / 1)')
-  personalize.add_argument('--seed', type=int, default=0)
+  personalize.add_argument('--seed', type=_seed, default=0, help=f'0..{MAX_SEED}; image i uses seed + i')
   personalize.add_argument('--prompt', default=None,
                            help='tuning prompt describing the image, "{}" = the concept (default: the model\'s)')
   personalize.add_argument('--cache-dir', help='persistent compilation cache (later runs skip most of the compile)')
@@ -284,16 +406,16 @@ def build_parser() -> argparse.ArgumentParser:
   generate.add_argument('--image', default=None,
                         help='personalize to this image and render in one compiled program (nothing saved)')
   generate.add_argument('--mode', choices=('lite', 'paper'), default='lite', help='with --image: the tuning mode')
-  generate.add_argument('--tuning-steps', type=int, default=5, help='with --image: tuning steps (default 5)')
+  generate.add_argument('--tuning-steps', type=_steps, default=5, help='with --image: tuning steps (default 5)')
   generate.add_argument('--encoder', choices=('averaged', 'per_step'), default='averaged',
                         help='with --image: per_step re-reads the concept at every denoising step (the paper\'s)')
   generate.add_argument('--out', required=True, help='output directory (PNGs + JSON sidecars + grid.png)')
   generate.add_argument('--model', help='e4t model folder (default: the embedded demo model)')
   generate.add_argument('--negative-prompt', default=None)
-  generate.add_argument('--steps', type=int, default=25)
-  generate.add_argument('--guidance-scale', type=float, default=7.5)
+  generate.add_argument('--steps', type=_steps, default=25, help=f'denoising steps, 1..{MAX_STEPS}')
+  generate.add_argument('--guidance-scale', type=_non_negative, default=7.5, help='classifier-free guidance (1: none)')
   generate.add_argument('--sampler', default='dpmpp_2m', choices=['dpmpp_2m', 'ddim'])
-  generate.add_argument('--seed', type=int, default=0)
+  generate.add_argument('--seed', type=_seed, default=0, help=f'0..{MAX_SEED}; prompt i uses seed + i')
   generate.set_defaults(func=_cmd_generate)
 
   evaluate = sub.add_parser(
@@ -303,8 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
   evaluate.add_argument('--model', help='e4t model folder of the synthetic domain (default: the embedded demo model)')
   evaluate.add_argument('--methods', default=','.join(_default_methods()),
                         help='comma-separated KIND:STEPS, KIND in e4t (lite tuning), e4t_paper (paper), textual_inversion (ti), dreambooth (db)')
-  evaluate.add_argument('--identities', type=int, default=50, help='held-out identities (default 50)')
-  evaluate.add_argument('--seed', type=int, default=0)
+  evaluate.add_argument('--identities', type=_count, default=50, help='held-out identities (default 50)')
+  evaluate.add_argument('--seed', type=_seed, default=0)
   evaluate.add_argument('--label', default='', help='prefix of the result names (e.g. "no-offsets/")')
   evaluate.add_argument('--out', default='outputs/eval/results.json')
   evaluate.add_argument('--no-grids', action='store_true', help='do not write a sample grid per method')
@@ -316,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
   demo_train.add_argument('--workdir', required=True, help='stage outputs; a rerun resumes after the last finished stage')
   demo_train.add_argument('--install', action='store_true', help='copy the result into the package (load_demo)')
   demo_train.add_argument('--smoke', action='store_true', help='a seconds-long run of every stage (testing)')
-  demo_train.add_argument('--seed', type=int, default=0)
+  demo_train.add_argument('--seed', type=_seed, default=0)
   demo_train.add_argument('--ablation', default='',
                           choices=['', 'no_offsets', 'no_embedding_reg', 'weak_embedding_reg'],
                           help='retrain only the E4T stage without weight offsets / the embedding regularizer, '
@@ -326,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
   prepare = sub.add_parser('prepare', help='pack an image folder into ArrayRecord shards for pretraining')
   prepare.add_argument('folder', help='image folder (searched recursively)')
   prepare.add_argument('--out', required=True)
-  prepare.add_argument('--num-shards', type=int, default=16)
-  prepare.add_argument('--size', type=int, default=None, help='center-crop + resize to SIZE (default: keep files)')
+  prepare.add_argument('--num-shards', type=_count, default=16)
+  prepare.add_argument('--size', type=_count, default=None, help='center-crop + resize to SIZE (default: keep files)')
   prepare.add_argument('--masks', default=None, help='folder of loss masks with matching names (faces)')
   prepare.set_defaults(func=_cmd_prepare)
 
@@ -335,8 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
   bench_sub = bench.add_subparsers(dest='bench_command', required=True, metavar='WHAT')
   bench_personalize = bench_sub.add_parser('personalize', help='compile time, per-concept latency, memory')
   bench_personalize.add_argument('--config', default='tiny')
-  bench_personalize.add_argument('--steps', type=int, default=5)
-  bench_personalize.add_argument('--concepts', type=int, default=20)
+  bench_personalize.add_argument('--steps', type=_steps, default=5)
+  bench_personalize.add_argument('--concepts', type=_count, default=20)
   bench_personalize.add_argument('--baseline', choices=['torch'], default=None)
   bench_personalize.add_argument('--abstract', action='store_true', help='full-size AOT analysis, no weights')
   bench_personalize.add_argument('--mode', choices=('lite', 'paper'), default='lite', help='the tuning mode measured')
@@ -345,11 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
   bench_full = bench_sub.add_parser(
       'full', help='full size on an accelerator: latency, memory, MFU, fused attention, PyTorch baseline')
   bench_full.add_argument('--config', default='sd15', help="'sd15' (full size) or 'tiny' (a smoke run)")
-  bench_full.add_argument('--deadline-s', type=float, default=480.0, help='stop measuring after this long')
-  bench_full.add_argument('--parallel', type=int, default=4, help='compile worker processes at a time')
-  bench_full.add_argument('--concepts', type=int, default=100, help='concepts timed one by one')
-  bench_full.add_argument('--train-steps', type=int, default=10)
-  bench_full.add_argument('--train-batch', type=int, default=8)
+  bench_full.add_argument('--deadline-s', type=_positive, default=480.0, help='stop measuring after this long')
+  bench_full.add_argument('--parallel', type=_count, default=4, help='compile worker processes at a time')
+  bench_full.add_argument('--concepts', type=_count, default=100, help='concepts timed one by one')
+  bench_full.add_argument('--train-steps', type=_count, default=10)
+  bench_full.add_argument('--train-batch', type=_count, default=8)
   bench_full.add_argument('--no-torch', action='store_true', help='skip the PyTorch U-Net baseline')
   bench_full.add_argument('--minimal', action='store_true',
                           help='only the headline programs (no remat/float32/attention variants): a short lease')
@@ -374,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
   to_e4t.add_argument('--out', required=True)
   to_e4t.add_argument('--coarse-word', default='face')
   to_e4t.add_argument('--placeholder', default='*')
-  to_e4t.add_argument('--seed', type=int, default=0)
+  to_e4t.add_argument('--seed', type=_seed, default=0)
   to_e4t.set_defaults(func=_cmd_diffusers_to_e4t)
   to_diffusers = convert_sub.add_parser('e4t-to-diffusers', help='an e4t model -> diffusers SD folder + image encoder')
   to_diffusers.add_argument('model_dir')
@@ -391,10 +513,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f'unrecognized arguments: {" ".join(a for a in unknown if a not in overrides) or " ".join(overrides)}')
   if args.command == 'pretrain':
     args.overrides = overrides
+  if args.command not in ('pretrain', 'demo-train'):  # those two checkpoint and resume on their own terms
+    interrupts.install()
   try:
     return int(args.func(args) or 0)
   except E4TError as e:
-    print(f'e4t: error: {e}', file=sys.stderr)
+    print(f'e4t: error: {printable(e)}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print('e4t: interrupted', file=sys.stderr)

@@ -23,3 +23,21 @@ class CheckpointError(E4TError):
 
 class ConfigError(E4TError):
   """A config value is invalid or inconsistent."""
+
+
+def printable(text: object) -> str:
+  """`text` safe for a terminal: control characters (ANSI escapes, carriage returns, bells, C1 codes) and
+  other unprintable characters are shown as Python escapes, so a file's contents cannot drive the terminal."""
+  text = str(text)
+  if text.isprintable():
+    return text
+  return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class E4TWarning(UserWarning):
+  """Base class of the warnings e4t-jax gives about input that works but may not do what was meant; the
+  command line prints each as one `e4t: warning:` line."""
+
+
+class DivergenceError(InputError):
+  """Tuning produced a non-finite loss (usually too high a learning rate); nothing was returned or saved."""

@@ -41,10 +41,10 @@ from e4t_jax.diffusion import samplers as samplers_lib
 from e4t_jax.diffusion.schedule import NoiseSchedule
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t import offsets as offsets_lib
-from e4t_jax.e4t.concept import Concept, model_fingerprint
+from e4t_jax.e4t.concept import Concept
 from e4t_jax.e4t.encoder import placeholder_embedding
 from e4t_jax.e4t.prompts import encode_prompt, token_embedding
-from e4t_jax.errors import CheckpointError, ConfigError, InputError
+from e4t_jax.errors import ConfigError, DivergenceError, E4TWarning, InputError
 from e4t_jax.fileio import atomic_write_bytes
 from e4t_jax.models.vae import decode_latents
 
@@ -53,7 +53,7 @@ _MAX_CACHED_GENERATORS = 4
 _MAX_SEED = 2**32 - 1
 
 
-class GenerationWarning(UserWarning):
+class GenerationWarning(E4TWarning):
   """A prompt that will not render as the user probably meant (no placeholder, truncated)."""
 
 
@@ -308,27 +308,9 @@ class Generator:
         m.tokenize(settings['negative_prompts'])[None], np.asarray(settings['seeds'], np.uint32).reshape(1, count),
         np.asarray(guidance_scale, np.float32), np.asarray(eta, np.float32))
     if not bool(healthy):
-      raise InputError('tuning produced a non-finite loss (NaN/inf); lower the learning rate or check the model '
+      raise DivergenceError('tuning produced a non-finite loss (NaN/inf); lower the learning rate or check the model '
                        'weights.')
     return np.asarray(images)[0]
-
-  def _check_concept(self, concept: Concept, unet_params: Any, fingerprint: str | None, index: int) -> None:
-    source = f'concept of prompt {index}'
-    width = self.modules.text_encoder.config.hidden_size
-    if tuple(np.shape(concept.embedding)) != (width,):
-      raise CheckpointError(f'{source}: embedding shape {tuple(np.shape(concept.embedding))}, this model '
-                            f'needs ({width},); it was made for another model.')
-    expected = concept.info.get('base_fingerprint')
-    if expected is not None and fingerprint is not None and expected != fingerprint:
-      raise CheckpointError(f'{source}: made for base model {expected[:12]}, but this model is '
-                            f'{fingerprint[:12]}; personalize the image again with this model.')
-    flat = traverse_util.flatten_dict(unet_params)
-    for path, pair in concept.weight_offsets.items():
-      kernel = flat.get(tuple(path.split('/')) + ('kernel',))
-      if kernel is None or not offsets_lib.fits_kernel(pair, kernel.shape):
-        shape = (np.shape(pair['down'])[0], np.shape(pair['up'])[-1])
-        raise CheckpointError(f'{source}: weight offset {path!r} ({shape}) has no matching U-Net kernel; '
-                              'it was made for another model.')
 
   def sampling_settings(self, prompts, negative_prompts, *, num_steps: int, guidance_scale: float, sampler,
                         seed, eta: float, height: int | None, width: int | None) -> dict[str, Any]:
@@ -402,11 +384,10 @@ class Generator:
 
     # Concepts: checked, then grouped (first-appearance order) and stacked.
     present = [c for c in concepts if c is not None]
-    fingerprint = model_fingerprint(model) if any('base_fingerprint' in c.info for c in present) else None
     checked: set[int] = set()
     for i, c in enumerate(concepts):
       if c is not None and id(c) not in checked:
-        self._check_concept(c, model.params['unet'], fingerprint, i)
+        c.check_compatible(model, source=f'concept of prompt {i}')  # names the concept's file when it has one
         checked.add(id(c))
     modes = {_concept_mode(c, m.config.offsets.mode) for c in present}
     if len(modes) > 1:
@@ -620,6 +601,20 @@ def _slug(text: str, max_length: int = 40) -> str:
   return slug or 'image'
 
 
+def _image_stem(index: int, prompt: str, seeds: Sequence[int] | None) -> str:
+  return f'{index:03d}-' + (f'{int(seeds[index])}-' if seeds is not None else '') + _slug(prompt)
+
+
+def output_paths(out_dir: str | os.PathLike, prompts: Sequence[str], seed: int | None = None) -> list[Path]:
+  """Every file `save_images(images, out_dir, prompts, {'seed': seed})` writes (PNG + JSON per image, then the
+  grid), so a caller can check them before any work."""
+  prompts = _as_list(prompts, 'prompts')
+  seeds = image_seeds(seed, len(prompts)) if seed is not None else None
+  out_dir = Path(out_dir)
+  stems = [_image_stem(i, prompt, seeds) for i, prompt in enumerate(prompts)]
+  return [out_dir / f'{stem}{suffix}' for stem in stems for suffix in ('.png', '.json')] + [out_dir / 'grid.png']
+
+
 def save_images(images: np.ndarray, out_dir: str | os.PathLike, prompts: Sequence[str],
                 settings: Mapping[str, Any] | None = None, *, negative_prompts: Sequence[str] | None = None,
                 seeds: Sequence[int] | None = None, grid_columns: int | None = None) -> list[Path]:
@@ -667,7 +662,7 @@ def save_images(images: np.ndarray, out_dir: str | os.PathLike, prompts: Sequenc
       record['negative_prompt'] = negative_prompts[i]
     if seeds is not None:
       record['seed'] = int(seeds[i])
-    stem = f'{i:03d}-' + (f'{int(seeds[i])}-' if seeds is not None else '') + _slug(prompt)
+    stem = _image_stem(i, prompt, seeds)
     text = {k: str(v) for k, v in record.items()}
     text.update(settings=settings_json, software='e4t-jax')
     path = out_dir / f'{stem}.png'

@@ -29,11 +29,11 @@ from e4t_jax import runtime
 from e4t_jax.diffusion import schedule as schedule_lib
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t import offsets as offsets_lib
-from e4t_jax.e4t.concept import Concept, TunedEncoder, model_fingerprint
+from e4t_jax.e4t.concept import Concept, TunedEncoder, fingerprint_info, model_fingerprint
 from e4t_jax.e4t.encoder import placeholder_embedding
 from e4t_jax.e4t.objective import e4t_loss, image_features, predict_offset
 from e4t_jax.e4t.prompts import token_embedding
-from e4t_jax.errors import InputError
+from e4t_jax.errors import DivergenceError, InputError, printable
 from e4t_jax.models.vae import scale_latents
 
 
@@ -288,10 +288,13 @@ def tuning_prompt_ids(modules: model_lib.E4TModules, prompt: str | Sequence[str]
   texts = [p.replace('{}', placeholder) for p in prompts]
   ids = modules.tokenize(texts)
   for text, row in zip(texts, ids):
-    if not np.any(row == modules.placeholder_id):
-      raise InputError(f'tuning prompt {text[:60]!r} has no placeholder (write {{}} where the concept goes, '
-                       f'e.g. "a photo of {{}}", or {placeholder!r}), or it was cut off at the text encoder\'s '
-                       'context length.')
+    if modules.tokenizer.is_truncated(text):
+      raise InputError(f'tuning prompt {printable(text[:60])!r}... is longer than the text encoder\'s '
+                       f'{ids.shape[1]} tokens and would be cut; shorten it.')
+    count = int(np.sum(row == modules.placeholder_id))
+    if count != 1:
+      raise InputError(f'tuning prompt {printable(text[:60])!r} has {count or "no"} placeholder(s); write '
+                       f'{{}} (or {placeholder!r}) exactly once where the concept goes, e.g. "a photo of {{}}".')
   return ids
 
 
@@ -326,8 +329,7 @@ def concept_metadata(model: model_lib.E4TModel, tuning: TuningConfig, fingerprin
   """The static (key, value) metadata every concept of `model` tuned with `tuning` carries."""
   m = model.modules
   info = {'placeholder': m.config.placeholder, 'coarse_word': m.config.coarse_word,
-          'base_fingerprint': fingerprint, 'offsets_mode': m.config.offsets.mode,
-          'max_steps': str(tuning.num_steps), 'learning_rate': repr(tuning.learning_rate),
+          **fingerprint_info(model, fingerprint), 'offsets_mode': m.config.offsets.mode, 'max_steps': str(tuning.num_steps), 'learning_rate': repr(tuning.learning_rate),
           'tuning_mode': tuning.mode}
   if tuning.mode == 'paper':  # the stored offsets are additive SVD pairs of the whole tuned delta
     info.update(offsets_mode='additive', delta_rank=str(tuning.delta_rank), views=str(tuning.batch_size),
@@ -355,7 +357,7 @@ class PersonalizeFn:
     ids = tuning_ids(self.model.modules, self.tuning, prompt)
     w_star, offsets, losses, steps_run, healthy, *tuned = self.compiled(params, pixels, key, np.int32(steps), ids)
     if not bool(healthy):
-      raise InputError('tuning produced a non-finite loss (NaN/inf); lower the learning rate or check the '
+      raise DivergenceError('tuning produced a non-finite loss (NaN/inf); lower the learning rate or check the '
                        'model weights. The concept was not saved.')
     return Concept(embedding=w_star, weight_offsets=offsets, loss_trace=losses, steps=steps_run,
                    metadata=self._metadata + (('steps', str(steps)),), tuned_encoder=tuned[0] if tuned else None)
@@ -446,7 +448,7 @@ def personalize_many(model: model_lib.E4TModel, images: Sequence[Any], *, num_st
   concepts = []
   for i in range(count):
     if not bool(healthy[i]):
-      raise InputError(f'image {i}: tuning produced a non-finite loss (NaN/inf).')
+      raise DivergenceError(f'image {i}: tuning produced a non-finite loss (NaN/inf).')
     concepts.append(Concept(embedding=w_star[i], weight_offsets=jax.tree.map(lambda x: x[i], offsets),
                             loss_trace=losses[i], steps=steps_run[i], metadata=metadata,
                             tuned_encoder=jax.tree.map(lambda x: x[i], tuned[0]) if tuned else None))

@@ -65,3 +65,10 @@ class CompileCounter:
 @pytest.fixture
 def compile_counter():
   return CompileCounter.shared()
+
+
+@pytest.fixture(scope='session')
+def concept_bytes(tmp_path_factory):
+  """The bytes of a valid concept file for the embedded demo model (made without tuning)."""
+  import badinput
+  return badinput.valid_concept_bytes(tmp_path_factory.mktemp('concept'))

@@ -23,7 +23,7 @@ from e4t_jax import generation as generate_lib
 from e4t_jax.e4t import export as export_lib
 from e4t_jax.e4t import offsets as offsets_lib
 from e4t_jax.e4t.prompts import encode_prompt
-from e4t_jax.e4t.concept import Concept, model_fingerprint
+from e4t_jax.e4t.concept import Concept, fingerprint_info
 from e4t_jax.errors import CheckpointError, InputError
 
 STEPS = 2
@@ -37,7 +37,7 @@ def _random_concept(model, seed: int, mode: str = 'additive') -> Concept:
              for path, pair in model.params['weight_offsets'].items()}
   width = model.modules.text_encoder.config.hidden_size
   metadata = {'placeholder': model.config.placeholder, 'offsets_mode': mode,
-              'base_fingerprint': model_fingerprint(model)}
+              **fingerprint_info(model)}
   return Concept(embedding=rng.normal(0, 1, (width,)).astype(np.float32), weight_offsets=offsets,
                  loss_trace=np.zeros((1,), np.float32), steps=np.int32(1), metadata=tuple(sorted(metadata.items())))
 

@@ -12,7 +12,7 @@ import e4t_jax
 from e4t_jax import personalize as personalize_lib
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t import offsets as offsets_lib
-from e4t_jax.e4t.concept import Concept, model_fingerprint
+from e4t_jax.e4t.concept import Concept, fingerprint_info
 from e4t_jax.errors import InputError
 
 # Attention kernels and the first conv: enough to cover Dense and conv deltas, quick to compile.
@@ -119,7 +119,7 @@ def test_compressed_delta_renders_match_exact_delta_renders(tiny):
   factors = personalize_lib.unet_delta_factors(tiny.params['unet'], tuned_unet, {}, 'additive', paths, rank=256)
   width = tiny.modules.text_encoder.config.hidden_size
   embedding = rng.normal(0, 1, (width,)).astype(np.float32)
-  info = (('base_fingerprint', model_fingerprint(tiny)), ('offsets_mode', 'additive'))
+  info = tuple(sorted(dict(fingerprint_info(tiny), offsets_mode='additive').items()))
   compressed = Concept(embedding=embedding, weight_offsets=factors, loss_trace=np.zeros(1, np.float32),
                        steps=np.int32(1), metadata=info)
   exact_model = model_lib.E4TModel(tiny.modules, dict(tiny.params, unet=tuned_unet))

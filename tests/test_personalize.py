@@ -62,11 +62,33 @@ def test_concept_save_load_round_trip_and_compatibility(random_image, tiny, pers
   for key, pair in concept.weight_offsets.items():
     np.testing.assert_array_equal(loaded.weight_offsets[key]['up'], pair['up'])
   assert loaded.info['coarse_word'] == 'face' and loaded.info['steps'] == '3'
-  loaded.check_compatible(tiny.modules, personalize_fn.fingerprint)
+  loaded.check_compatible(tiny, personalize_fn.fingerprint)
   with pytest.raises(CheckpointError, match='base model'):
-    loaded.check_compatible(tiny.modules, 'f' * 64)
+    loaded.check_compatible(tiny, 'f' * 64)
+  assert loaded.source == str(path)
   assert path.stat().st_size < 200_000
   assert not list(tmp_path.glob('.*.tmp'))  # atomic write left nothing behind
+
+
+def test_the_fingerprint_sees_every_frozen_weight_and_is_hashed_once(tiny, monkeypatch):
+  import jax
+  from e4t_jax.e4t import concept as concept_lib
+  from e4t_jax.e4t.model import E4TModel
+  base = concept_lib.model_fingerprint(tiny)
+  calls = []
+  monkeypatch.setattr(concept_lib, '_leaf_digest', lambda leaf: calls.append(1) or b'')
+  assert concept_lib.model_fingerprint(tiny) == base and not calls  # cached for the same arrays
+  monkeypatch.undo()
+  for part in concept_lib.FROZEN_PARTS:  # one element of the last tensor of each frozen part
+    leaves, treedef = jax.tree.flatten(tiny.params[part])
+    changed = np.array(leaves[-1]).copy()
+    changed.reshape(-1)[-1] += 1e-6 * max(1.0, abs(float(changed.reshape(-1)[-1])))
+    tree = jax.tree.unflatten(treedef, leaves[:-1] + [jax.numpy.asarray(changed)])
+    other = E4TModel(tiny.modules, dict(tiny.params, **{part: tree}))
+    assert concept_lib.model_fingerprint(other) != base, part
+  trainable_changed = E4TModel(tiny.modules, dict(tiny.params, encoder=jax.tree.map(lambda x: x + 1,
+                                                                                    tiny.params['encoder'])))
+  assert concept_lib.model_fingerprint(trainable_changed) == base  # the domain encoder is not frozen
 
 
 def test_corrupt_concept_file_is_a_clear_error(tmp_path):

@@ -38,6 +38,7 @@ from flax import traverse_util
 from e4t_jax import personalize as personalize_lib
 from e4t_jax import runtime
 from e4t_jax.bench import harness
+from e4t_jax.e4t import concept as concept_lib
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t.encoder import EncoderConfig, every_second_layer
 from e4t_jax.e4t.objective import e4t_loss, image_features
@@ -430,6 +431,10 @@ def _abstract_bench(config_name: str, num_steps: int, compile_timeout_s: float, 
   result['trainable_parameters'] = model_lib.count_params(trainable)
   result['parameter_bytes_float32'] = 4 * model_lib.count_params(model.params)
   result['adam_state_bytes'] = 2 * 4 * result['trainable_parameters']  # mu and nu, float32
+  frozen_shapes = [leaf.shape for part in concept_lib.FROZEN_PARTS for leaf in jax.tree.leaves(model.params[part])]
+  result['fingerprint'] = {'frozen_bytes_float32': 4 * sum(int(np.prod(s)) for s in frozen_shapes),
+                           'seconds': concept_lib.fingerprint_seconds(frozen_shapes),
+                           'threads': min(8, os.cpu_count() or 1)}
   result['dtypes'] = {}
   for dtype_name in ABSTRACT_DTYPES:
     # One process per dtype: a compile that runs out of time or memory is killed without taking the

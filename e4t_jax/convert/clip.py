@@ -16,16 +16,14 @@ loads it (transformers >= 5 strips the prefix on load), and it is what diffusers
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from e4t_jax.convert.common import (check_params_match, params_to_state_dict, unbox, read_config, read_weights, state_dict_to_params,
+from e4t_jax.convert.common import (check_params_match, params_to_state_dict, unbox, parse_config, read_config, read_weights, state_dict_to_params,
                                     write_model_dir)
-from e4t_jax.errors import ConfigError
 from e4t_jax.models.clip import (CLIPTextConfig, CLIPTextTransformer, CLIPVisionConfig, CLIPVisionTransformer,
                                  abstract_params)
 
@@ -48,10 +46,7 @@ def _is_full_clip(raw_config: dict[str, Any]) -> bool:
 
 def _read_config(model_dir: str | os.PathLike, from_transformers) -> tuple[Any, dict[str, Any]]:
   raw = read_config(model_dir)
-  try:
-    return from_transformers(raw), raw
-  except ConfigError as e:
-    raise ConfigError(f'{Path(model_dir) / "config.json"}: {e}') from e
+  return parse_config(model_dir, from_transformers, 'CLIP'), raw
 
 
 def _split_vision(tree: dict[str, Any]) -> dict[str, Any]:

@@ -14,35 +14,46 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import jax
 import numpy as np
 from flax import traverse_util
 
-from e4t_jax.errors import ConversionError
-from e4t_jax.fileio import atomic_write_bytes, read_safetensors, write_safetensors
+from e4t_jax.errors import ConfigError, ConversionError
+from e4t_jax.fileio import atomic_write_bytes, read_json, read_safetensors, write_safetensors
 
 # Module names under which the reference keeps `nn.ModuleList`s: `down_blocks.0` <-> `down_blocks_0`.
 LIST_CONTAINERS = frozenset({
     'down_blocks', 'up_blocks', 'resnets', 'attentions', 'transformer_blocks', 'upsamplers',
     'downsamplers', 'to_out', 'net', 'layers',
 })
+T = TypeVar('T')
 _LEAF_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight', 'bias': 'bias'}
 
 
 # ----------------------------------------------------------------------------- model directories
 def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+  """`model_dir/config.json` as a dict (ConversionError naming the file when missing or not a JSON object)."""
   model_dir = Path(model_dir)
-  path = model_dir / 'config.json'
   if not model_dir.is_dir():
     raise ConversionError(f'{model_dir}: no such model directory.')
-  if not path.is_file():
-    raise ConversionError(f'{path}: missing; a diffusers/transformers model directory needs its config.json.')
+  return read_json(model_dir / 'config.json', what='a diffusers/transformers model directory',
+                   error=ConversionError)
+
+
+def parse_config(model_dir: str | os.PathLike, parse: Callable[[dict], T], what: str) -> T:
+  """`parse(config.json)`, where any error from a field of the wrong kind or value is one ConfigError naming
+  the file (the config dataclasses trip over wrong types with TypeError/ValueError/KeyError)."""
+  raw = read_config(model_dir)
+  path = Path(model_dir) / 'config.json'
   try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ConversionError(f'{path}: invalid JSON ({e}).') from e
+    return parse(raw)
+  except ConfigError as e:
+    raise ConfigError(f'{path}: {e}') from None
+  except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+    detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    raise ConfigError(f'{path}: invalid {what} config ({type(e).__name__}: {detail}); restore the file.') from None
 
 
 def read_weights(model_dir: str | os.PathLike, weights_name: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -57,7 +68,10 @@ def read_weights(model_dir: str | os.PathLike, weights_name: str) -> tuple[dict[
   if single.is_file():
     files = [single]
   elif index.is_file():
-    weight_map = json.loads(index.read_text())['weight_map']
+    weight_map = read_json(index, what='a sharded checkpoint', error=ConversionError,
+                           required={'weight_map': dict})['weight_map']
+    if not all(isinstance(v, str) and '/' not in v and v not in ('', '.', '..') for v in weight_map.values()):
+      raise ConversionError(f'{index}: its weight_map must name safetensors files in {model_dir}.')
     files = [model_dir / name for name in sorted(set(weight_map.values()))]
   else:
     bins = sorted(p.name for p in model_dir.glob('*.bin'))

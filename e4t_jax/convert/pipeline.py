@@ -26,10 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from e4t_jax.convert.clip import load_text_encoder, save_text_encoder
-from e4t_jax.fileio import atomic_write_bytes
+from e4t_jax.diffusion.schedule import NoiseSchedule
+from e4t_jax.fileio import atomic_write_bytes, read_json
 from e4t_jax.convert.unet import load_unet, save_unet
 from e4t_jax.convert.vae import load_vae, save_vae
-from e4t_jax.errors import ConfigError, ConversionError, InputError
+from e4t_jax.errors import ConfigError, ConversionError, InputError, printable
 from e4t_jax.models import unet as unet_lib
 from e4t_jax.models.clip import CLIPTextConfig, CLIPTextTransformer
 from e4t_jax.models.layers import host_init
@@ -38,6 +39,7 @@ from e4t_jax.models.vae import AutoencoderKL, VAEConfig
 from e4t_jax.models.tokenizer import CLIPTokenizer
 
 # Stable Diffusion 1.x's training schedule (scaled-linear betas, 1000 steps, epsilon prediction).
+MAX_TRAIN_TIMESTEPS = 100_000  # diffusers' schedulers use 1,000
 SD1_SCHEDULER_CONFIG = {
     '_class_name': 'DDIMScheduler', 'num_train_timesteps': 1000, 'beta_start': 0.00085, 'beta_end': 0.012,
     'beta_schedule': 'scaled_linear', 'prediction_type': 'epsilon', 'clip_sample': False,
@@ -117,12 +119,18 @@ def _read_scheduler_config(root: Path) -> dict:
   path = root / 'scheduler' / 'scheduler_config.json'
   if not path.is_file():
     return dict(SD1_SCHEDULER_CONFIG)
-  try:
-    config = json.loads(path.read_text())
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ConversionError(f'{path}: not readable JSON ({e}).') from e
-  if not isinstance(config, dict):
-    raise ConversionError(f'{path}: expected a JSON object, got {type(config).__name__}.')
+  config = read_json(path, what='a diffusers scheduler', error=ConversionError)
+  steps = config.get('num_train_timesteps', 1000)
+  if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_TRAIN_TIMESTEPS:
+    raise ConversionError(f'{path}: num_train_timesteps is {printable(json.dumps(steps))[:40]}, expected an '
+                          f'integer in 1..{MAX_TRAIN_TIMESTEPS}.')
+  try:  # the schedule is built here once, so a bad value fails now, naming the file
+    schedule = NoiseSchedule.from_config(config)
+    finite = bool(np.isfinite(np.asarray(schedule.alphas_cumprod)).all())
+  except (ConfigError, TypeError, ValueError, KeyError) as e:
+    raise ConversionError(f'{path}: invalid scheduler config ({printable(str(e))[:200]}).') from None
+  if not finite:
+    raise ConversionError(f'{path}: its betas give a non-finite noise schedule; fix beta_start/beta_end.')
   return config
 
 

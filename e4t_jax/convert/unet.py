@@ -6,13 +6,11 @@ tensor the config implies must be present with the right shape, and nothing else
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 
 from e4t_jax.convert import common
-from e4t_jax.errors import ConfigError
 from e4t_jax.models.unet import UNet, UNetConfig, abstract_params
 
 WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
@@ -20,13 +18,7 @@ WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
 
 def load_config(model_dir: str | os.PathLike) -> UNetConfig:
   """Reads `model_dir/config.json` as a `UNetConfig` (ConfigError names the file on failure)."""
-  raw = common.read_config(model_dir)
-  try:
-    return UNetConfig.from_diffusers(raw)
-  except ConfigError as e:
-    raise ConfigError(f'{Path(model_dir) / "config.json"}: {e}') from e
-  except TypeError as e:  # a field of the wrong kind that the dataclass itself trips over
-    raise ConfigError(f'{Path(model_dir) / "config.json"}: invalid U-Net config ({e}).') from e
+  return common.parse_config(model_dir, UNetConfig.from_diffusers, 'U-Net')
 
 
 def load_unet(model_dir: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[UNet, dict]:

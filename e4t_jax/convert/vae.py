@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from e4t_jax.convert.common import (check_params_match, params_to_state_dict, read_config, read_weights,
+from e4t_jax.convert.common import (check_params_match, params_to_state_dict, parse_config, read_weights,
                                     state_dict_to_params,
                                     write_model_dir)
-from e4t_jax.errors import ConfigError, ConversionError
+from e4t_jax.errors import ConversionError
 from e4t_jax.models.vae import AutoencoderKL, VAEConfig, abstract_params
 
 WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
@@ -50,10 +50,7 @@ def load_vae(model_dir: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[Au
     ConversionError: missing/unexpected/mis-shaped tensor, unreadable files.
     ConfigError: a config option this port does not implement.
   """
-  try:
-    config = VAEConfig.from_diffusers(read_config(model_dir))
-  except ConfigError as e:
-    raise ConfigError(f'{model_dir}/config.json: {e}') from e
+  config = parse_config(model_dir, VAEConfig.from_diffusers, 'VAE')
   vae = AutoencoderKL(config, dtype=dtype)
   state_dict, origin = read_weights(model_dir, WEIGHTS_NAME)
   _rename_legacy_attention(state_dict, origin)

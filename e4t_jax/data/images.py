@@ -109,6 +109,8 @@ def _decode(data: bytes, name: str, *, max_pixels: int, as_mask: bool) -> np.nda
                        're-copy or re-export the image.') from None
     image = _apply_exif_orientation(image)
     _check_dimensions(image, name, max_pixels=max_pixels)
+    if image.mode == 'F':  # 32-bit float TIFF: NaN/inf would silently turn into black
+      _check_finite(np.asarray(image), name)
     try:
       return _to_mask_uint8(image) if as_mask else _to_rgb_uint8(image)
     except Exception as e:
@@ -177,6 +179,13 @@ def _high_depth_gray_to_uint8(image: Image.Image) -> np.ndarray:
   return np.clip(np.rint(np.nan_to_num(values)), 0, 255).astype(np.uint8)
 
 
+def _check_finite(values: np.ndarray, name: str) -> None:
+  bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+  if bad:
+    raise InputError(f'{name}: {bad} of its {np.size(values)} float pixel values are NaN or infinite; '
+                     'fix or re-export the image.')
+
+
 def to_rgb_uint8(array: np.ndarray, name: str = 'image') -> np.ndarray:
   """An already-decoded array ([H, W], [H, W, 1|3|4]; uint8, uint16 or float) -> uint8 RGB [H, W, 3].
 
@@ -190,6 +199,7 @@ def to_rgb_uint8(array: np.ndarray, name: str = 'image') -> np.ndarray:
   if array.dtype == np.uint16:
     array = np.rint(array.astype(np.float64) / 257.0).astype(np.uint8)
   elif np.issubdtype(array.dtype, np.floating):
+    _check_finite(array, name)
     scale = 255.0 if np.nanmax(array, initial=0.0) <= 1.0 else 1.0
     array = np.clip(np.rint(np.nan_to_num(array.astype(np.float64) * scale)), 0, 255).astype(np.uint8)
   elif array.dtype != np.uint8:

@@ -32,7 +32,7 @@ from flax import traverse_util
 from e4t_jax.convert.common import torch_key
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t import offsets as offsets_lib
-from e4t_jax.e4t.concept import Concept, model_fingerprint
+from e4t_jax.e4t.concept import Concept
 from e4t_jax.errors import CheckpointError, InputError
 from e4t_jax.fileio import atomic_write_bytes, write_safetensors
 
@@ -142,14 +142,8 @@ def export_concept_to_diffusers(concept: Concept, model: model_lib.E4TModel, out
   if mode != 'additive' and concept.weight_offsets:
     raise InputError(f'this concept has {mode} weight offsets (W * (1 + dW)), which a LoRA (W + B @ A) cannot '
                      'represent; personalize with offsets mode "additive" to export it to diffusers.')
-  width = modules.text_encoder.config.hidden_size
+  concept.check_compatible(model)  # finite, this model's fingerprint, shapes that fit
   embedding = np.asarray(concept.embedding, np.float32)
-  if embedding.shape != (width,):
-    raise CheckpointError(f'concept embedding shape {embedding.shape} does not fit this model\'s text width '
-                          f'{width}; it was made for another model.')
-  if 'base_fingerprint' in info and info['base_fingerprint'] != model_fingerprint(model):
-    raise CheckpointError(f'the concept was made for base model {info["base_fingerprint"][:12]}, not this '
-                          'one; export it with the model it was personalized with.')
   token = export_token(modules, token)
   out_dir = Path(out_dir)
   if out_dir.exists() and not out_dir.is_dir():
@@ -162,7 +156,11 @@ def export_concept_to_diffusers(concept: Concept, model: model_lib.E4TModel, out
   lora_path = None
   if concept.weight_offsets:
     lora_path = out_dir / LORA_FILE
-    write_safetensors(lora_path, lora_state_dict(concept, model.params['unet']), metadata=metadata)
+    lora = lora_state_dict(concept, model.params['unet'])
+    if not all(np.isfinite(np.asarray(v, np.float32)).all() for v in lora.values()):
+      raise CheckpointError(f'{concept.source or "concept"}: its LoRA factors overflow to NaN/inf; nothing '
+                            'more was written.')
+    write_safetensors(lora_path, lora, metadata=metadata)
   readme_path = out_dir / README_FILE
   atomic_write_bytes(readme_path, [_readme(token, out_dir, lora_path is not None, info).encode()])
   return DiffusersExport(embedding=embedding_path, lora=lora_path, readme=readme_path, token=token)

@@ -20,12 +20,11 @@ import numpy as np
 from flax import traverse_util
 
 from e4t_jax.convert.clip import load_image_encoder, save_image_encoder
-from e4t_jax.fileio import atomic_write_bytes, read_safetensors, write_safetensors
+from e4t_jax.fileio import atomic_write_bytes, read_json, read_safetensors, write_safetensors
 from e4t_jax.convert.pipeline import StableDiffusion, load_stable_diffusion, save_stable_diffusion
 from e4t_jax.e4t import model as model_lib
-from e4t_jax.e4t.encoder import EncoderConfig
-from e4t_jax.e4t.offsets import OffsetsConfig, flatten_offsets, unflatten_offsets
-from e4t_jax.errors import CheckpointError, ConfigError
+from e4t_jax.e4t.offsets import flatten_offsets, unflatten_offsets
+from e4t_jax.errors import CheckpointError, ConfigError, printable
 from e4t_jax.models.tokenizer import CLIPTokenizer
 
 MODEL_FORMAT = 'e4t-model/1'
@@ -35,17 +34,46 @@ def config_to_dict(config: model_lib.E4TConfig) -> dict[str, Any]:
   return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def config_from_dict(values: dict[str, Any]) -> model_lib.E4TConfig:
-  values = dict(values)
+def config_from_dict(values: dict[str, Any], where: str = 'E4T config') -> model_lib.E4TConfig:
+  """E4TConfig from its JSON form, every field's type checked; any problem is one ConfigError naming `where`."""
   try:
-    values['encoder'] = EncoderConfig(**values.get('encoder', {}))
-    offsets = dict(values.get('offsets', {}))
-    if 'targets' in offsets:
-      offsets['targets'] = tuple(offsets['targets'])
-    values['offsets'] = OffsetsConfig(**offsets)
-    return model_lib.E4TConfig(**values)
-  except TypeError as e:
-    raise ConfigError(f'E4T config: {e}.') from e
+    return _typed(model_lib.E4TConfig, values, '')
+  except (ConfigError, TypeError, ValueError) as e:
+    raise ConfigError(f'{where}: {str(e).rstrip(".")}.') from None
+
+
+def _typed(cls, values: Any, prefix: str):
+  """`cls(**values)` for a config dataclass whose fields' types are those of their defaults (nested
+  dataclasses from objects, tuples from lists); a wrong type or an unknown key raises ValueError."""
+  if not isinstance(values, dict):
+    raise ValueError(f'{prefix.rstrip(".") or "config"} is {type(values).__name__}, expected an object')
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise ValueError(f'unknown field {prefix}{unknown[0]}')
+  kwargs = {}
+  for name, value in values.items():
+    field = fields[name]
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    where = f'{prefix}{name}'
+    if dataclasses.is_dataclass(default):
+      kwargs[name] = _typed(type(default), value, f'{where}.')
+      continue
+    if isinstance(default, (tuple, list)):
+      if not isinstance(value, (list, tuple)) or any(isinstance(v, (dict, list)) for v in value):
+        raise ValueError(f'{where} is {json.dumps(value)[:40]}, expected a list')
+      value = tuple(value)
+    elif isinstance(default, bool):
+      ok = isinstance(value, bool)
+    elif isinstance(default, (int, float)):
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+          isinstance(default, float) or isinstance(value, int)) and bool(np.isfinite(value))
+    else:
+      ok = isinstance(value, type(default))
+    if not isinstance(default, (tuple, list)) and not ok:
+      raise ValueError(f'{where} is {json.dumps(value)[:40]}, expected {type(default).__name__}')
+    kwargs[name] = value
+  return cls(**kwargs)
 
 
 def save_model(model: model_lib.E4TModel, model_dir: str | os.PathLike) -> Path:
@@ -73,13 +101,11 @@ def load_model(model_dir: str | os.PathLike) -> model_lib.E4TModel:
   if not manifest_path.is_file():
     raise CheckpointError(f'{model_dir}: not an e4t model folder (no e4t.json). Pass a folder written by '
                           '`e4t pretrain` / `save_model`, or omit --model to use the embedded demo model.')
-  try:
-    manifest = json.loads(manifest_path.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f'{manifest_path}: invalid JSON ({e}).') from e
-  if manifest.get('format') != MODEL_FORMAT:
-    raise CheckpointError(f'{manifest_path}: format {manifest.get("format")!r}; this e4t-jax reads {MODEL_FORMAT}.')
-  config = config_from_dict(manifest['config'])
+  manifest = read_json(manifest_path, what='an e4t model folder', required={'format': str, 'config': dict})
+  if manifest['format'] != MODEL_FORMAT:
+    raise CheckpointError(f'{manifest_path}: format {printable(manifest["format"])!r}; this e4t-jax reads '
+                          f'{MODEL_FORMAT}.')
+  config = config_from_dict(manifest['config'], where=f'{manifest_path}: config')
   sd = load_stable_diffusion(model_dir / 'base')
   vision, vision_params = load_image_encoder(model_dir / 'image_encoder')
   modules = model_lib.build_modules(config, sd, vision)

@@ -45,9 +45,9 @@ from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t import offsets as offsets_lib
 from e4t_jax.e4t.objective import masked_mse
 from e4t_jax.e4t.prompts import encode_prompt, token_embedding
-from e4t_jax.errors import CheckpointError, InputError
+from e4t_jax.errors import CheckpointError, DivergenceError, InputError
 from e4t_jax.models.vae import AutoencoderKL, scale_latents
-from e4t_jax.e4t.concept import Concept, model_fingerprint
+from e4t_jax.e4t.concept import Concept, fingerprint_info, model_fingerprint
 from e4t_jax.personalize import prepare_image, tuning_prompt_ids
 from e4t_jax.runtime import cost_stats, enable_compilation_cache
 
@@ -269,14 +269,13 @@ class _BaselineFn:
     key = self._default_key if rng is None else rng
     trainable, losses, steps_run, healthy = self.compiled(_sd_params(params), pixels, key, np.int32(steps), ids)
     if not bool(healthy):
-      raise InputError(f'{self.method} produced a non-finite loss (NaN/inf); lower the learning rate or check '
+      raise DivergenceError(f'{self.method} produced a non-finite loss (NaN/inf); lower the learning rate or check '
                        'the model weights. The concept was not saved.')
     m = self.model.modules
     caption = prompt if isinstance(prompt, str) else prompt[0]
     metadata = {
         'method': self.method, 'placeholder': m.config.placeholder, 'coarse_word': m.config.coarse_word,
-        'base_fingerprint': self.fingerprint, 'offsets_mode': m.config.offsets.mode,
-        'max_steps': str(self.config.num_steps), 'steps': str(steps),
+        **fingerprint_info(self.model, self.fingerprint), 'offsets_mode': m.config.offsets.mode, 'max_steps': str(self.config.num_steps), 'steps': str(steps),
         'learning_rate': repr(self.config.learning_rate), 'batch_size': str(self.config.batch_size),
         'prompt': caption.replace('{}', m.config.placeholder),
     }

@@ -13,6 +13,7 @@ field and the rules between them, once; the code below the entry point sees only
 from __future__ import annotations
 
 import ast
+import math
 import dataclasses
 import importlib.util
 import json
@@ -100,9 +101,12 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
       return int(as_float)
   if isinstance(current, float):
     try:
-      return float(text)
+      value = float(text)
     except ValueError:
       fail('a number')
+    if not math.isfinite(value):
+      fail('a finite number')
+    return value
   if isinstance(current, str):
     return text
   if isinstance(current, (tuple, list)):

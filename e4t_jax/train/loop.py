@@ -33,11 +33,11 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from e4t_jax import runtime
+from e4t_jax import fileio, runtime
 from e4t_jax.data import loader as loader_lib
 from e4t_jax.data import sources
 from e4t_jax.e4t import model as model_lib
-from e4t_jax.errors import ConfigError, E4TError
+from e4t_jax.errors import ConfigError, E4TError, printable
 from e4t_jax.models import clip as clip_lib
 from e4t_jax.models import unet as unet_lib
 from e4t_jax.models import vae as vae_lib
@@ -435,11 +435,13 @@ def main_pretrain(config_path: str, workdir: str, overrides: Sequence[str] = ())
   user error (one line on stderr)."""
   from e4t_jax.parallel import multihost  # pylint: disable=g-import-not-at-top
   try:
+    if '://' not in workdir:  # a local workdir must be a writable folder before anything loads
+      fileio.check_output_dir(workdir, flag='--workdir')
     multihost.initialize_from_env()
     run = config_lib.load_run_config(config_path, list(overrides))
     summary = train_and_evaluate(run, workdir)
   except E4TError as e:
-    print(f'e4t pretrain: {e}', file=sys.stderr)
+    print(f'e4t: error: {printable(e)}', file=sys.stderr)
     return 2
   if jax.process_index() == 0:
     print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, bool))}), flush=True)
