@@ -103,6 +103,13 @@ def _model_inputs(model: str | None) -> list[Path]:
   return [Path(model) if model else e4t_jax.DEMO_MODEL_DIR]
 
 
+def _check_json_out(path: str | None, flag: str = '--json') -> None:
+  """A results file: its folder writable, the path itself not a directory."""
+  if path:
+    fileio.check_output_dir(Path(path).parent, flag=flag)
+    fileio.check_output_files([path], flag=flag)
+
+
 def _default_methods() -> tuple[str, ...]:
   from e4t_jax.lab.reproduce import DEFAULT_METHODS
   return DEFAULT_METHODS
@@ -171,9 +178,9 @@ def _cmd_personalize(args: argparse.Namespace) -> int:
     if not np.isfinite(losses).all() or concept.non_finite():  # the program stops at a NaN; never save one
       raise DivergenceError(diverged)
     concept.save(target)
-    print(f'{path} -> {target} ({target.stat().st_size / 1024:.1f} KiB, {timings[-1]:.2f} s, '
+    print(f'{printable(path)} -> {printable(target)} ({target.stat().st_size / 1024:.1f} KiB, {timings[-1]:.2f} s, '
           f'final loss {float(losses[-1]):.4f})', flush=True)
-  print(f'{len(paths)} concept(s) in {out_dir}/, {sum(timings) / len(timings):.2f} s per concept after compile')
+  print(f'{len(paths)} concept(s) in {printable(out_dir)}/, {sum(timings) / len(timings):.2f} s per concept after compile')
   return 0
 
 
@@ -218,12 +225,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
       images = generate_lib.generate(model, concept, prompts, args.negative_prompt, **sampling)
   paths = generate_lib.save_images(images, out_dir, prompts, settings)
-  print(f'{len(prompts)} image(s) and the grid {paths[-1]} written to {args.out}/')
+  print(f'{len(prompts)} image(s) and the grid {printable(paths[-1])} written to {printable(out_dir)}/')
   return 0
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
   from e4t_jax.data.sources import write_array_record_shards
+  fileio.check_output_dir(args.out, inputs=[args.folder])
   shards = write_array_record_shards(args.folder, args.out, args.num_shards, size=args.size,
                                      mask_folder=args.masks)
   print(f'{len(shards)} ArrayRecord shard(s) in {args.out}/ (see manifest.json for counts and skipped files)')
@@ -282,6 +290,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _cmd_bench_full(args: argparse.Namespace) -> int:
   from e4t_jax.bench import full as bench_full
+  _check_json_out(args.json)
   result = bench_full.run_full_bench(args.config, json_out=args.json, deadline_s=args.deadline_s,
                                      parallel=args.parallel, num_concepts=args.concepts,
                                      train_steps=args.train_steps, train_batch=args.train_batch,
@@ -293,6 +302,7 @@ def _cmd_bench_full(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
   from e4t_jax.bench import personalize as bench
+  _check_json_out(args.json)
   result = bench.run_personalize_bench(args.config, num_steps=args.steps, num_concepts=args.concepts,
                                        baseline=args.baseline, abstract=args.abstract, json_out=args.json,
                                        mode=args.mode)
@@ -302,6 +312,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
   from e4t_jax.lab import demo
+  fileio.check_output_dir(args.out, inputs=_model_inputs(None))
   demo.run(Path(args.out), seed=args.seed)
   return 0
 
@@ -323,6 +334,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
   methods = [m.strip() for m in args.methods.split(',') if m.strip()]
   for method in methods:  # validate before any work
     reproduce.parse_method(method)
+  _check_json_out(args.out, flag='--out')
   results = reproduce.run(args.model, args.out, methods, num_identities=args.identities, seed=args.seed,
                           label=args.label, grids=not args.no_grids, encoder=args.encoder)
   print(reproduce.markdown_table(results))
@@ -505,7 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, handle_signals: bool | None = None) -> int:
+  """The `e4t` command. `handle_signals` (default: when `argv` is None, i.e. a real command line) installs
+  the clean-exit handlers of `e4t_jax.interrupts` for SIGINT/SIGTERM/SIGHUP."""
+  words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith('-')]
+  if (argv is None if handle_signals is None else handle_signals) and words[:1] not in (['pretrain'], ['demo-train']):
+    interrupts.install()  # first thing; pretrain and demo-train checkpoint and resume on their own terms
   parser = build_parser()
   args, unknown = parser.parse_known_args(argv)
   overrides = [a for a in unknown if a.startswith('--config.')]
@@ -513,8 +530,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f'unrecognized arguments: {" ".join(a for a in unknown if a not in overrides) or " ".join(overrides)}')
   if args.command == 'pretrain':
     args.overrides = overrides
-  if args.command not in ('pretrain', 'demo-train'):  # those two checkpoint and resume on their own terms
-    interrupts.install()
   try:
     return int(args.func(args) or 0)
   except E4TError as e:

@@ -230,10 +230,15 @@ class Generator:
     self._tune_and_sample_programs: dict[tuple[Any, _ProgramKey], Any] = {}
     self._device_params: tuple[Any, tuple, dict] | None = None  # (host params, which names, device copy)
 
-  def prompt_warnings(self, prompts: Sequence[str], concepts: Sequence[Concept | None]) -> list[str]:
+  def prompt_warnings(self, prompts: Sequence[str], concepts: Sequence[Concept | None],
+                      negative_prompts: Sequence[str] = ()) -> list[str]:
     """One line per prompt that will not render as meant (what `generate` warns about)."""
     tokenizer, placeholder = self.modules.tokenizer, self.modules.config.placeholder
     lines = []
+    for i, prompt in enumerate(negative_prompts):
+      if tokenizer.is_truncated(prompt):
+        lines.append(f'negative prompt {i} ({prompt[:40]!r}...) is longer than the text encoder\'s '
+                     f'{tokenizer.model_max_length} tokens; the end is cut off.')
     for i, (prompt, concept) in enumerate(zip(prompts, concepts)):
       if tokenizer.is_truncated(prompt):
         lines.append(f'prompt {i} ({prompt[:40]!r}...) is longer than the text encoder\'s '
@@ -292,7 +297,8 @@ class Generator:
     pixels = personalize_lib.prepare_image(image, m.image_size)
     tune_ids = personalize_lib.tuning_ids(m, tuning, tuning_prompt)
     # Every prompt has the concept (any non-None entry says so).
-    for line in self.prompt_warnings(settings['prompts'], [True] * len(settings['prompts'])):
+    for line in self.prompt_warnings(settings['prompts'], [True] * len(settings['prompts']),
+                                     settings['negative_prompts']):
       warnings.warn(line, GenerationWarning, stacklevel=3)
     mode = 'additive' if tuning.mode == 'paper' else m.config.offsets.mode
     key = dataclasses.replace(settings['key'], offsets_mode=mode, per_step=encoder == 'per_step')
@@ -399,7 +405,7 @@ class Generator:
       raise InputError('the concepts have different weight offsets (targets or rank); generate them in '
                        'separate calls.')
 
-    for line in self.prompt_warnings(prompts, concepts):
+    for line in self.prompt_warnings(prompts, concepts, negative_prompts):
       warnings.warn(line, GenerationWarning, stacklevel=3)
 
     groups: dict[int, list[int]] = collections.OrderedDict()

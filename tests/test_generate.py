@@ -118,6 +118,8 @@ def test_prompt_warnings(tiny, concept):
   assert any('longer than' in line for line in lines)
   assert any('no concept' in line for line in lines)
   assert generator.prompt_warnings(['a photo of *'], [concept]) == []
+  negative = generator.prompt_warnings(['a photo of *'], [concept], ['blurry ' * 100])
+  assert len(negative) == 1 and negative[0].startswith('negative prompt 0')
 
 
 def test_invalid_settings_raise_input_errors(tiny, concept):

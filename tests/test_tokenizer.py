@@ -280,8 +280,8 @@ def test_missing_folder_or_files_raise_input_error(tmp_path):
 
 
 @pytest.mark.parametrize('file_name, content, message', [
-    ('vocab.json', '{"a": 0,', 'vocab.json is not readable JSON'),
-    ('vocab.json', '["a", "b"]', 'vocab.json must hold a JSON object'),
+    ('vocab.json', '{"a": 0,', 'vocab.json: not a readable JSON file'),
+    ('vocab.json', '["a", "b"]', 'vocab.json: holds a JSON list'),
     ('vocab.json', '{"a": "zero"}', 'not an integer'),
     ('vocab.json', '{"a": 0, "b": 0}', 'each used once'),
     ('merges.txt', '#version: 0.2\ni n\nthis line has four\n', 'merges.txt, line 3'),

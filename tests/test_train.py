@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -22,6 +25,7 @@ from e4t_jax.train import loop
 from e4t_jax.train import step as step_lib
 
 NUM_STEPS = 4
+REPO = Path(__file__).resolve().parent.parent
 SHARDED_VS_SINGLE_TOLERANCE = 1e-5
 
 
@@ -98,6 +102,52 @@ def test_preempt_and_resume_is_bit_exact(straight_run, tmp_path, tiny_e4t):
   for step in range(1, NUM_STEPS + 1):
     for key in straight.batches[step]:
       np.testing.assert_array_equal(resumed[step][key], straight.batches[step][key], err_msg=f'step {step} {key}')
+  expected, actual = trained_weights(straight_dir), trained_weights(tmp_path)
+  assert sorted(expected) == sorted(actual)
+  for name in expected:
+    np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+
+
+def _pretrain_process(workdir) -> subprocess.Popen:
+  """`e4t pretrain` of `tiny_config()` in a subprocess sharing this module's compilation cache (so it reuses
+  the step `straight_run` compiled), stdout line-buffered for the kill points to read."""
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir, PYTHONUNBUFFERED='1',
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  overrides = [f'--config.train.num_steps={NUM_STEPS}', '--config.train.log_every=1',
+               '--config.train.checkpoint_every=2', '--config.train.keep_checkpoints=5',
+               '--config.train.progress_bar=false',
+               # Synchronous saves: at the line of step 3, checkpoint 2 is complete (an async save may not
+               # be, and a SIGKILL then loses it; the rerun starts over, correctly but untested here).
+               '--config.train.async_checkpoints=false']
+  return subprocess.Popen([sys.executable, '-m', 'e4t_jax.cli', 'pretrain', '--config', 'tiny', '--workdir',
+                           str(workdir), *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_at(process: subprocess.Popen, ready) -> str:
+  """Reads the run's output until `ready(line)`, then SIGKILLs it; returns the output."""
+  lines = []
+  for line in process.stdout:
+    lines.append(line)
+    if ready(line):
+      break
+  process.kill()
+  process.wait(timeout=60)
+  return ''.join(lines)
+
+
+def test_sigkill_at_three_points_resumes_bit_equal(straight_run, tmp_path):
+  """`e4t pretrain` SIGKILLed (no handler can run) at start-up, just after checkpoint 2, and as step 4 ends (its
+  checkpoint or the model folder being written); each rerun resumes from the last complete checkpoint and the
+  finished run is bit-equal to the uninterrupted one."""
+  straight_dir, _, _ = straight_run
+  outputs = [_kill_at(_pretrain_process(tmp_path), ready) for ready in (
+      lambda line: True, lambda line: 'step 3:' in line, lambda line: 'step 4:' in line)]
+  assert not (tmp_path / 'model' / 'e4t.json').exists() or 'wrote the E4T model folder' in outputs[-1]
+  final = _pretrain_process(tmp_path)
+  out, _ = final.communicate(timeout=600)
+  assert final.returncode == 0, out[-3000:]
+  assert 'resumed from step' in out, ''.join(outputs)[-2000:] + out[-2000:]
   expected, actual = trained_weights(straight_dir), trained_weights(tmp_path)
   assert sorted(expected) == sorted(actual)
   for name in expected:

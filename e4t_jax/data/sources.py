@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 import msgpack
 import numpy as np
 
-from e4t_jax.fileio import atomic_write_bytes
+from e4t_jax.fileio import atomic_write_bytes, read_json
 from e4t_jax.data import images
 from e4t_jax.errors import InputError
 
@@ -393,11 +393,12 @@ def resolve_shard_paths(paths_or_glob: str | os.PathLike | Sequence[str | os.Pat
     if path.is_dir():
       manifest = path / MANIFEST_NAME
       if manifest.is_file():
-        try:
-          names = [shard['name'] for shard in json.loads(manifest.read_text())['shards']]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-          raise InputError(f'{manifest}: is not a shard manifest ({type(e).__name__}); '
-                           're-create the shards with `e4t prepare`.') from None
+        shards = read_json(manifest, what='an `e4t prepare` shard folder', error=InputError,
+                           required={'shards': list})['shards']
+        if not all(isinstance(s, dict) and isinstance(s.get('name'), str) for s in shards):
+          raise InputError(f'{manifest}: is not a shard manifest (a shard without a name); re-create the shards '
+                           'with `e4t prepare`.')
+        names = [shard['name'] for shard in shards]
         found = [path / name for name in names]
       else:
         found = sorted(path.glob('*.array_record'))

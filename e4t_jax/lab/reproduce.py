@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from e4t_jax.fileio import atomic_write_bytes
+from e4t_jax.fileio import atomic_write_bytes, read_json
 from e4t_jax.data import synthetic
 from e4t_jax.errors import InputError
 from e4t_jax.progress import progress_bar
@@ -265,7 +265,7 @@ def run(model_dir: str | os.PathLike | None, out: str | os.PathLike, methods: Se
     readout_path = Path(e4t_jax.DEMO_MODEL_DIR) / 'readout.safetensors'
   readout = evaluate.ReadoutModel.load(readout_path)
   out = Path(out)
-  results = json.loads(out.read_text()) if out.is_file() else {}
+  results = read_json(out, what='an `e4t eval` results file', error=InputError) if out.is_file() else {}
   cases = protocol(num_identities, seed)
   tuners: dict[str, _Tuner] = {}
   for kind, steps in parsed:

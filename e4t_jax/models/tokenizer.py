@@ -49,6 +49,7 @@ import numpy as np
 import regex
 
 from e4t_jax.errors import InputError
+from e4t_jax.fileio import read_json
 
 VOCAB_FILE = 'vocab.json'
 MERGES_FILE = 'merges.txt'
@@ -502,14 +503,7 @@ def _read_json_object(path: Path, *, required: bool) -> dict[str, Any]:
       raise InputError(f'{path} is missing; a CLIP tokenizer folder needs {VOCAB_FILE} and {MERGES_FILE} '
                        f'(copy the `tokenizer/` folder of the diffusers pipeline).')
     return {}
-  try:
-    data = json.loads(path.read_text(encoding='utf-8'))
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-    raise InputError(f'{path} is not readable JSON ({error}); restore it from the original pipeline.') from error
-  if not isinstance(data, dict):
-    raise InputError(f'{path} must hold a JSON object, got {type(data).__name__}; restore it from the '
-                     f'original pipeline.')
-  return data
+  return read_json(path, what='a CLIP tokenizer folder', error=InputError)
 
 
 def _read_vocab(path: Path) -> dict[str, int]:
