@@ -324,6 +324,7 @@ def _cmd_demo_train(args: argparse.Namespace) -> int:
       seed=args.seed)
   if args.install and args.ablation:
     raise ConfigError('--install ships the main model only; train an ablation without --install.')
+  fileio.check_output_dir(args.workdir, flag='--workdir', inputs=_model_inputs(None))
   demo_train.run(args.workdir, config, install_to=e4t_jax.DEMO_MODEL_DIR if args.install else None,
                  ablation=args.ablation)
   return 0

@@ -6,6 +6,7 @@ header under the key 'e4t', with a 'format' string that the reader checks before
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -35,6 +36,8 @@ TAG_KEY = 'e4t'  # the header metadata key of a tagged file's JSON
 # Temporary files in flight (a signal handler removes them before the process exits; see `remove_inflight`).
 _INFLIGHT: set[str] = set()
 _INFLIGHT_LOCK = threading.RLock()  # re-entrant: a signal handler may run inside a `with` of it
+_UMASK = os.umask(0o22)  # read once at import (setting it is process-wide), then restored
+os.umask(_UMASK)
 _HOST = re.sub(r'[^A-Za-z0-9_-]', '_', socket.gethostname())[:40] or 'host'
 
 
@@ -65,17 +68,19 @@ def sweep_stale_temp_files(directory: str | os.PathLike, name: str = '*') -> lis
   if not directory.is_dir():
     return removed
   pattern = re.compile(r'\.(?P<name>.+)\.e4t-(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[^.]+\.tmp$')
-  for path in directory.glob(f'.{name}.e4t-*.tmp'):
+  for path in directory.glob(f'.{name if name == "*" else glob.escape(name)}.e4t-*.tmp'):
     match = pattern.match(path.name)
     if not match or match['host'] != _HOST:
       continue
     pid = int(match['pid'])
-    if (pid == os.getpid() and str(path) not in _INFLIGHT) or (pid != os.getpid() and not _process_alive(pid)):
-      try:
-        path.unlink()
-        removed.append(path)
-      except OSError:
-        pass
+    with _INFLIGHT_LOCK:  # a file of this process is stale unless a write of it is in flight
+      stale = str(path) not in _INFLIGHT if pid == os.getpid() else not _process_alive(pid)
+      if stale:
+        try:
+          path.unlink()
+          removed.append(path)
+        except OSError:
+          pass
   return removed
 
 
@@ -112,7 +117,7 @@ def atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[bytes]) -> None
         f.write(chunk)
       f.flush()
       os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual permissions
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a written file gets the usual permissions
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -121,12 +126,6 @@ def atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[bytes]) -> None
   finally:
     with _INFLIGHT_LOCK:
       _INFLIGHT.discard(tmp)
-
-
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
 
 
 # ----------------------------------------------------------------------------- checking paths before work
@@ -266,13 +265,13 @@ def read_json(path: str | os.PathLike, *, what: str, error: type[E4TError] = Che
     raise error(f'{path}: missing; {what} needs it.') from None
   except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
     detail = getattr(e, 'strerror', None) or str(e).splitlines()[0]
-    raise error(f'{path}: not a readable JSON file ({detail[:200]}); restore it from the {what} it came with.'
+    raise error(f'{path}: not a readable JSON file ({detail[:200]}); restore it (it belongs to {what}).'
                 ) from None
   if not isinstance(value, dict):
-    raise error(f'{path}: holds a JSON {type(value).__name__}, but {what} is a JSON object; restore the file.')
+    raise error(f'{path}: holds a JSON {type(value).__name__}, expected an object; restore it (it belongs to {what}).')
   for key, types in (required or {}).items():
     if key not in value:
-      raise error(f'{path}: lacks {key!r}; restore the file from the {what} it came with.')
+      raise error(f'{path}: lacks {key!r}; restore it (it belongs to {what}).')
     if not isinstance(value[key], types) or isinstance(value[key], bool) and bool not in _as_tuple(types):
       raise error(f'{path}: {key!r} is {_describe(value[key])}, expected {_type_names(types)}.')
   return value

@@ -293,7 +293,7 @@ def tuning_prompt_ids(modules: model_lib.E4TModules, prompt: str | Sequence[str]
                        f'{ids.shape[1]} tokens and would be cut; shorten it.')
     count = int(np.sum(row == modules.placeholder_id))
     if count != 1:
-      raise InputError(f'tuning prompt {printable(text[:60])!r} has {count or "no"} placeholder(s); write '
+      raise InputError(f'tuning prompt {printable(text[:60])!r} has {count or "no"} placeholder{"s" * (count != 1)}; write '
                        f'{{}} (or {placeholder!r}) exactly once where the concept goes, e.g. "a photo of {{}}".')
   return ids
 

@@ -55,7 +55,7 @@ CASES = [
     Case('prompt-two-placeholders', lambda a: P + [ok(a), '--out', 'out', '--prompt', 'a photo of {} and {}'],
          r'must contain "\{\}" once', stage='load'),
     Case('prompt-placeholder-twice-written-out', lambda a: P + [ok(a), '--out', 'out', '--prompt', 'a photo of * and {}'],
-         r'has 2 placeholder', stage='load'),
+         r'has 2 placeholders', stage='load'),
     Case('prompt-without-placeholder', lambda a: P + [ok(a), '--out', 'out', '--prompt', 'a photo of a face'],
          r'has no placeholder', stage='load'),
     Case('prompt-cut-at-context-length', lambda a: P + [ok(a), '--out', 'out', '--prompt', 'a photo of {} ' + 'very ' * 500],

@@ -153,9 +153,11 @@ def _structure_problem(tensors: dict, metadata: dict) -> str | None:
       return f'its {key!r} tensor has shape {list(shape)}, expected a {shapes}'
   if not np.issubdtype(tensors['embedding'].dtype, np.floating) or tensors['embedding'].size == 0:
     return f"its 'embedding' tensor is {tensors['embedding'].dtype} of size {tensors['embedding'].size}"
-  if not np.issubdtype(tensors['steps'].dtype, np.integer) or \
-      not 0 <= int(tensors['steps'].reshape(())) <= tensors['loss_trace'].shape[0]:
-    return f"its 'steps' tensor ({tensors['steps']!r}) is not a step count of its loss trace"
+  if not np.issubdtype(tensors['steps'].dtype, np.integer):
+    return f"its 'steps' tensor is {tensors['steps'].dtype}, not an integer"
+  if not 0 <= int(tensors['steps'].reshape(())) <= tensors['loss_trace'].shape[0]:
+    return (f"its 'steps' tensor says {int(tensors['steps'].reshape(()))} steps, but its loss trace holds "
+            f"{tensors['loss_trace'].shape[0]}")
   pairs: dict[str, set] = {}
   for key, value in tensors.items():
     if key in ('embedding', 'loss_trace', 'steps'):
