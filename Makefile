@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # Two workers, one test file each at a time: the suite is compile-bound and single-threaded per file.
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test test-tpu install clean-venv
 
 install: $(STAMP)
 
@@ -29,5 +29,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m pytest tests -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
+# TPU ahead-of-time compiles from this CPU machine (issue 18): libtpu in a layer of its own, not in .venv.
+TPU_LAYER ?= .venv-tpu
+TPU_STAMP := $(TPU_LAYER)/.installed-$(shell sha256sum requirements/tpu.txt | cut -c1-16)
+
+$(TPU_STAMP): requirements/tpu.txt $(STAMP)
+	@echo "installing libtpu into $(TPU_LAYER) (first run only; ~213 MB)…"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --target $(TPU_LAYER) -r requirements/tpu.txt
+	@rm -f $(TPU_LAYER)/.installed-*
+	@touch $@
+
+test-tpu: $(TPU_STAMP)
+	PYTHONPATH=$(TPU_LAYER) JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 $(PY) -m pytest tests/test_tpu.py $(PYTEST_ARGS)
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(TPU_LAYER)

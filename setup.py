@@ -30,6 +30,6 @@ setup(
     package_data={'e4t_jax': ['assets/**/*', 'assets/*/*']},
     include_package_data=True,
     install_requires=RUNTIME,
-    extras_require={'torch': TORCH, 'test': TORCH + ['pytest', 'pytest-xdist']},
+    extras_require={'torch': TORCH, 'test': TORCH + ['pytest', 'pytest-xdist'], 'tpu': ['libtpu==0.0.42.1']},
     entry_points={'console_scripts': ['e4t = e4t_jax.cli:main']},
 )

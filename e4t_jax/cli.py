@@ -310,6 +310,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_bench_tpu(args: argparse.Namespace) -> int:
+  import json
+  from e4t_jax.bench import tpu
+  _check_json_out(args.json)
+  mesh = {'data': args.data, 'fsdp': args.fsdp, 'tensor': args.tensor} if args.data or args.fsdp or args.tensor \
+      else None
+  if mesh is not None:
+    mesh = {k: v or 1 for k, v in mesh.items()}
+  reports = [tpu.compile_report(args.config, program, args.topology, mesh, dtype=args.dtype)
+             for program in (tpu.PROGRAMS if args.program == 'all' else (args.program,))]
+  for r in reports:
+    peak, hbm = r['peak_bytes_per_chip'], r['hbm_bytes']
+    print(f"{r['program']:>12} on {r['topology']} ({r['device_kind']}, {r['chips']} chip(s), mesh {r['mesh']}): "
+          f"peak {peak / 2**30:.2f} GiB per chip of {hbm / 2**30 if hbm else float('nan'):.0f} GiB -> "
+          f"{'fits' if r['fits'] else 'does NOT fit' if r['fits'] is False else '?'}; "
+          f"{(r['flops'] or 0) / 1e12:.3f} TFLOP; collectives {r['collectives']}; compiled in {r['compile_s']:.1f} s")
+  if args.json:
+    fileio.atomic_write_bytes(args.json, [json.dumps(reports, indent=2).encode()])
+  return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
   from e4t_jax.lab import demo
   fileio.check_output_dir(args.out, inputs=_model_inputs(None))
@@ -477,6 +498,16 @@ def build_parser() -> argparse.ArgumentParser:
   bench_personalize.add_argument('--mode', choices=('lite', 'paper'), default='lite', help='the tuning mode measured')
   bench_personalize.add_argument('--json', default=None, help='write the results here')
   bench_personalize.set_defaults(func=_cmd_bench)
+  bench_tpu = bench_sub.add_parser('tpu', help='AOT-compile for a Cloud TPU topology from this machine (needs libtpu)')
+  bench_tpu.add_argument('--topology', required=True, help='e.g. v5e:2x2, v5e:4x4, v5p:2x2x2')
+  bench_tpu.add_argument('--config', default='tiny', help="'tiny' or 'sd15'")
+  bench_tpu.add_argument('--program', choices=('personalize', 'pretrain', 'all'), default='all')
+  bench_tpu.add_argument('--dtype', choices=('bfloat16', 'float32'), default='bfloat16')
+  for axis in ('data', 'fsdp', 'tensor'):
+    bench_tpu.add_argument(f'--mesh.{axis}', dest=axis, type=_count, default=0,
+                           help='pretraining mesh axis (default: every chip on fsdp)')
+  bench_tpu.add_argument('--json', default=None)
+  bench_tpu.set_defaults(func=_cmd_bench_tpu)
   bench_full = bench_sub.add_parser(
       'full', help='full size on an accelerator: latency, memory, MFU, fused attention, PyTorch baseline')
   bench_full.add_argument('--config', default='sd15', help="'sd15' (full size) or 'tiny' (a smoke run)")

@@ -1,0 +1,123 @@
+"""Ahead-of-time compiles for Cloud TPU topologies from a machine without a TPU (issue 18, first part).
+
+`libtpu` (the `tpu` extra) describes a TPU slice (`jax.experimental.topologies.get_topology_desc`) and runs the
+real TPU compiler on it, so a program's per-chip memory, FLOPs and collectives are known before a pod is paid
+for. Programs (abstract params: no weights):
+
+- `personalize`: the lite tuning program on one chip (one concept per chip; concepts scale out by data
+  parallelism);
+- `pretrain`: the E4T train step on a (data, fsdp, tensor) mesh over every chip of the topology, shardings by
+  the config's logical-axis rules (frozen weights fsdp-sharded).
+
+    e4t bench tpu --topology v5e:2x2 --config tiny --program personalize --json out.json
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from e4t_jax import runtime
+from e4t_jax.errors import ConfigError
+
+# HBM per chip by `device_kind` (public Cloud TPU specs).
+HBM_BYTES = {'TPU v4': 32 * 2**30, 'TPU v5 lite': 16 * 2**30, 'TPU v5': 95 * 2**30, 'TPU v6 lite': 32 * 2**30}
+PROGRAMS = ('personalize', 'pretrain')
+COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'collective-permute', 'all-to-all')
+
+
+def libtpu_available() -> bool:
+  import importlib.util
+  return importlib.util.find_spec('libtpu') is not None
+
+
+def topology_devices(name: str) -> list:
+  """The devices of TPU topology `name` (e.g. 'v5e:2x2', 'v5p:2x2x2'), described by libtpu on this host."""
+  if not libtpu_available():
+    raise ConfigError('AOT compiles for TPU need libtpu: pip install "e4t-jax[tpu]" (or the lock\'s libtpu '
+                      'wheel); nothing else changes for CPU/GPU use.')
+  os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')  # no metadata server off Cloud: do not wait for one
+  from jax.experimental import topologies
+  try:
+    return list(topologies.get_topology_desc(topology_name=name, platform='tpu').devices)
+  except Exception as e:  # libtpu's errors are RuntimeErrors/XlaRuntimeErrors with long traces
+    raise ConfigError(f'--topology {name!r}: libtpu does not know it ({str(e).splitlines()[0][:160]}); '
+                      'try e.g. v5e:2x2, v5e:4x4, v5p:2x2x2, v6e:2x2.') from None
+
+
+def _program(config_name: str, program: str, devices: list, mesh_shape: dict[str, int], dtype: str):
+  """(lowered program) of `program` for `devices`."""
+  from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+  from e4t_jax import personalize as personalize_lib
+  from e4t_jax.bench import full as bench_full
+  sds = jax.ShapeDtypeStruct
+  if program == 'personalize':
+    model = bench_full.job_modules(config_name, bench_full.Job('personalize', dtype=dtype))
+    one = SingleDeviceSharding(devices[0])
+    on = lambda tree: jax.tree.map(lambda x: sds(x.shape, x.dtype, sharding=one), tree)
+    m, tuning = model.modules, personalize_lib.TuningConfig(num_steps=5)
+    ids, size, key = personalize_lib.tuning_ids(m, tuning), m.image_size, jax.eval_shape(lambda: jax.random.key(0))
+    args = (on(model.params), sds((size, size, 3), jnp.float32, sharding=one), sds(key.shape, key.dtype, sharding=one),
+            sds((), jnp.int32, sharding=one), sds(ids.shape, jnp.int32, sharding=one))
+    return jax.jit(personalize_lib.tuning_program(m, tuning)).lower(*args)
+  import optax
+  from e4t_jax.parallel import mesh as mesh_lib
+  from e4t_jax.train import loop, step as step_lib
+  mesh = mesh_lib.make_mesh(mesh_shape, devices=devices)
+  batch = mesh_shape.get('data', 1) * mesh_shape.get('fsdp', 1) * 2
+  model = bench_full.job_modules(config_name, bench_full.Job('pretrain', dtype=dtype, batch=batch))
+  step_fn, state, frozen = bench_full._pretrain_step(model)  # pylint: disable=protected-access
+  rules = mesh_lib.DEFAULT_LOGICAL_AXIS_RULES
+  trainable_shardings, frozen_shardings = loop.state_and_frozen_shardings(model, mesh, rules, 'fsdp')
+  replicated = NamedSharding(mesh, P())
+  optimizer = bench_full._pretrain_optimizer()  # pylint: disable=protected-access
+  opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, state.opt_state, trainable_shardings,
+                                        transform_non_params=lambda _: replicated)
+  put = lambda tree, shardings: jax.tree.map(lambda x, s: sds(x.shape, x.dtype, sharding=s), tree, shardings)
+  state = step_lib.TrainState(step=sds((), jnp.int32, sharding=replicated),
+                              trainable=put(state.trainable, trainable_shardings),
+                              opt_state=put(state.opt_state, opt_shardings))
+  m, size = model.modules, model.modules.image_size
+  over_batch = NamedSharding(mesh, P(('data', 'fsdp')))
+  inputs = {'images': sds((batch, size, size, 3), jnp.float32, sharding=over_batch),
+            'input_ids': sds((batch, m.coarse_prompt_ids.shape[1]), jnp.int32, sharding=over_batch)}
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  with mesh_lib.activation_sharding(mesh, rules):
+    return jax.jit(step_fn, donate_argnums=0).lower(state, put(frozen, frozen_shardings), inputs,
+                                                     sds(key.shape, key.dtype, sharding=replicated))
+
+
+def compile_report(config_name: str, program: str, topology: str, mesh_shape: dict[str, int] | None = None,
+                   dtype: str = 'bfloat16') -> dict[str, Any]:
+  """AOT-compiles `program` for `topology` and reports per-chip memory against the chip's HBM, FLOPs, the
+  collectives in the compiled HLO and the compile seconds."""
+  if program not in PROGRAMS:
+    raise ConfigError(f'--program {program!r} is not one of {PROGRAMS}.')
+  devices = topology_devices(topology)
+  mesh_shape = dict(mesh_shape or {'data': 1, 'fsdp': len(devices), 'tensor': 1})
+  if program == 'pretrain' and int(np.prod(list(mesh_shape.values()))) != len(devices):
+    raise ConfigError(f'mesh {mesh_shape} has {int(np.prod(list(mesh_shape.values())))} devices, the topology '
+                      f'{topology} has {len(devices)}.')
+  start = time.perf_counter()
+  lowered = _program(config_name, program, devices, mesh_shape, dtype)
+  lower_s = time.perf_counter() - start
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  memory = runtime.memory_stats(compiled) or {}
+  kind = devices[0].device_kind
+  hbm = HBM_BYTES.get(kind)
+  peak = (memory['argument_size_in_bytes'] + memory['output_size_in_bytes'] + memory['temp_size_in_bytes']
+          - memory['alias_size_in_bytes']) if memory else None  # per chip: what is live at once, at most
+  text = compiled.as_text() or ''
+  return {'config': config_name, 'program': program, 'topology': topology, 'device_kind': kind,
+          'chips': len(devices) if program == 'pretrain' else 1, 'mesh': mesh_shape if program == 'pretrain' else None,
+          'dtype': dtype, 'memory_per_chip': memory, 'peak_bytes_per_chip': peak, 'hbm_bytes': hbm,
+          'fits': None if hbm is None or peak is None else bool(peak <= hbm),
+          'flops': runtime.cost_stats(lowered).get('flops') or runtime.cost_stats(compiled).get('flops'),
+          'collectives': {op: text.count(f' {op}(') + text.count(f' {op}-start(') for op in COLLECTIVES},
+          'lower_s': round(lower_s, 2), 'compile_s': round(compile_s, 2)}

@@ -1,0 +1,30 @@
+"""Ahead-of-time compiles for a Cloud TPU topology from this CPU machine (`e4t bench tpu`, issue 18).
+
+Needs libtpu, which the default .venv leaves out: `make test-tpu` runs this file with it; `make test` skips it
+with that reason."""
+import pytest
+
+from e4t_jax.bench import tpu
+
+pytestmark = pytest.mark.skipif(not tpu.libtpu_available(),
+                                reason='libtpu is not installed (it lives in .venv-tpu: run `make test-tpu`)')
+
+
+@pytest.mark.parametrize('program, mesh', [('personalize', None), ('pretrain', {'data': 2, 'fsdp': 2, 'tensor': 1})])
+def test_tiny_programs_compile_for_v5e_2x2_and_report_memory(program, mesh):
+  report = tpu.compile_report('tiny', program, 'v5e:2x2', mesh)
+  assert report['device_kind'] == 'TPU v5 lite' and report['hbm_bytes'] == 16 * 2**30
+  memory = report['memory_per_chip']
+  assert memory['argument_size_in_bytes'] > 0 and report['peak_bytes_per_chip'] >= memory['argument_size_in_bytes']
+  assert report['fits'] is True and report['compile_s'] > 0
+  if program == 'pretrain':  # fsdp-sharded weights are gathered, gradients reduced across the 4 chips
+    assert report['chips'] == 4 and report['collectives']['all-gather'] > 0
+    assert report['collectives']['all-reduce'] + report['collectives']['reduce-scatter'] > 0
+  else:
+    assert report['chips'] == 1 and sum(report['collectives'].values()) == 0
+
+
+def test_an_unknown_topology_is_one_clear_error():
+  from e4t_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match="--topology 'v9z:1x1'"):
+    tpu.topology_devices('v9z:1x1')
