@@ -40,7 +40,7 @@ $(TPU_STAMP): requirements/tpu.txt $(STAMP)
 	@touch $@
 
 test-tpu: $(TPU_STAMP)
-	PYTHONPATH=$(TPU_LAYER) JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 $(PY) -m pytest tests/test_tpu.py $(PYTEST_ARGS)
+	PYTHONPATH=$(TPU_LAYER) JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 ALLOW_MULTIPLE_LIBTPU_LOAD=1 $(PY) -m pytest tests/test_tpu.py $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV) $(TPU_LAYER)

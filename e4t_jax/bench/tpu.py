@@ -41,6 +41,9 @@ def topology_devices(name: str) -> list:
     raise ConfigError('AOT compiles for TPU need libtpu: pip install "e4t-jax[tpu]" (or the lock\'s libtpu '
                       'wheel); nothing else changes for CPU/GPU use.')
   os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')  # no metadata server off Cloud: do not wait for one
+  # No chips are opened for a compile: several processes (test workers, parallel benches) may share libtpu,
+  # which otherwise holds /tmp/libtpu_lockfile for the first one.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from jax.experimental import topologies
   try:
     return list(topologies.get_topology_desc(topology_name=name, platform='tpu').devices)
