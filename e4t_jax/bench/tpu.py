@@ -114,8 +114,10 @@ def compile_report(config_name: str, program: str, topology: str, mesh_shape: di
   memory = runtime.memory_stats(compiled) or {}
   kind = devices[0].device_kind
   hbm = HBM_BYTES.get(kind)
-  peak = (memory['argument_size_in_bytes'] + memory['output_size_in_bytes'] + memory['temp_size_in_bytes']
-          - memory['alias_size_in_bytes']) if memory else None  # per chip: what is live at once, at most
+  # Per chip: XLA's own peak where it reports one (TPU does), else what can be live at once at most.
+  peak = memory.get('peak_memory_in_bytes') or ((memory['argument_size_in_bytes'] + memory['output_size_in_bytes']
+                                                 + memory['temp_size_in_bytes'] - memory['alias_size_in_bytes'])
+                                                if memory else None)
   text = compiled.as_text() or ''
   return {'config': config_name, 'program': program, 'topology': topology, 'device_kind': kind,
           'chips': len(devices) if program == 'pretrain' else 1, 'mesh': mesh_shape if program == 'pretrain' else None,
