@@ -55,6 +55,27 @@ def _views(text: str) -> int:
   return _bounded_int(text, 1, MAX_VIEWS)
 
 
+def _tuning_config(args: argparse.Namespace, **fields):
+  """The TuningConfig of --mode / --views / --micro-batch (one line and exit 2 when they disagree)."""
+  from e4t_jax import personalize as personalize_lib
+  if args.views is not None:
+    fields['batch_size'] = args.views
+  if args.micro_batch is not None:
+    fields['micro_batch'] = args.micro_batch
+  return personalize_lib.TuningConfig(mode=args.mode, **fields)
+
+
+def _add_tuning_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--mode', choices=('lite', 'paper'), default='lite',
+                      help='lite: encoder + weight offsets (KB concepts); paper: also the U-Net, on a batch '
+                           'of views (the paper\'s tuning stage; MB concepts, more memory)')
+  parser.add_argument('--views', type=_views, default=None,
+                      help='views (paper) or noise draws (lite) per step (default 16 / 1)')
+  parser.add_argument('--micro-batch', type=_views, default=None,
+                      help='views per gradient pass, a divisor of --views (default: all at once); '
+                           'smaller needs less memory, same gradient')
+
+
 def _count(text: str) -> int:
   return _bounded_int(text, 1, 10**6)
 
@@ -128,6 +149,25 @@ def _progress(iterable, total: int, desc: str):
   return progress_bar(total, desc, 'img', iterable=iterable, tty_only=True)
 
 
+def _load_masks(folder: str, loaded: list) -> list:
+  """The mask of each (path, image) in `folder`: the same file name stem (optional '_mask' suffix), any
+  image extension, as `e4t prepare --masks` matches them; each checked against its image now."""
+  from e4t_jax import personalize as personalize_lib
+  from e4t_jax.data import images as images_lib
+  from e4t_jax.data import sources
+  from e4t_jax.errors import InputError
+  folder_path = Path(folder)
+  if not folder_path.is_dir():
+    raise InputError(f'--masks {folder}: not a folder; pass the folder holding one mask per image.')
+  masks = []
+  for path, image in loaded:
+    (mask_path,) = sources._match_masks(path.parent, [path], folder_path)  # pylint: disable=protected-access
+    mask = images_lib.load_mask_array(mask_path)
+    personalize_lib.prepare_mask(mask, min(mask.shape), image, source=str(mask_path))  # aspect, emptiness
+    masks.append(mask)
+  return masks
+
+
 def _cmd_personalize(args: argparse.Namespace) -> int:
   import time
   import jax
@@ -150,9 +190,10 @@ def _cmd_personalize(args: argparse.Namespace) -> int:
   fileio.check_output_files(targets)
   if args.seed + len(paths) - 1 > MAX_SEED:
     raise InputError(f'--seed {args.seed} + {len(paths)} images passes {MAX_SEED}; pass a smaller --seed.')
-  tuning = personalize_lib.TuningConfig(learning_rate=args.learning_rate, mode=args.mode,
-                                        **({} if args.views is None else {'batch_size': args.views}))
+  tuning = _tuning_config(args, learning_rate=args.learning_rate,
+                          **({} if args.masks is None else {'loss_mask': True}))
   loaded = [(p, images_lib.load_image(p)) for p in paths]
+  masks = [None] * len(paths) if args.masks is None else _load_masks(args.masks, loaded)
   model = _load_model(args.model)
   personalize_lib.tuning_prompt_ids(model.modules, personalize_lib.tuning_prompt(model.modules, tuning)
                                     if args.prompt is None else args.prompt)  # placeholder once, not cut
@@ -169,7 +210,8 @@ def _cmd_personalize(args: argparse.Namespace) -> int:
     diverged = f'{path}: tuning diverged (NaN/inf); nothing was saved for it; lower --learning-rate (now ' \
                f'{args.learning_rate:g}) or --steps.'
     try:
-      concept = personalize_fn(model.params, image, jax.random.key(args.seed + index), prompt=args.prompt)
+      concept = personalize_fn(model.params, image, jax.random.key(args.seed + index), prompt=args.prompt,
+                               mask=masks[index])
     except DivergenceError:
       raise DivergenceError(diverged) from None
     jax.block_until_ready(concept.embedding)
@@ -305,7 +347,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
   _check_json_out(args.json)
   result = bench.run_personalize_bench(args.config, num_steps=args.steps, num_concepts=args.concepts,
                                        baseline=args.baseline, abstract=args.abstract, json_out=args.json,
-                                       mode=args.mode)
+                                       mode=args.mode, micro_batch=args.micro_batch)
   print(bench.format_table(result))
   return 0
 
@@ -318,7 +360,9 @@ def _cmd_bench_tpu(args: argparse.Namespace) -> int:
       else None
   if mesh is not None:
     mesh = {k: v or 1 for k, v in mesh.items()}
-  reports = [tpu.compile_report(args.config, program, args.topology, mesh, dtype=args.dtype)
+  tuning = _tuning_config(args, num_steps=args.steps)
+  reports = [tpu.compile_report(args.config, program, args.topology, mesh, dtype=args.dtype, tuning=tuning,
+                                remat=args.remat)
              for program in (tpu.PROGRAMS if args.program == 'all' else (args.program,))]
   for r in reports:
     peak, hbm = r['peak_bytes_per_chip'], r['hbm_bytes']
@@ -358,7 +402,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     reproduce.parse_method(method)
   _check_json_out(args.out, flag='--out')
   results = reproduce.run(args.model, args.out, methods, num_identities=args.identities, seed=args.seed,
-                          label=args.label, grids=not args.no_grids, encoder=args.encoder)
+                          label=args.label, grids=not args.no_grids, encoder=args.encoder,
+                          loss_mask=args.loss_mask)
   print(reproduce.markdown_table(results))
   attributes = reproduce.attribute_table(results)
   if attributes:
@@ -422,11 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
   personalize.add_argument('--model', help='e4t model folder (default: the embedded demo model)')
   personalize.add_argument('--steps', type=_steps, default=5, help=f'tuning steps, 1..{MAX_STEPS} (default 5)')
   personalize.add_argument('--learning-rate', type=_positive, default=1e-4, help='of the encoder and the offsets')
-  personalize.add_argument('--mode', choices=('lite', 'paper'), default='lite',
-                           help='lite: encoder + weight offsets (KB concepts); paper: also the U-Net, on a batch '
-                                'of views (the paper\'s tuning stage; MB concepts, more memory)')
-  personalize.add_argument('--views', type=_views, default=None,
-                           help='views (paper) or noise draws (lite) per step (default 16 / 1)')
+  _add_tuning_arguments(personalize)
+  personalize.add_argument('--masks', default=None,
+                           help='folder of subject masks named like the images (white = subject): the tuning '
+                                'loss is weighted by them')
   personalize.add_argument('--seed', type=_seed, default=0, help=f'0..{MAX_SEED}; image i uses seed + i')
   personalize.add_argument('--prompt', default=None,
                            help='tuning prompt describing the image, "{}" = the concept (default: the model\'s)')
@@ -466,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
   evaluate.add_argument('--no-grids', action='store_true', help='do not write a sample grid per method')
   evaluate.add_argument('--encoder', choices=('averaged', 'per_step'), default='averaged',
                         help='how E4T concepts are read while sampling (per_step: the paper\'s; pair it with --label)')
+  evaluate.add_argument('--loss-mask', action='store_true',
+                        help='E4T tuning weights its loss by the input\'s face mask (pair it with --label)')
   evaluate.set_defaults(func=_cmd_eval)
 
   demo_train = sub.add_parser('demo-train', help='train the embedded demo model from scratch (synthetic faces)')
@@ -496,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
   bench_personalize.add_argument('--baseline', choices=['torch'], default=None)
   bench_personalize.add_argument('--abstract', action='store_true', help='full-size AOT analysis, no weights')
   bench_personalize.add_argument('--mode', choices=('lite', 'paper'), default='lite', help='the tuning mode measured')
+  bench_personalize.add_argument('--micro-batch', type=_views, default=None,
+                                 help='views per gradient pass (default: all at once)')
   bench_personalize.add_argument('--json', default=None, help='write the results here')
   bench_personalize.set_defaults(func=_cmd_bench)
   bench_tpu = bench_sub.add_parser('tpu', help='AOT-compile for a Cloud TPU topology from this machine (needs libtpu)')
@@ -506,6 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
   for axis in ('data', 'fsdp', 'tensor'):
     bench_tpu.add_argument(f'--mesh.{axis}', dest=axis, type=_count, default=0,
                            help='pretraining mesh axis (default: every chip on fsdp)')
+  bench_tpu.add_argument('--steps', type=_steps, default=5, help='personalize: tuning steps (default 5)')
+  _add_tuning_arguments(bench_tpu)
+  bench_tpu.add_argument('--remat', choices=('none', 'nothing_saveable', 'dots_saveable'), default='none',
+                         help="the U-Net's per-block rematerialization policy")
   bench_tpu.add_argument('--json', default=None)
   bench_tpu.set_defaults(func=_cmd_bench_tpu)
   bench_full = bench_sub.add_parser(

@@ -31,7 +31,7 @@ from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t import offsets as offsets_lib
 from e4t_jax.e4t.concept import Concept, TunedEncoder, fingerprint_info, model_fingerprint
 from e4t_jax.e4t.encoder import placeholder_embedding
-from e4t_jax.e4t.objective import e4t_loss, image_features, predict_offset
+from e4t_jax.e4t.objective import draw_noise, e4t_loss, image_features, predict_offset
 from e4t_jax.e4t.prompts import token_embedding
 from e4t_jax.errors import DivergenceError, InputError, printable
 from e4t_jax.models.vae import scale_latents
@@ -73,6 +73,14 @@ class TuningConfig:
   templates: Sequence[str] | None = None
   delta_rank: int = 16
   augment: bool | None = None         # random flip + zoom views; None: on in paper mode, off in lite
+  # Rows (views / draws) per gradient pass; None: the whole batch in one pass. Smaller trades time for
+  # memory: a step accumulates the gradient over batch_size / micro_batch passes (a lax.scan), which
+  # equals the one-pass gradient up to float rounding (each row keeps its own draws). With a loss mask,
+  # each pass normalizes by its own rows' mask area.
+  micro_batch: int | None = None
+  # Weight the diffusion loss by a mask of the subject ([S, S] in [0, 1], passed per call with the image,
+  # transformed with each view; no mask given = the whole image). None: the model's E4TConfig.use_loss_mask.
+  loss_mask: bool | None = None
   # Also return what per-step generation needs (`Concept.tuned_encoder`: the tuned encoder, the image's
   # features, paper mode's pass-1 U-Net), for `generate(..., encoder='per_step')`; held in memory only.
   keep_encoder: bool = False
@@ -93,8 +101,17 @@ class TuningConfig:
         raise InputError('tuning templates must list at least one caption (or be None).')
     if self.batch_size < 1 or self.delta_rank < 1:
       raise InputError(f'tuning batch_size and delta_rank must be >= 1, got {self.batch_size}, {self.delta_rank}.')
+    if self.micro_batch is not None and (not 1 <= self.micro_batch <= self.batch_size
+                                         or self.batch_size % self.micro_batch):
+      raise InputError(f'tuning micro_batch must divide the batch of {self.batch_size} views/draws, '
+                       f'got {self.micro_batch}.')
     if not (np.isfinite(self.learning_rate) and np.isfinite(self.unet_learning_rate)):
       raise InputError('tuning learning rates must be finite numbers.')
+
+
+def uses_loss_mask(modules: model_lib.E4TModules, tuning: TuningConfig) -> bool:
+  """Whether `tuning` weights the loss by a mask (the program then takes one as an argument)."""
+  return bool(modules.config.use_loss_mask if tuning.loss_mask is None else tuning.loss_mask)
 
 
 def tuned_unet_kernels(unet_params: Any, tuning: TuningConfig) -> list[str]:
@@ -163,11 +180,12 @@ def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Calla
   else:
     optimizer = optax.adam(tuning.learning_rate)
   readout_t = np.asarray(tuning.readout_timesteps, np.int32)
+  masked = uses_loss_mask(modules, tuning)
 
-  def program(params, image, rng, num_steps, input_ids=None):
+  def program(params, image, rng, num_steps, input_ids=None, mask=None):
     # image: [S, S, 3] float32 in [0, 1] (already at the model resolution); input_ids: [rows, tokens]
     # int32, the tuning captions with the placeholder (1 row in lite mode, one per view in paper mode;
-    # None: the config's, baked in).
+    # None: the config's, baked in); mask: [S, S] float32 in [0, 1] when `masked` (None: all ones).
     trainable, frozen = model_lib.split_params(params, config.trainable_patterns)
     tuned_kernels = tuned_unet_kernels(params['unet'], tuning)
     if paper:  # the selected U-Net kernels move to the trainable side
@@ -178,11 +196,17 @@ def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Calla
       frozen = dict(frozen, unet=traverse_util.unflatten_dict({k: v for k, v in flat_unet.items()
                                                                if k not in tuned}))
     # Keys: fold_in(rng, i) for step i, num_steps for the read-out, num_steps + 1 for the views.
-    images = make_views(image * 2.0 - 1.0, jax.random.fold_in(rng, tuning.num_steps + 1), tuning.batch_size,
-                        tuning.augment)
+    pixels = image * 2.0 - 1.0
+    if masked:  # the mask rides along as a 4th channel, so that every view crops it as its image
+      mask = jnp.ones(image.shape[:2], image.dtype) if mask is None else mask
+      pixels = jnp.concatenate([pixels, mask[..., None].astype(image.dtype)], axis=-1)
+    views = make_views(pixels, jax.random.fold_in(rng, tuning.num_steps + 1), tuning.batch_size, tuning.augment)
+    images = views[..., :3]
     ids = jnp.asarray(prompt_ids) if input_ids is None else input_ids
     ids = jnp.broadcast_to(ids, (tuning.batch_size, ids.shape[-1]))  # one row serves every draw
     batch = {'images': images, 'input_ids': ids}
+    if masked:
+      batch['mask'] = views[..., 3]
     # The image's VAE posterior, CLIP features and the coarse prompt do not change between steps:
     # compute them once, outside the loop (unless parts of CLIP train, config.trainable_patterns).
     # Lite mode's rows are copies of one image; paper mode's views each have their own.
@@ -190,9 +214,17 @@ def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Calla
     if not config.trainable_patterns:
       cached = image_features(modules, params, images if paper else images[:1])
 
-    def loss_fn(trainable, key):
+    def loss_and_grads(trainable, key):
+      loss_of = lambda t, rows, features, draws: e4t_loss(modules, model_lib.merge_params(t, frozen), rows, key,
+                                                          features, draws, loss_mask=masked)[0]
       features = None if cached is None else (cached if paper else cached.repeat(tuning.batch_size))
-      return e4t_loss(modules, model_lib.merge_params(trainable, frozen), batch, key, features)
+      if tuning.micro_batch in (None, tuning.batch_size):
+        return jax.value_and_grad(loss_of)(trainable, batch, features, None)
+      # The whole batch's draws, sliced per pass: each row is drawn as in one pass.
+      posterior_mean = jax.eval_shape(lambda: image_features(modules, params, images[:1]).posterior.mean)
+      draws = draw_noise(modules, key, jax.ShapeDtypeStruct((tuning.batch_size,) + posterior_mean.shape[1:],
+                                                            posterior_mean.dtype))
+      return accumulated_value_and_grad(loss_of, trainable, (batch, features, draws), tuning.micro_batch)
 
     def step(carry, i):
       trainable, opt_state, healthy = carry
@@ -200,7 +232,7 @@ def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Calla
 
       def update(operand):
         trainable, opt_state = operand
-        loss, grads = jax.value_and_grad(lambda t: loss_fn(t, key)[0])(trainable)
+        loss, grads = loss_and_grads(trainable, key)
         updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), new_opt_state, loss
 
@@ -244,6 +276,27 @@ def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Calla
     return outputs
 
   return program
+
+
+def accumulated_value_and_grad(loss_of: Callable, trainable: Any, rows: Any, micro_batch: int
+                               ) -> tuple[jax.Array, Any]:
+  """`value_and_grad(loss_of)(trainable, *rows)` as the mean over passes of `micro_batch` rows each.
+
+  rows: a tuple of pytrees whose leaves share the leading batch axis (None leaves: absent), e.g.
+  (batch, features, draws). For a loss that is a mean over rows plus row-independent terms, this equals
+  the one-pass value and gradient up to float rounding; only one pass's activations are live at a time.
+  """
+  batch_size = jax.tree.leaves(rows)[0].shape[0]
+  passes = batch_size // micro_batch
+
+  def one_pass(total, start):
+    sliced = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, micro_batch), rows)
+    value = jax.value_and_grad(loss_of)(trainable, *sliced)
+    return jax.tree.map(jnp.add, total, value), None
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
+  total, _ = jax.lax.scan(one_pass, zeros, jnp.arange(passes) * micro_batch)
+  return jax.tree.map(lambda x: x / passes, total)
 
 
 def unet_delta_factors(original_unet: Any, tuned_unet: Any, weight_offsets: dict, offsets_mode: str,
@@ -325,6 +378,44 @@ def prepare_image(image: Any, size: int, source: str = 'image') -> np.ndarray:
   return array.astype(np.float32) / 255.0
 
 
+def prepare_mask(mask: Any, size: int, image: Any = None, source: str = 'mask') -> np.ndarray:
+  """A subject mask (HxW or HxWxC: the first channel; a path is loaded; None: all ones) -> float32
+  [size, size] in [0, 1], center-cropped like its image (which must have the mask's aspect ratio)."""
+  from e4t_jax.data import images as images_lib  # PIL-based; imported lazily
+  if mask is None:
+    return np.ones((size, size), np.float32)
+  if isinstance(mask, (str, os.PathLike)):
+    source = str(mask)
+    mask = images_lib.load_mask_array(mask)
+  array = np.asarray(mask)
+  if array.ndim == 3:
+    array = array[..., 0]
+  if array.ndim != 2:
+    raise InputError(f'{source}: expected an HxW mask, got shape {array.shape}.')
+  if image is not None and not isinstance(image, (str, os.PathLike)):
+    (ih, iw), (mh, mw) = np.shape(image)[:2], array.shape
+    if abs(ih * mw - mh * iw) > 0.01 * iw * mw:
+      raise InputError(f'{source}: is {mw}x{mh} but its image is {iw}x{ih}; a mask must have its image\'s '
+                       'aspect ratio.')
+  if array.dtype == bool:
+    array = array.astype(np.uint8) * 255
+  elif array.dtype != np.uint8:
+    if not np.issubdtype(array.dtype, np.floating):
+      raise InputError(f'{source}: mask type {array.dtype}; pass uint8, bool or float in [0, 1].')
+    if not np.isfinite(array).all() or array.min() < -1e-3 or array.max() > 1 + 1e-3:
+      raise InputError(f'{source}: float mask values must be finite and in [0, 1].')
+    if array.shape == (size, size):  # already at the model resolution: kept as it is
+      return _nonempty(np.clip(array, 0, 1).astype(np.float32), source)
+    array = np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)
+  return _nonempty(images_lib.center_crop_resize(array, size).astype(np.float32) / 255.0, source)
+
+
+def _nonempty(mask: np.ndarray, source: str) -> np.ndarray:
+  if not mask.any():
+    raise InputError(f'{source}: the mask is empty (all background); it must mark the subject.')
+  return mask
+
+
 def concept_metadata(model: model_lib.E4TModel, tuning: TuningConfig, fingerprint: str) -> tuple:
   """The static (key, value) metadata every concept of `model` tuned with `tuning` carries."""
   m = model.modules
@@ -346,16 +437,25 @@ class PersonalizeFn:
     self._metadata = concept_metadata(model, tuning, fingerprint)
 
   def __call__(self, params: Any, image: Any, rng: jax.Array | None = None, num_steps: int | None = None,
-               prompt: str | None = None) -> Concept:
+               prompt: str | None = None, mask: Any = None) -> Concept:
     """Tunes on one image. `prompt` describes the image, '{}' = the concept (e.g. 'a {} on a red
-    background'; default: the tuning config's, else the model's); every prompt runs on one executable."""
+    background'; default: the tuning config's, else the model's); every prompt runs on one executable.
+    `mask`: where the subject is (HxW, 1 = subject; a path, uint8 0..255, bool or float in [0, 1]), for a
+    function made with a loss mask (`TuningConfig.loss_mask`); None there weights the whole image."""
     steps = self.tuning.num_steps if num_steps is None else int(num_steps)
     if not 0 <= steps <= self.tuning.num_steps:
       raise InputError(f'num_steps={steps}: this function was compiled for at most {self.tuning.num_steps} steps.')
-    pixels = prepare_image(image, self.model.modules.image_size)
+    size = self.model.modules.image_size
+    masked = uses_loss_mask(self.model.modules, self.tuning)
+    if mask is not None and not masked:
+      raise InputError('a mask was given but this personalize function was made without a loss mask; '
+                       'make it with TuningConfig(loss_mask=True).')
+    pixels = prepare_image(image, size)
     key = self._default_key if rng is None else rng
     ids = tuning_ids(self.model.modules, self.tuning, prompt)
-    w_star, offsets, losses, steps_run, healthy, *tuned = self.compiled(params, pixels, key, np.int32(steps), ids)
+    extra = (prepare_mask(mask, size, image),) if masked else ()
+    w_star, offsets, losses, steps_run, healthy, *tuned = self.compiled(params, pixels, key, np.int32(steps), ids,
+                                                                        *extra)
     if not bool(healthy):
       raise DivergenceError('tuning produced a non-finite loss (NaN/inf); lower the learning rate or check the '
                        'model weights. The concept was not saved.')
@@ -392,10 +492,11 @@ def lower_personalize_program(modules: model_lib.E4TModules, abstract_params: An
   what `make_personalize_fn` compiles; `e4t_jax.bench.full` compiles the same lowering ahead of time."""
   size = modules.image_size
   ids = tuning_ids(modules, tuning)
+  mask = (jax.ShapeDtypeStruct((size, size), jnp.float32),) if uses_loss_mask(modules, tuning) else ()
   return jax.jit(tuning_program(modules, tuning)).lower(
       abstract_params, jax.ShapeDtypeStruct((size, size, 3), jnp.float32),
       jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.int32),
-      jax.ShapeDtypeStruct(ids.shape, jnp.int32))
+      jax.ShapeDtypeStruct(ids.shape, jnp.int32), *mask)
 
 
 _BATCHED_PROGRAMS: dict[tuple, tuple[Any, Any]] = {}
@@ -429,6 +530,9 @@ def personalize_many(model: model_lib.E4TModel, images: Sequence[Any], *, num_st
   program is compiled once per (model, tuning, mesh, N) and reused by later calls. `prompts`: one
   tuning prompt per image ('{}' for the concept), default `tuning_prompt(...)` for all."""
   tuning = dataclasses.replace(tuning or TuningConfig(), num_steps=num_steps)
+  if uses_loss_mask(model.modules, tuning):
+    raise InputError('personalize_many does not take loss masks yet; use make_personalize_fn(...)(image, '
+                     'mask=...) per image, or TuningConfig(loss_mask=False).')
   size = model.modules.image_size
   pixels = np.stack([prepare_image(image, size, f'image {i}') for i, image in enumerate(images)])
   count = len(pixels)

@@ -106,8 +106,8 @@ def test_rejects_unknown_configs_and_full_size_execution():
     bench.run_personalize_bench('sd15')
   with pytest.raises(ConfigError, match='baseline'):
     bench.run_personalize_bench('tiny', baseline='tensorflow')
-  with pytest.raises(ConfigError, match='lite-mode'):
-    bench.run_personalize_bench('tiny', baseline='torch', mode='paper')
+  with pytest.raises(ConfigError, match='micro_batch'):
+    bench.run_personalize_bench('tiny', baseline='torch', mode='paper', micro_batch=1)
   with pytest.raises(ConfigError, match='tuning mode'):
     bench.run_personalize_bench('tiny', mode='full')
 

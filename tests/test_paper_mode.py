@@ -151,3 +151,68 @@ def test_templates_are_cycled_over_the_views(tiny):
   assert personalize_lib.tuning_ids(tiny.modules, tuning).shape[0] == 4
   lite = dataclasses.replace(tuning, mode='lite', batch_size=1)
   assert personalize_lib.tuning_captions(tiny.modules, lite, 'x {}') == ['x {}']
+
+
+def test_loss_from_its_own_draws_equals_loss_from_the_key(tiny, random_image):
+  from e4t_jax.e4t.objective import draw_noise, e4t_loss, image_features
+  images = jnp.asarray(np.stack([random_image(i, 32)[:32, :32] for i in range(2)]), jnp.float32) / 127.5 - 1
+  ids = jnp.asarray(personalize_lib.tuning_ids(tiny.modules, personalize_lib.TuningConfig(batch_size=2,
+                                                                                           templates=('a {}',))))
+  batch, key = {'images': images, 'input_ids': ids}, jax.random.key(5)
+  features = image_features(tiny.modules, tiny.params, images)
+  from_key = e4t_loss(tiny.modules, tiny.params, batch, key, features)[0]
+  from_draws = e4t_loss(tiny.modules, tiny.params, batch, None, features,
+                        draw_noise(tiny.modules, key, features.posterior.mean))[0]
+  np.testing.assert_array_equal(np.asarray(from_key), np.asarray(from_draws))
+
+
+def test_micro_batched_gradient_equals_the_one_pass_gradient(tiny, random_image):
+  from e4t_jax.e4t.objective import draw_noise, e4t_loss, image_features
+  images = jnp.asarray(np.stack([random_image(i, 32)[:32, :32] for i in range(4)]), jnp.float32) / 127.5 - 1
+  ids = jnp.asarray(personalize_lib.tuning_ids(tiny.modules, personalize_lib.TuningConfig(
+      mode='paper', batch_size=4, templates=('a {}', 'a photo of {}'))))
+  trainable, frozen = model_lib.split_params(tiny.params, ())
+  features = image_features(tiny.modules, tiny.params, images)
+  draws = draw_noise(tiny.modules, jax.random.key(1), features.posterior.mean)
+  loss_of = lambda t, rows, f, d: e4t_loss(tiny.modules, model_lib.merge_params(t, frozen), rows, None, f, d)[0]
+  rows = ({'images': images, 'input_ids': ids}, features, draws)
+  one_loss, one_grads = jax.jit(jax.value_and_grad(loss_of))(trainable, *rows)
+  for micro in (1, 2):
+    loss, grads = jax.jit(lambda t, r, m=micro: personalize_lib.accumulated_value_and_grad(loss_of, t, r, m))(
+        trainable, rows)
+    np.testing.assert_allclose(float(loss), float(one_loss), rtol=1e-5)
+    flat, one_flat = traverse_util.flatten_dict(grads), traverse_util.flatten_dict(one_grads)
+    scale = max(float(np.abs(np.asarray(g)).max()) for g in one_flat.values())
+    for path, g in one_flat.items():
+      np.testing.assert_allclose(np.asarray(flat[path]), np.asarray(g), atol=1e-5 * scale, rtol=1e-4,
+                                 err_msg=f'micro_batch={micro}: {path}')
+
+
+def test_micro_batched_paper_mode_matches_one_pass_and_checks_the_divisor(random_image, tiny, paper_tuning,
+                                                                         paper_concept):
+  micro = personalize_lib.make_personalize_fn(tiny, num_steps=2, tuning=dataclasses.replace(
+      paper_tuning, micro_batch=1))(tiny.params, random_image(0), jax.random.key(0))  # as paper_concept
+  np.testing.assert_allclose(np.asarray(micro.loss_trace), np.asarray(paper_concept.loss_trace), rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(micro.embedding), np.asarray(paper_concept.embedding), rtol=1e-3, atol=1e-4)
+  with pytest.raises(InputError, match='micro_batch must divide'):
+    dataclasses.replace(paper_tuning, micro_batch=2)  # batch 3
+
+
+def test_pytorch_paper_mode_follows_ours_step_by_step(random_image, tiny, paper_fn, paper_concept, tmp_path):
+  for name in ('torch', 'diffusers', 'transformers'):
+    pytest.importorskip(name)
+  from e4t_jax.bench import personalize as bench
+  from e4t_jax.bench.torch_reference import TorchE4T
+  tuning = paper_fn.tuning
+  pixels = personalize_lib.prepare_image(random_image(0), tiny.modules.image_size)
+  draws = bench._jax_draws(tiny.modules, tuning, jax.random.key(0), pixels)  # pylint: disable=protected-access
+  assert draws['views'].shape[0] == tuning.batch_size
+  reference = TorchE4T(tiny, tmp_path)
+  trace, embedding = reference.personalize(pixels, tuning, draws=draws)
+  ours = np.asarray(paper_concept.loss_trace, np.float64)
+  # Same weights, views and draws; the U-Net's kernels train in both (a second step would drift apart
+  # if they did not): the loss trace agrees to float32 rounding.
+  np.testing.assert_allclose(trace, ours, rtol=2e-5)
+  np.testing.assert_allclose(embedding, np.asarray(paper_concept.embedding), atol=1e-4)
+  again, _ = reference.personalize(pixels, tuning, draws=draws)  # a fresh copy of the U-Net each concept
+  np.testing.assert_allclose(again, trace, rtol=1e-6)

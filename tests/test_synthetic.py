@@ -141,3 +141,14 @@ def test_render_all_matches_the_records():
     assert np.array_equal(arrays['images'][i], record['image'])
     assert np.array_equal(arrays['identity'][i], record['identity'])
     assert np.array_equal(arrays['context'][i], record['context'])
+
+
+def test_pretraining_reads_face_masks_when_the_loss_mask_is_on():
+  from e4t_jax.train import config as config_lib
+  from e4t_jax.train import loop
+  data = config_lib.DataConfig(source='synthetic_faces', synthetic_records=3)
+  masked, plain = loop.make_source(data, 64, with_mask=True), loop.make_source(data, 64, with_mask=False)
+  assert 'mask' not in plain[0]
+  record = masked[0]
+  assert record['mask'].shape == (64, 64) and 0 < record['mask'].mean() < 1
+  np.testing.assert_array_equal(record['image'], plain[0]['image'])

@@ -101,14 +101,16 @@ def build_abstract_model(config_name: str, dtype: Any = jnp.float32) -> model_li
 # ----------------------------------------------------------------------------- subprocess workers
 
 
-def _warm_compile_worker(config_name: str, num_steps: int, cache_dir: str, mode: str = 'lite') -> None:
+def _warm_compile_worker(config_name: str, num_steps: int, cache_dir: str, mode: str = 'lite',
+                         micro_batch: int | None = None) -> None:
   """Second-process half of the compile measurement: same model shapes, same cache directory."""
   started = time.perf_counter()
   model = build_model(config_name)
   init_s = time.perf_counter() - started
   with harness.JaxEvents() as events:
     t0 = time.perf_counter()
-    personalize_lib.make_personalize_fn(model, num_steps, tuning=personalize_lib.TuningConfig(mode=mode),
+    tuning = personalize_lib.TuningConfig(mode=mode, micro_batch=micro_batch)
+    personalize_lib.make_personalize_fn(model, num_steps, tuning=tuning,
                                         cache_dir=cache_dir)
     compile_s = time.perf_counter() - t0
   seconds = lambda event: float(events.seconds[event])
@@ -145,7 +147,7 @@ def _one_step_program(modules: model_lib.E4TModules, tuning: personalize_lib.Tun
 
 
 def abstract_analysis(config_name: str, dtype_name: str, num_steps: int, compile_program: bool,
-                      emit: Callable[[dict], None], mode: str = 'lite') -> None:
+                      emit: Callable[[dict], None], mode: str = 'lite', micro_batch: int | None = None) -> None:
   """Lowers (and compiles) the personalization program of `config_name` from abstract params.
 
   Calls `emit` with a 'lowered' record, then (when `compile_program`) a 'compiled' record; the
@@ -159,7 +161,7 @@ def abstract_analysis(config_name: str, dtype_name: str, num_steps: int, compile
         dataclasses.replace(model.modules, unet=model.modules.unet.clone(remat_policy='nothing_saveable')),
         model.params)
   modules, params = model.modules, model.params
-  tuning = personalize_lib.TuningConfig(num_steps=num_steps, mode=mode)
+  tuning = personalize_lib.TuningConfig(num_steps=num_steps, mode=mode, micro_batch=micro_batch)
   size = modules.image_size
   image = jax.ShapeDtypeStruct((size, size, 3), jnp.float32)
   key = jax.eval_shape(lambda: jax.random.key(0))
@@ -236,13 +238,15 @@ def _worker_main(argv: Sequence[str]) -> int:
   parser.add_argument('--dtype', default='float32', choices=ABSTRACT_DTYPES)
   parser.add_argument('--no-compile', action='store_true')
   parser.add_argument('--mode', default='lite', choices=personalize_lib.TUNING_MODES)
+  parser.add_argument('--micro-batch', type=int, default=None)
   args = parser.parse_args(argv)
   if args.warm_compile:
     if not args.cache_dir:
       parser.error('--warm-compile needs --cache-dir')
-    _warm_compile_worker(args.config, args.num_steps, args.cache_dir, args.mode)
+    _warm_compile_worker(args.config, args.num_steps, args.cache_dir, args.mode, args.micro_batch)
   else:
-    abstract_analysis(args.config, args.dtype, args.num_steps, not args.no_compile, harness.emit, args.mode)
+    abstract_analysis(args.config, args.dtype, args.num_steps, not args.no_compile, harness.emit, args.mode,
+                      args.micro_batch)
   return 0
 
 
@@ -252,7 +256,7 @@ def run_personalize_bench(config_name: str = 'tiny', *, num_steps: int = 5, num_
                           json_out: str | os.PathLike | None = None, seed: int = 0, batched_repeats: int = 2,
                           torch_warmup: int = 2, torch_threads: Sequence[int] | None = None,
                           compile_timeout_s: float = 1800.0,
-                          rss_limit_bytes: int | None = 16 * 2**30, mode: str = 'lite',
+                          rss_limit_bytes: int | None = 16 * 2**30, mode: str = 'lite', micro_batch: int | None = None,
                           fused_repeats: int = 3) -> dict:
   """Measures personalization and returns (and optionally writes) the result dict (keys: module docstring).
 
@@ -273,6 +277,7 @@ def run_personalize_bench(config_name: str = 'tiny', *, num_steps: int = 5, num_
     compile_timeout_s, rss_limit_bytes: limits of each abstract compile worker process (it is killed
       beyond them and the lowering-only figures are reported).
     mode: the tuning mode measured, 'lite' or 'paper' (`TuningConfig.mode`).
+    micro_batch: `TuningConfig.micro_batch` (views per gradient pass; None: all at once).
     fused_repeats: concrete mode: timed runs of `personalize_and_generate` and of personalize-then-generate
       (0 skips that section).
   Raises:
@@ -281,20 +286,21 @@ def run_personalize_bench(config_name: str = 'tiny', *, num_steps: int = 5, num_
   check_config(config_name)
   if mode not in personalize_lib.TUNING_MODES:
     raise ConfigError(f'unknown tuning mode {mode!r}; known: {list(personalize_lib.TUNING_MODES)}.')
-  if baseline == 'torch' and mode != 'lite':
-    raise ConfigError('the PyTorch baseline implements lite-mode tuning only; run paper mode without --baseline.')
+  if baseline == 'torch' and micro_batch is not None:
+    raise ConfigError('the PyTorch baseline tunes on the whole batch at once; run it without micro_batch.')
   if baseline not in BASELINES:
     raise ConfigError(f'unknown baseline {baseline!r}; known: {[b for b in BASELINES if b]}.')
   if abstract:
     if baseline is not None:
       raise ConfigError('the torch baseline needs real weights and execution; it does not combine with abstract=True.')
-    result = _abstract_bench(config_name, num_steps, compile_timeout_s, rss_limit_bytes, mode)
+    result = _abstract_bench(config_name, num_steps, compile_timeout_s, rss_limit_bytes, mode, micro_batch)
   else:
     if num_concepts < 1 or batch < 0 or num_steps < 1:
       raise ConfigError('num_concepts and num_steps must be >= 1, batch >= 0.')
     result = _concrete_bench(config_name, num_steps=num_steps, num_concepts=num_concepts, batch=batch,
                              baseline=baseline, seed=seed, batched_repeats=batched_repeats, torch_warmup=torch_warmup,
-                             torch_threads=torch_threads, mode=mode, fused_repeats=fused_repeats)
+                             torch_threads=torch_threads, mode=mode, fused_repeats=fused_repeats,
+                             micro_batch=micro_batch)
   result['machine']['load_average_end'] = harness.load_average()
   if json_out is not None:
     path = Path(json_out)
@@ -311,14 +317,15 @@ def _header(config_name: str, mode: str) -> dict:
 
 def _concrete_bench(config_name: str, *, num_steps: int, num_concepts: int, batch: int, baseline: str | None,
                     seed: int, batched_repeats: int, torch_warmup: int, torch_threads: Sequence[int] | None,
-                    mode: str = 'lite', fused_repeats: int = 3) -> dict:
+                    mode: str = 'lite', fused_repeats: int = 3, micro_batch: int | None = None) -> dict:
   result = _header(config_name, 'concrete')
   model = build_model(config_name, seed)
-  tuning = personalize_lib.TuningConfig(num_steps=num_steps, mode=mode)
+  tuning = personalize_lib.TuningConfig(num_steps=num_steps, mode=mode, micro_batch=micro_batch)
   size = model.modules.image_size
   result['settings'] = {
       'mode': mode, 'num_steps': num_steps, 'num_concepts': num_concepts, 'batch': batch, 'seed': seed,
-      'learning_rate': tuning.learning_rate, 'tuning_batch_size': tuning.batch_size, 'image_size': size,
+      'learning_rate': tuning.learning_rate, 'tuning_batch_size': tuning.batch_size,
+      'micro_batch': tuning.micro_batch, 'image_size': size,
       'parameters': {name: model_lib.count_params(tree) for name, tree in model.params.items()}}
   images = harness.synthetic_images(max(num_concepts, batch) + 1, size, seed)
   keys = list(jax.random.split(jax.random.key(seed + 1), num_concepts + 1))
@@ -339,7 +346,7 @@ def _concrete_bench(config_name: str, *, num_steps: int, num_concepts: int, batc
       # Warm: a second process with the same shapes reads the executable from the shared cache.
       records, info = harness.run_worker(WORKER_MODULE, ['--warm-compile', '--config', config_name, '--num-steps',
                                                          str(num_steps), '--cache-dir', str(cache_dir),
-                                                         '--mode', mode], timeout_s=900)
+                                                         '--mode', mode] + _micro_arg(micro_batch), timeout_s=900)
       warm = next((r for r in records if r.get('stage') == 'warm_compile'), None)
       if warm is None:
         raise RuntimeError(f'the warm-compile worker failed: {info}')
@@ -410,13 +417,17 @@ def _batched_bench(model: model_lib.E4TModel, tuning: personalize_lib.TuningConf
   return stats, runtime.memory_stats(compiled)
 
 
+def _micro_arg(micro_batch: int | None) -> list[str]:
+  return [] if micro_batch is None else ['--micro-batch', str(micro_batch)]
+
+
 def _abstract_bench(config_name: str, num_steps: int, compile_timeout_s: float, rss_limit_bytes: int | None,
-                    mode: str = 'lite') -> dict:
+                    mode: str = 'lite', micro_batch: int | None = None) -> dict:
   result = _header(config_name, 'abstract')
   model = build_abstract_model(config_name)
   encoder = model.modules.config.encoder
   trainable, _ = model_lib.split_params(model.params, model.modules.config.trainable_patterns)
-  tuning = personalize_lib.TuningConfig(num_steps=num_steps, mode=mode)
+  tuning = personalize_lib.TuningConfig(num_steps=num_steps, mode=mode, micro_batch=micro_batch)
   if mode == 'paper':  # the tuned U-Net kernels train too
     flat = {'/'.join(k): v for k, v in traverse_util.flatten_dict(model.params['unet']).items()}
     tuned = personalize_lib.tuned_unet_kernels(model.params['unet'], tuning)
@@ -424,6 +435,7 @@ def _abstract_bench(config_name: str, num_steps: int, compile_timeout_s: float, 
     result['missing'].append('paper mode: lowered_step (per-step FLOPs) is measured for lite mode only.')
   result['settings'] = {
       'mode': mode, 'num_steps': num_steps, 'learning_rate': tuning.learning_rate, 'tuning_batch_size': tuning.batch_size,
+      'micro_batch': tuning.micro_batch,
       'image_size': model.modules.image_size,
       'parameters': {name: model_lib.count_params(tree) for name, tree in model.params.items()},
       'encoder': {'hidden_dim': encoder.hidden_dim, 'clip_layers': list(encoder.clip_layers)},
@@ -440,7 +452,8 @@ def _abstract_bench(config_name: str, num_steps: int, compile_timeout_s: float, 
     # One process per dtype: a compile that runs out of time or memory is killed without taking the
     # benchmark with it, and each peak RSS is the compile's own.
     records, info = harness.run_worker(WORKER_MODULE, ['--abstract-worker', '--config', config_name, '--dtype',
-                                                       dtype_name, '--num-steps', str(num_steps), '--mode', mode],
+                                                       dtype_name, '--num-steps', str(num_steps), '--mode', mode]
+                                       + _micro_arg(micro_batch),
                                        timeout_s=compile_timeout_s, rss_limit_bytes=rss_limit_bytes)
     by_stage = {r['stage']: r for r in records}
     lowered, compiled = by_stage.get('lowered'), by_stage.get('compiled')
@@ -486,23 +499,27 @@ def _fused_bench(model: model_lib.E4TModel, tuning: personalize_lib.TuningConfig
 
 
 # ----------------------------------------------------------------------------- the PyTorch baseline
-def _jax_draws(modules: model_lib.E4TModules, tuning: personalize_lib.TuningConfig, rng: jax.Array) -> dict:
+def _jax_draws(modules: model_lib.E4TModules, tuning: personalize_lib.TuningConfig, rng: jax.Array,
+               image: np.ndarray | None = None) -> dict:
   """The random numbers the compiled tuning program draws from `rng`, re-derived outside it (same
-  fold_in/split order as `tuning_program` and `e4t_loss`), as NHWC numpy arrays."""
-  from e4t_jax.diffusion import schedule as schedule_lib
+  fold_in/split order as `tuning_program` and `draw_noise`), as NHWC numpy arrays; with `image` ([S, S, 3]
+  in [0, 1]) and augmented views, the views too."""
+  from e4t_jax.e4t.objective import draw_noise
   side = modules.unet.config.sample_size
   shape = (tuning.batch_size, side, side, modules.unet.config.in_channels)
   steps = []
   for i in range(tuning.num_steps):
-    k_vae, k_noise, k_t = jax.random.split(jax.random.fold_in(rng, i), 3)
-    steps.append({'vae_eps': np.asarray(jax.random.normal(k_vae, shape, jnp.float32)),
-                  'noise': np.asarray(jax.random.normal(k_noise, shape, jnp.float32)),
-                  'timesteps': np.asarray(schedule_lib.sample_timesteps(k_t, shape[0], modules.schedule))})
+    draws = draw_noise(modules, jax.random.fold_in(rng, i), jax.ShapeDtypeStruct(shape, jnp.float32))
+    steps.append({name: np.asarray(getattr(draws, name)) for name in ('vae_eps', 'noise', 'timesteps')})
   k_vae, k_noise = jax.random.split(jax.random.fold_in(rng, tuning.num_steps))
   readout_shape = (len(tuning.readout_timesteps),) + shape[1:]
   readout = {'vae_eps': np.asarray(jax.random.normal(k_vae, (1,) + shape[1:], jnp.float32)),
              'noise': np.asarray(jax.random.normal(k_noise, readout_shape, jnp.float32))}
-  return {'steps': steps, 'readout': readout}
+  result = {'steps': steps, 'readout': readout}
+  if image is not None and tuning.augment:
+    result['views'] = np.asarray(personalize_lib.make_views(
+        jnp.asarray(image) * 2.0 - 1.0, jax.random.fold_in(rng, tuning.num_steps + 1), tuning.batch_size, True))
+  return result
 
 
 def _torch_baseline(model: model_lib.E4TModel, tuning: personalize_lib.TuningConfig, images: Sequence[np.ndarray],
@@ -519,7 +536,7 @@ def _torch_baseline(model: model_lib.E4TModel, tuning: personalize_lib.TuningCon
   pixels = [personalize_lib.prepare_image(image, size) for image in images]
 
   # Parity: the first concept again, with the JAX program's own random draws.
-  parity_draws = _jax_draws(model.modules, tuning, keys[0])
+  parity_draws = _jax_draws(model.modules, tuning, keys[0], pixels[0])
   torch_trace, torch_embedding = tuner.personalize(pixels[0], tuning, draws=parity_draws)
   jax_trace = np.asarray(jax_first_concept.loss_trace, np.float64)
   rel = np.abs(np.asarray(torch_trace) - jax_trace) / np.maximum(np.abs(jax_trace), 1e-12)

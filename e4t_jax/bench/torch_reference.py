@@ -24,7 +24,8 @@ from e4t_jax.errors import ConfigError
 
 
 class TorchE4T:
-  """Our E4T tuning re-implemented in PyTorch eager, on our tiny model's weights.
+  """Our E4T tuning re-implemented in PyTorch eager, on our tiny model's weights; lite and paper mode
+  (in paper mode the U-Net's tuned kernels train too, at their own learning rate, on the batch of views).
 
   The frozen networks are the real diffusers / transformers modules, loaded with `from_pretrained`
   from the folders our savers write (U-Net, VAE, CLIP text, CLIP vision); the E4T encoder is
@@ -60,6 +61,8 @@ class TorchE4T:
       self.vision = CLIPVisionModel.from_pretrained(work_dir / 'image_encoder', **load)
     for module in (self.unet, self.vae, self.text, self.vision):
       module.eval().requires_grad_(False)
+    self.unet_params = params['unet']
+    self.initial_unet = {k: v.detach().clone() for k, v in self.unet.named_parameters()}  # paper mode resets
 
     config = modules.config
     if config.trainable_patterns:
@@ -181,58 +184,109 @@ class TorchE4T:
             + self.config.lambda_offsets * offsets_reg)
 
   # --------------------------------------------------------------------------- tuning
+  def _tuned_unet_weights(self, tuning: personalize_lib.TuningConfig) -> dict:
+    """Paper mode: the diffusers U-Net weights of the kernels `tuned_unet_kernels` picks (torch key -> param)."""
+    from e4t_jax.convert import common as convert_common
+    weights = dict(self.unet.named_parameters())
+    keys = [convert_common.torch_key(tuple(p.split('/')) + ('kernel',))
+            for p in personalize_lib.tuned_unet_kernels(self.unet_params, tuning)]
+    missing = [k for k in keys if k not in weights]
+    if missing:
+      raise ConfigError(f'tuned kernels {missing[:3]} are not diffusers U-Net weights.')
+    return {k: weights[k] for k in keys}
+
+  def _views(self, image_t, count: int, augment: bool, generator, max_zoom: float = 1.15):
+    """`make_views` in torch (for timing; parity runs use the JAX views): view 0 is the image, the others
+    mirrored with probability 1/2 and zoomed in by [1, max_zoom] around a random point (bilinear)."""
+    torch = self.torch
+    views = image_t.expand(count, -1, -1, -1).clone()
+    if not augment or count == 1:
+      return views
+    flip = torch.rand(count, generator=generator) < 0.5
+    flip[0] = False
+    views[flip] = views[flip].flip(-1)
+    zoom = 1.0 + (max_zoom - 1.0) * torch.rand(count, generator=generator)
+    zoom[0] = 1.0
+    shift = (torch.rand(count, 2, generator=generator) * 2 - 1) * (1 - 1 / zoom)[:, None]
+    theta = torch.zeros(count, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / zoom
+    theta[:, :, 2] = shift
+    grid = torch.nn.functional.affine_grid(theta, list(views.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(views, grid, mode='bilinear', align_corners=False)
+
   def personalize(self, image: np.ndarray, tuning: personalize_lib.TuningConfig, *, draws: dict | None = None,
                   generator=None) -> tuple[list[float], np.ndarray]:
-    """Tunes a fresh copy of the encoder and offsets on `image` ([S, S, 3] float in [0, 1]).
+    """Tunes a fresh copy of the encoder and offsets (and in paper mode the U-Net's kernels) on `image`
+    ([S, S, 3] float in [0, 1]).
 
-    Random numbers come from `draws` (`_jax_draws`: the JAX program's own) or, when None, from the
-    torch `generator`. Returns (loss trace, w*).
+    Random numbers come from `draws` (`_jax_draws`: the JAX program's own, paper mode's views included)
+    or, when None, from the torch `generator`. Returns (loss trace, w*).
     """
     torch = self.torch
+    paper = tuning.mode == 'paper'
+    if tuning.micro_batch not in (None, tuning.batch_size):
+      raise ConfigError('the torch baseline tunes on the whole batch at once (no micro_batch).')
     self.encoder.load_state_dict(self.initial_encoder_state)
     offsets = {key: (down.clone().requires_grad_(True), up.clone().requires_grad_(True))
                for key, (down, up) in self.initial_offsets.items()}
-    trainable = list(self.encoder.parameters()) + [t for pair in offsets.values() for t in pair]
-    optimizer = torch.optim.Adam(trainable, lr=tuning.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    groups = [{'params': list(self.encoder.parameters()) + [t for pair in offsets.values() for t in pair],
+               'lr': tuning.learning_rate}]
+    unet_weights = self._tuned_unet_weights(tuning) if paper else {}
+    for key, weight in unet_weights.items():  # a fresh copy of the domain's U-Net for every concept
+      weight.data.copy_(self.initial_unet[key])
+      weight.requires_grad_(True)
+    if unet_weights:
+      groups.append({'params': list(unet_weights.values()), 'lr': tuning.unet_learning_rate})
+    optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8)
     batch = tuning.batch_size
+    nchw = lambda x: torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
     image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None] * 2.0 - 1.0
-    images = image_t.expand(batch, -1, -1, -1)
-    prompt = personalize_lib.tuning_prompt(self.modules, tuning)
-    prompt_ids = torch.tensor(self.modules.tokenize([prompt.format(self.config.placeholder)] * batch),
-                              dtype=torch.long)
+    if draws is not None and 'views' in draws:
+      images = nchw(draws['views'])
+    elif paper or tuning.augment:
+      images = self._views(image_t, batch, tuning.augment, generator)
+    else:
+      images = image_t.expand(batch, -1, -1, -1)
+    ids = personalize_lib.tuning_ids(self.modules, tuning)
+    prompt_ids = torch.tensor(np.broadcast_to(ids, (batch, ids.shape[-1])), dtype=torch.long)
     side = self.modules.unet.config.sample_size
     latent_shape = (batch, self.modules.unet.config.in_channels, side, side)
-    nchw = lambda x: torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
     num_timesteps = self.alphas_cumprod.shape[0]
     losses = []
-    for i in range(tuning.num_steps):
-      if draws is not None:
-        step = draws['steps'][i]
-        vae_eps, noise = nchw(step['vae_eps']), nchw(step['noise'])
-        timesteps = torch.from_numpy(np.asarray(step['timesteps'], np.int64))
-      else:
-        vae_eps = torch.randn(latent_shape, generator=generator)
-        noise = torch.randn(latent_shape, generator=generator)
-        timesteps = torch.randint(0, num_timesteps, (batch,), generator=generator)
-      optimizer.zero_grad(set_to_none=True)
-      loss = self.loss(offsets, images, prompt_ids, vae_eps, noise, timesteps)
-      loss.backward()
-      optimizer.step()
-      losses.append(float(loss.detach()))
+    try:
+      for i in range(tuning.num_steps):
+        if draws is not None:
+          step = draws['steps'][i]
+          vae_eps, noise = nchw(step['vae_eps']), nchw(step['noise'])
+          timesteps = torch.from_numpy(np.asarray(step['timesteps'], np.int64))
+        else:
+          vae_eps = torch.randn(latent_shape, generator=generator)
+          noise = torch.randn(latent_shape, generator=generator)
+          timesteps = torch.randint(0, num_timesteps, (batch,), generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(offsets, images, prompt_ids, vae_eps, noise, timesteps)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
 
-    # Read-out of w*: the encoder's prediction averaged over fixed timesteps and noise draws.
-    readout_t = torch.tensor(list(tuning.readout_timesteps), dtype=torch.long)
-    count = len(readout_t)
-    with torch.no_grad():
-      if draws is not None:
-        vae_eps, noise = nchw(draws['readout']['vae_eps']), nchw(draws['readout']['noise'])
-      else:
-        vae_eps = torch.randn((1,) + latent_shape[1:], generator=generator)
-        noise = torch.randn((count,) + latent_shape[1:], generator=generator)
-      latents = self._latents(images[:1], vae_eps).expand(count, -1, -1, -1)
-      noisy = self._add_noise(latents, noise, readout_t)
-      offset = self._predict_offset(images[:1].expand(count, -1, -1, -1), noisy, readout_t)
-      w_star = self.coarse_embedding + self.config.embedding_scale * offset.mean(dim=0)
+      # Read-out of w*: the encoder's prediction averaged over fixed timesteps and noise draws, from the
+      # image itself (view 0) and the tuned U-Net's contracting path.
+      readout_t = torch.tensor(list(tuning.readout_timesteps), dtype=torch.long)
+      count = len(readout_t)
+      with torch.no_grad():
+        if draws is not None:
+          vae_eps, noise = nchw(draws['readout']['vae_eps']), nchw(draws['readout']['noise'])
+        else:
+          vae_eps = torch.randn((1,) + latent_shape[1:], generator=generator)
+          noise = torch.randn((count,) + latent_shape[1:], generator=generator)
+        latents = self._latents(images[:1], vae_eps).expand(count, -1, -1, -1)
+        noisy = self._add_noise(latents, noise, readout_t)
+        offset = self._predict_offset(images[:1].expand(count, -1, -1, -1), noisy, readout_t)
+        w_star = self.coarse_embedding + self.config.embedding_scale * offset.mean(dim=0)
+    finally:
+      for key, weight in unet_weights.items():
+        weight.requires_grad_(False)
+        weight.data.copy_(self.initial_unet[key])
     return losses, w_star.numpy()
 
 

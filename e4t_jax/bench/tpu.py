@@ -52,17 +52,18 @@ def topology_devices(name: str) -> list:
                       'try e.g. v5e:2x2, v5e:4x4, v5p:2x2x2, v6e:2x2.') from None
 
 
-def _program(config_name: str, program: str, devices: list, mesh_shape: dict[str, int], dtype: str):
-  """(lowered program) of `program` for `devices`."""
+def _program(config_name: str, program: str, devices: list, mesh_shape: dict[str, int], dtype: str,
+             tuning=None, remat: str = 'none'):
+  """(lowered program) of `program` for `devices`; `tuning` (a TuningConfig) for 'personalize'."""
   from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
   from e4t_jax import personalize as personalize_lib
   from e4t_jax.bench import full as bench_full
   sds = jax.ShapeDtypeStruct
   if program == 'personalize':
-    model = bench_full.job_modules(config_name, bench_full.Job('personalize', dtype=dtype))
+    model = bench_full.job_modules(config_name, bench_full.Job('personalize', dtype=dtype, remat=remat))
     one = SingleDeviceSharding(devices[0])
     on = lambda tree: jax.tree.map(lambda x: sds(x.shape, x.dtype, sharding=one), tree)
-    m, tuning = model.modules, personalize_lib.TuningConfig(num_steps=5)
+    m, tuning = model.modules, tuning or personalize_lib.TuningConfig(num_steps=5)
     ids, size, key = personalize_lib.tuning_ids(m, tuning), m.image_size, jax.eval_shape(lambda: jax.random.key(0))
     args = (on(model.params), sds((size, size, 3), jnp.float32, sharding=one), sds(key.shape, key.dtype, sharding=one),
             sds((), jnp.int32, sharding=one), sds(ids.shape, jnp.int32, sharding=one))
@@ -72,7 +73,7 @@ def _program(config_name: str, program: str, devices: list, mesh_shape: dict[str
   from e4t_jax.train import loop, step as step_lib
   mesh = mesh_lib.make_mesh(mesh_shape, devices=devices)
   batch = mesh_shape.get('data', 1) * mesh_shape.get('fsdp', 1) * 2
-  model = bench_full.job_modules(config_name, bench_full.Job('pretrain', dtype=dtype, batch=batch))
+  model = bench_full.job_modules(config_name, bench_full.Job('pretrain', dtype=dtype, batch=batch, remat=remat))
   step_fn, state, frozen = bench_full._pretrain_step(model)  # pylint: disable=protected-access
   rules = mesh_lib.DEFAULT_LOGICAL_AXIS_RULES
   trainable_shardings, frozen_shardings = loop.state_and_frozen_shardings(model, mesh, rules, 'fsdp')
@@ -95,9 +96,12 @@ def _program(config_name: str, program: str, devices: list, mesh_shape: dict[str
 
 
 def compile_report(config_name: str, program: str, topology: str, mesh_shape: dict[str, int] | None = None,
-                   dtype: str = 'bfloat16') -> dict[str, Any]:
+                   dtype: str = 'bfloat16', tuning=None, remat: str = 'none') -> dict[str, Any]:
   """AOT-compiles `program` for `topology` and reports per-chip memory against the chip's HBM, FLOPs, the
-  collectives in the compiled HLO and the compile seconds."""
+  collectives in the compiled HLO and the compile seconds.
+
+  tuning: the `TuningConfig` of 'personalize' (None: lite mode, 5 steps); remat: the U-Net's remat
+  policy ('none' or a `jax.checkpoint_policies` name, e.g. 'nothing_saveable')."""
   if program not in PROGRAMS:
     raise ConfigError(f'--program {program!r} is not one of {PROGRAMS}.')
   devices = topology_devices(topology)
@@ -106,7 +110,7 @@ def compile_report(config_name: str, program: str, topology: str, mesh_shape: di
     raise ConfigError(f'mesh {mesh_shape} has {int(np.prod(list(mesh_shape.values())))} devices, the topology '
                       f'{topology} has {len(devices)}.')
   start = time.perf_counter()
-  lowered = _program(config_name, program, devices, mesh_shape, dtype)
+  lowered = _program(config_name, program, devices, mesh_shape, dtype, tuning, remat)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()
@@ -121,7 +125,11 @@ def compile_report(config_name: str, program: str, topology: str, mesh_shape: di
   text = compiled.as_text() or ''
   return {'config': config_name, 'program': program, 'topology': topology, 'device_kind': kind,
           'chips': len(devices) if program == 'pretrain' else 1, 'mesh': mesh_shape if program == 'pretrain' else None,
-          'dtype': dtype, 'memory_per_chip': memory, 'peak_bytes_per_chip': peak, 'hbm_bytes': hbm,
+          'dtype': dtype, 'remat': remat,
+          'tuning': None if program != 'personalize' or tuning is None else {
+              'mode': tuning.mode, 'num_steps': tuning.num_steps, 'batch_size': tuning.batch_size,
+              'micro_batch': tuning.micro_batch},
+          'memory_per_chip': memory, 'peak_bytes_per_chip': peak, 'hbm_bytes': hbm,
           'fits': None if hbm is None or peak is None else bool(peak <= hbm),
           'flops': runtime.cost_stats(lowered).get('flops') or runtime.cost_stats(compiled).get('flops'),
           'collectives': {op: text.count(f' {op}(') + text.count(f' {op}-start(') for op in COLLECTIVES},

@@ -195,11 +195,15 @@ class _Canvas:
     side = size * _SUPERSAMPLE
     self.pixels = np.empty((side, side, 3), np.float32)
     self.pixels[:] = np.asarray(color, np.float32)
+    self.subject = np.zeros((side, side), bool)  # where the painted pixels show the face (the loss mask)
     coords = (np.arange(side, dtype=np.float32) + 0.5) / side
     self.y, self.x = coords[:, None], coords[None, :]
 
-  def paint(self, mask: np.ndarray, color) -> None:
-    self.pixels[np.broadcast_to(mask, self.pixels.shape[:2])] = np.asarray(color, np.float32)
+  def paint(self, mask: np.ndarray, color, subject: bool = True) -> None:
+    """Paints `color` where `mask`; `subject`: those pixels now show the face (False: the context)."""
+    mask = np.broadcast_to(mask, self.pixels.shape[:2])
+    self.pixels[mask] = np.asarray(color, np.float32)
+    self.subject[mask] = subject
 
   def ellipse(self, cy, cx, ry, rx) -> np.ndarray:
     return ((self.y - cy) / ry) ** 2 + ((self.x - cx) / rx) ** 2 <= 1.0
@@ -222,10 +226,17 @@ class _Canvas:
     blocks = self.pixels.reshape(side, _SUPERSAMPLE, side, _SUPERSAMPLE, 3).mean(axis=(1, 3))
     return np.clip(np.rint(blocks), 0, 255).astype(np.uint8)
 
+  def subject_mask(self) -> np.ndarray:
+    """float32 [size, size] in [0, 1]: the fraction of each pixel that shows the face."""
+    side = self.size
+    return self.subject.reshape(side, _SUPERSAMPLE, side, _SUPERSAMPLE).mean(axis=(1, 3), dtype=np.float32)
+
 
 def render(identity: Identity, context: Context = Context(), *, size: int = IMAGE_SIZE,
-           jitter: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
-  """Draws one face: uint8 [size, size, 3].
+           jitter: tuple[float, float] = (0.0, 0.0), with_mask: bool = False):
+  """Draws one face: uint8 [size, size, 3]; with `with_mask`, (image, mask) where the mask is float32
+  [size, size] in [0, 1], the fraction of each pixel showing the face (head, ears, hair and features;
+  not the background, and not the accessory where it covers the face).
 
   jitter: (dy, dx) shift of the face centre in units of the image side (records use up to +-0.04).
   """
@@ -293,24 +304,27 @@ def render(identity: Identity, context: Context = Context(), *, size: int = IMAG
     canvas.paint(canvas.rect(mouth_y - 0.03 * ry, cx - 0.3 * rx, mouth_y + 0.03 * ry, cx + 0.3 * rx), (60, 20, 20))
   else:  # open
     canvas.paint(canvas.ellipse(mouth_y, cx, 0.12 * ry, 0.16 * rx), (60, 20, 20))
-  # Accessory (context).
+  # Accessory (context): painted over the face, it is not part of the face's mask.
+  wear = lambda region, color: canvas.paint(region, color, subject=False)
   if ctx['accessory'] == 'hat':
     brim_y = cy - 0.8 * ry
-    canvas.paint(canvas.rect(brim_y - 0.05 * ry, cx - 1.05 * rx, brim_y + 0.06 * ry, cx + 1.05 * rx), (40, 40, 40))
-    canvas.paint(canvas.rect(brim_y - 0.75 * ry, cx - 0.6 * rx, brim_y, cx + 0.6 * rx), (40, 40, 40))
-    canvas.paint(canvas.rect(brim_y - 0.2 * ry, cx - 0.6 * rx, brim_y - 0.08 * ry, cx + 0.6 * rx), (230, 30, 30))
+    wear(canvas.rect(brim_y - 0.05 * ry, cx - 1.05 * rx, brim_y + 0.06 * ry, cx + 1.05 * rx), (40, 40, 40))
+    wear(canvas.rect(brim_y - 0.75 * ry, cx - 0.6 * rx, brim_y, cx + 0.6 * rx), (40, 40, 40))
+    wear(canvas.rect(brim_y - 0.2 * ry, cx - 0.6 * rx, brim_y - 0.08 * ry, cx + 0.6 * rx), (230, 30, 30))
   elif ctx['accessory'] == 'glasses':
     for sign in (-1, 1):
       ex = cx + sign * 0.42 * rx
       lens = canvas.ellipse(ey, ex, 0.25 * ry, 0.27 * rx) & ~canvas.ellipse(ey, ex, 0.17 * ry, 0.19 * rx)
-      canvas.paint(lens, (15, 15, 15))
-    canvas.paint(canvas.rect(ey - 0.03 * ry, cx - 0.18 * rx, ey + 0.03 * ry, cx + 0.18 * rx), (15, 15, 15))
+      wear(lens, (15, 15, 15))
+    wear(canvas.rect(ey - 0.03 * ry, cx - 0.18 * rx, ey + 0.03 * ry, cx + 0.18 * rx), (15, 15, 15))
   elif ctx['accessory'] == 'bowtie':
     by = cy + ry * 1.02
     for sign in (-1, 1):
-      canvas.paint(canvas.triangle((by, cx), (by - 0.2 * ry, cx + sign * 0.45 * rx), (by + 0.2 * ry, cx + sign * 0.45 * rx)),
-                   (245, 245, 245))
-    canvas.paint(canvas.ellipse(by, cx, 0.07 * ry, 0.07 * rx), (150, 150, 150))
+      wear(canvas.triangle((by, cx), (by - 0.2 * ry, cx + sign * 0.45 * rx), (by + 0.2 * ry, cx + sign * 0.45 * rx)),
+           (245, 245, 245))
+    wear(canvas.ellipse(by, cx, 0.07 * ry, 0.07 * rx), (150, 150, 150))
+  if with_mask:
+    return canvas.result(), canvas.subject_mask()
   return canvas.result()
 
 
@@ -322,14 +336,17 @@ class SyntheticFaces:
     'image':    uint8 [size, size, 3]
     'caption':  bytes scalar, the context caption with '{}' for the subject word
     'identity': int32 [9], 'context': int32 [3] (the generator's parameters, for read-out training)
+    'mask':     float32 [size, size] in [0, 1], where the face is (`render`'s mask), with `with_mask`
   """
 
-  def __init__(self, num_records: int, size: int = IMAGE_SIZE, seed: int = 0, *, split: str = 'train'):
+  def __init__(self, num_records: int, size: int = IMAGE_SIZE, seed: int = 0, *, split: str = 'train',
+               with_mask: bool = False):
     if isinstance(num_records, bool) or not isinstance(num_records, (int, np.integer)) or num_records < 1:
       raise InputError(f'num_records must be a positive integer, got {num_records!r}.')
     if split not in ('train', 'heldout'):
       raise InputError(f"split must be 'train' or 'heldout', got {split!r}.")
     self.num_records, self.size, self.seed, self.split = int(num_records), int(size), int(seed), split
+    self.with_mask = bool(with_mask)
 
   def __len__(self) -> int:
     return self.num_records
@@ -346,13 +363,17 @@ class SyntheticFaces:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     identity, context, jitter = self.sample(index)
-    return {'image': render(identity, context, size=self.size, jitter=jitter),
-            'caption': np.asarray(context.template().encode()),
-            'identity': identity.to_array(), 'context': context.to_array()}
+    drawn = render(identity, context, size=self.size, jitter=jitter, with_mask=self.with_mask)
+    image, mask = drawn if self.with_mask else (drawn, None)
+    record = {'image': image, 'caption': np.asarray(context.template().encode()),
+              'identity': identity.to_array(), 'context': context.to_array()}
+    if mask is not None:
+      record['mask'] = mask
+    return record
 
   def render_all(self, progress: str | None = None) -> dict[str, np.ndarray]:
     """Every record as arrays: 'images' uint8 [n, size, size, 3], 'identity' int32 [n, 9],
-    'context' int32 [n, 3].
+    'context' int32 [n, 3] (and 'masks' float32 [n, size, size] with `with_mask`).
 
     progress: a bar label on stderr (None: silent).
     """
@@ -361,13 +382,18 @@ class SyntheticFaces:
     arrays = {'images': np.empty((n, self.size, self.size, 3), np.uint8),
               'identity': np.empty((n, len(IDENTITY_ATTRIBUTES)), np.int32),
               'context': np.empty((n, len(CONTEXT_ATTRIBUTES)), np.int32)}
+    if self.with_mask:
+      arrays['masks'] = np.empty((n, self.size, self.size), np.float32)
     with progress_bar(n, progress or '', 'img', enabled=progress is not None) as bar:
       for i in range(n):
         record = self[i]
         arrays['images'][i], arrays['identity'][i], arrays['context'][i] = (
             record['image'], record['identity'], record['context'])
+        if self.with_mask:
+          arrays['masks'][i] = record['mask']
         bar.update(1)
     return arrays
 
   def __repr__(self) -> str:
-    return f'SyntheticFaces(num_records={self.num_records}, size={self.size}, seed={self.seed}, split={self.split!r})'
+    return (f'SyntheticFaces(num_records={self.num_records}, size={self.size}, seed={self.seed}, split={self.split!r}'
+            f'{", with_mask=True" if self.with_mask else ""})')

@@ -71,6 +71,27 @@ def image_features(modules, params: Mapping[str, Any], images: jax.Array) -> Ima
                        coarse_context=jax.lax.stop_gradient(coarse_context))
 
 
+@flax.struct.dataclass
+class NoiseDraws:
+  """The random numbers of one objective evaluation, per batch row. Drawing them for a whole batch and
+  slicing (gradient accumulation over micro-batches) gives each row the draws it has in one pass."""
+  vae_eps: jax.Array    # [batch, h, w, latent] standard normal: the VAE posterior's reparameterised sample
+  noise: jax.Array      # [batch, h, w, latent] the diffusion noise epsilon
+  timesteps: jax.Array  # [batch] int32
+
+  def rows(self, start: int | jax.Array, size: int) -> 'NoiseDraws':
+    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), self)
+
+
+def draw_noise(modules, rng: jax.Array, latent: jax.ShapeDtypeStruct | jax.Array) -> NoiseDraws:
+  """The draws `e4t_loss` makes from `rng` for posterior means shaped like `latent` [batch, h, w, c]."""
+  k_vae, k_noise, k_t = jax.random.split(rng, 3)
+  vae_eps = jax.random.normal(k_vae, latent.shape, latent.dtype)
+  noise = jax.random.normal(k_noise, latent.shape, latent.dtype)
+  return NoiseDraws(vae_eps=vae_eps, noise=noise,
+                    timesteps=schedule_lib.sample_timesteps(k_t, latent.shape[0], modules.schedule))
+
+
 def predict_offset(modules, params: Mapping[str, Any], images: jax.Array, noisy_latents: jax.Array,
                    timesteps: jax.Array, features: ImageFeatures | None = None) -> jax.Array:
   """The encoder's embedding offset f [batch, width] for images in [-1, 1] and their noised latents."""
@@ -83,8 +104,9 @@ def predict_offset(modules, params: Mapping[str, Any], images: jax.Array, noisy_
   return modules.encoder.apply({'params': params['encoder']}, features.clip_hidden_states, unet_features)
 
 
-def e4t_loss(modules, params: Mapping[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array,
-             features: ImageFeatures | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def e4t_loss(modules, params: Mapping[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array | None,
+             features: ImageFeatures | None = None, draws: NoiseDraws | None = None,
+             loss_mask: bool | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The E4T objective on one batch.
 
   Args:
@@ -92,19 +114,23 @@ def e4t_loss(modules, params: Mapping[str, Any], batch: Mapping[str, jax.Array],
     params: the merged params tree (frozen + trainable).
     batch: 'images' [batch, H, W, 3] in [-1, 1]; 'input_ids' [batch, tokens] prompts containing the
       placeholder; optional 'mask' [batch, H, W] in [0, 1] (used when config.use_loss_mask).
-    rng: a PRNG key; the VAE sample, noise and timesteps are drawn from it.
+    rng: a PRNG key; the VAE sample, noise and timesteps are drawn from it (`draw_noise`).
     features: `image_features` of batch['images'] when already computed (per-concept tuning).
+    draws: the draws themselves instead of `rng` (rows of a larger batch's `draw_noise`).
+    loss_mask: weight the diffusion loss by batch['mask'] (None: config.use_loss_mask).
   Returns:
     (loss, metrics) with metrics 'loss', 'diffusion_loss', 'embedding_reg', 'offsets_reg', 'offset_norm'.
   """
   config = modules.config
   images = batch['images']
-  k_vae, k_noise, k_t = jax.random.split(rng, 3)
   if features is None:
     features = image_features(modules, params, images)
-  latents = scale_latents(modules.vae.config, features.posterior.sample(k_vae))
-  noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
-  timesteps = schedule_lib.sample_timesteps(k_t, latents.shape[0], modules.schedule)
+  posterior = features.posterior
+  if draws is None:
+    draws = draw_noise(modules, rng, posterior.mean)
+  # = posterior.sample(k_vae) for the key draw_noise splits off for it.
+  latents = scale_latents(modules.vae.config, posterior.mean + posterior.std * draws.vae_eps)
+  noise, timesteps = draws.noise.astype(latents.dtype), draws.timesteps
   noisy = schedule_lib.add_noise(modules.schedule, latents, noise, timesteps)
 
   offset = predict_offset(modules, params, images, noisy, timesteps, features)  # f: [batch, width]
@@ -118,7 +144,7 @@ def e4t_loss(modules, params: Mapping[str, Any], batch: Mapping[str, jax.Array],
   prediction = modules.unet.apply({'params': unet_params}, noisy, timesteps, context).astype(jnp.float32)
   target = schedule_lib.training_target(modules.schedule, latents, noise, timesteps)
 
-  mask = batch.get('mask') if config.use_loss_mask else None
+  mask = batch.get('mask') if (config.use_loss_mask if loss_mask is None else loss_mask) else None
   diffusion_loss = masked_mse(prediction, target, None if mask is None else latent_mask(mask, latents.shape[1]))
   embedding_reg = jnp.mean(jnp.sum(jnp.square(offset), axis=-1))
   offsets_reg = offsets_lib.offsets_l2(params['weight_offsets'])

@@ -90,7 +90,7 @@ def parse_method(text: str) -> tuple[str, int]:
 class _Tuner:
   """Compile-once tuning for one method kind at a maximum step count: (image, prompt, key) -> (model, concept)."""
 
-  def __init__(self, model, kind: str, max_steps: int, encoder: str = 'averaged'):
+  def __init__(self, model, kind: str, max_steps: int, encoder: str = 'averaged', loss_mask: bool = False):
     from e4t_jax import personalize  # pylint: disable=g-import-not-at-top
     from e4t_jax.lab import baselines
     self.model, self.kind = model, kind
@@ -99,7 +99,7 @@ class _Tuner:
       self.fn = None
     elif kind in ('e4t', 'e4t_paper'):  # per_step generation needs the tuned encoder kept
       tuning = personalize.TuningConfig(mode='paper' if kind == 'e4t_paper' else 'lite',
-                                        keep_encoder=encoder == 'per_step')
+                                        keep_encoder=encoder == 'per_step', loss_mask=loss_mask)
       self.fn = personalize.make_personalize_fn(model, num_steps=max_steps, tuning=tuning)
     elif kind == 'textual_inversion':
       self.fn = baselines.make_textual_inversion_fn(model, num_steps=max(max_steps, 1))
@@ -107,7 +107,7 @@ class _Tuner:
       self.fn = baselines.make_dreambooth_fn(model, num_steps=max(max_steps, 1))
     self.compile_seconds = time.perf_counter() - start
 
-  def __call__(self, image: np.ndarray, prompt: str, key: jax.Array, steps: int):
+  def __call__(self, image: np.ndarray, prompt: str, key: jax.Array, steps: int, mask: np.ndarray | None = None):
     from e4t_jax.lab import baselines  # pylint: disable=g-import-not-at-top
     if self.kind in REFERENCE_KINDS:
       return self.model, None
@@ -115,7 +115,8 @@ class _Tuner:
       unet_params, concept = self.fn(self.model.params, image, key, num_steps=steps, prompt=prompt)
       jax.block_until_ready(concept.embedding)
       return baselines.model_with_unet(self.model, unet_params), concept
-    concept = self.fn(self.model.params, image, key, num_steps=steps, prompt=prompt)
+    extra = {} if mask is None or self.kind not in ('e4t', 'e4t_paper') else {'mask': mask}
+    concept = self.fn(self.model.params, image, key, num_steps=steps, prompt=prompt, **extra)
     jax.block_until_ready(concept.embedding)
     return self.model, concept
 
@@ -133,14 +134,15 @@ def _reference_prompt(kind: str, model, identity: synthetic.Identity, context: s
 
 def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case], *, seed: int = 0,
                     tuner: _Tuner | None = None, grid_path: str | os.PathLike | None = None,
-                    progress: bool = True, encoder: str = 'averaged') -> dict[str, Any]:
+                    progress: bool = True, encoder: str = 'averaged', loss_mask: bool = False) -> dict[str, Any]:
   """Tunes one concept per case with `kind` at `steps`, renders its prompts and scores them. `encoder`:
-  how E4T concepts are read while sampling ('per_step': the tuned encoder at every step, one concept a call)."""
+  how E4T concepts are read while sampling ('per_step': the tuned encoder at every step, one concept a call).
+  `loss_mask`: E4T tuning weights its loss by the input's face mask (`synthetic.render(with_mask=True)`)."""
   per_step = encoder == 'per_step' and kind in ('e4t', 'e4t_paper')
   from e4t_jax.lab import baselines  # pylint: disable=g-import-not-at-top
   from e4t_jax.lab import evaluate
   from e4t_jax import generation as generate_lib
-  tuner = tuner or _Tuner(model, kind, steps, encoder)
+  tuner = tuner or _Tuner(model, kind, steps, encoder, loss_mask)
   placeholder = model.config.placeholder
   bar = progress_bar(len(cases), f'{kind}:{steps}', 'concept', enabled=progress)
   images, identities, contexts, tune_seconds = [], [], [], []
@@ -158,9 +160,10 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
     pending.clear()
 
   for i, case in enumerate(cases):
-    image = synthetic.render(case.identity, case.input_context)
+    image, mask = synthetic.render(case.identity, case.input_context, with_mask=True)
     start = time.perf_counter()
-    tuned_model, concept = tuner(image, case.input_context.template(), jax.random.key(seed * 100_003 + i), steps)
+    tuned_model, concept = tuner(image, case.input_context.template(), jax.random.key(seed * 100_003 + i), steps,
+                                 mask if loss_mask else None)
     tune_seconds.append(time.perf_counter() - start)
     if kind == 'e4t_paper' and stored_bytes is None:
       stored_bytes = concept_float32_bytes(concept)
@@ -186,6 +189,7 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
   images = np.concatenate(images)
   result = evaluate.evaluate_images(readout, images, identities, contexts)
   result.update(method=kind, steps=steps, identities=len(cases), images=int(len(images)), encoder=encoder,
+                loss_mask=bool(loss_mask and kind in ('e4t', 'e4t_paper')),
                 tune_seconds_per_concept=float(np.median(tune_seconds)),
                 compile_seconds=round(tuner.compile_seconds, 2),
                 bytes_per_concept=0 if kind in REFERENCE_KINDS else
@@ -252,9 +256,10 @@ def compression_study(model, readout, cases: Sequence[Case], *, steps: int = 15,
 
 def run(model_dir: str | os.PathLike | None, out: str | os.PathLike, methods: Sequence[str] = DEFAULT_METHODS, *,
         num_identities: int = 50, seed: int = 0, label: str = '', readout_path: str | os.PathLike | None = None,
-        grids: bool = True, encoder: str = 'averaged') -> dict[str, Any]:
+        grids: bool = True, encoder: str = 'averaged', loss_mask: bool = False) -> dict[str, Any]:
   """Evaluates each method ('kind:steps') on `num_identities` cases; results accumulate in `out` (JSON).
-  `encoder` = 'per_step' renders E4T concepts with the encoder read at every step (name them with a label)."""
+  `encoder` = 'per_step' renders E4T concepts with the encoder read at every step, `loss_mask` tunes them
+  with the face mask weighting the loss (name either with a label)."""
   import e4t_jax  # pylint: disable=g-import-not-at-top
   from e4t_jax.lab import evaluate  # pylint: disable=g-import-not-at-top
   parsed = [parse_method(m) for m in methods]
@@ -276,11 +281,11 @@ def run(model_dir: str | os.PathLike | None, out: str | os.PathLike, methods: Se
     # One executable per kind, compiled for the largest step count asked for; fewer steps run on it.
     max_steps = max(s for k, s in parsed if k == kind)
     if kind not in tuners:
-      tuners[kind] = _Tuner(model, kind, max_steps, encoder)
+      tuners[kind] = _Tuner(model, kind, max_steps, encoder, loss_mask)
     slug = ''.join(c if c.isalnum() or c in '_.' else '-' for c in name)
     grid = out.with_name(f'{out.stem}-{slug}.png') if grids else None
     result = evaluate_method(model, readout, kind, steps, cases, seed=seed, tuner=tuners[kind], grid_path=grid,
-                             encoder=encoder)
+                             encoder=encoder, loss_mask=loss_mask)
     result['model'] = str(model_folder)
     results[name] = result
     atomic_write_bytes(out, [json.dumps(results, indent=2).encode()])

@@ -132,7 +132,7 @@ def make_source(data: config_lib.DataConfig, image_size: int, with_mask: bool):
     return sources.SyntheticSource(data.synthetic_records, size, seed=data.shuffle_seed, with_mask=with_mask)
   if data.source == 'synthetic_faces':
     from e4t_jax.data.synthetic import SyntheticFaces  # pylint: disable=g-import-not-at-top
-    return SyntheticFaces(data.synthetic_records, size, seed=data.shuffle_seed)
+    return SyntheticFaces(data.synthetic_records, size, seed=data.shuffle_seed, with_mask=with_mask)
   if data.source == 'folder':
     return sources.ImageFolderSource(data.path, size, mask_folder=data.mask_path or None)
   if data.source == 'array_record':

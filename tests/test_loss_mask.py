@@ -1,0 +1,80 @@
+"""Loss masks: the synthetic domain's face masks, and masked per-concept tuning (lite and paper mode)."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from e4t_jax import personalize as personalize_lib
+from e4t_jax.data import synthetic
+from e4t_jax.errors import InputError
+
+
+@pytest.fixture(scope='module')
+def masked_fn(tiny_e4t):
+  tuning = personalize_lib.TuningConfig(batch_size=2, loss_mask=True, learning_rate=1e-3)
+  return personalize_lib.make_personalize_fn(tiny_e4t, num_steps=2, tuning=tuning)
+
+
+@pytest.fixture(scope='module')
+def unmasked_fn(tiny_e4t, masked_fn):
+  return personalize_lib.make_personalize_fn(tiny_e4t, num_steps=2, tuning=dataclasses.replace(
+      masked_fn.tuning, loss_mask=False))
+
+
+def test_synthetic_mask_marks_the_face_and_not_the_context():
+  identity = synthetic.Identity(*[0] * len(synthetic.IDENTITY_ATTRIBUTES))
+  plain_image, plain = synthetic.render(identity, synthetic.Context(accessory=0), with_mask=True)
+  np.testing.assert_array_equal(plain_image, synthetic.render(identity, synthetic.Context(accessory=0)))
+  assert plain.shape == (64, 64) and plain.dtype == np.float32 and 0 <= plain.min() and plain.max() <= 1
+  assert plain[0, 0] == 0 and plain[-1, -1] == 0  # background
+  assert plain[36, 32] == 1  # the face's centre
+  # Anti-aliased edges: fractional values where the head's outline crosses a pixel.
+  assert ((plain > 0) & (plain < 1)).any()
+  _, hat = synthetic.render(identity, synthetic.Context(accessory=1), with_mask=True)
+  covered = (plain > 0) & (hat < plain)  # the hat hides part of the head: not part of the mask there
+  assert covered.sum() > 10
+  source = synthetic.SyntheticFaces(4, seed=1, with_mask=True)
+  record = source[2]
+  np.testing.assert_array_equal(record['image'], synthetic.SyntheticFaces(4, seed=1)[2]['image'])
+  assert record['mask'].shape == (64, 64) and record['mask'].max() == 1
+  assert source.render_all()['masks'].shape == (4, 64, 64)
+
+
+def test_views_crop_the_mask_as_their_image():
+  rng = np.random.default_rng(0)
+  image = jnp.asarray(rng.uniform(-1, 1, (16, 16, 3)).astype(np.float32))
+  with_mask = jnp.concatenate([image, image[..., :1]], axis=-1)  # a mask channel equal to channel 0
+  views = personalize_lib.make_views(with_mask, jax.random.key(3), 6, augment=True)
+  np.testing.assert_allclose(np.asarray(views[..., 3]), np.asarray(views[..., 0]), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(views[..., :3]),
+                             np.asarray(personalize_lib.make_views(image, jax.random.key(3), 6, augment=True)),
+                             atol=1e-6)
+
+
+def test_an_all_ones_mask_is_unmasked_tuning_and_a_mask_changes_it(tiny_e4t, random_image, masked_fn,
+                                                                   unmasked_fn):
+  image = random_image(4)
+  unmasked = unmasked_fn(tiny_e4t.params, image)
+  ones = masked_fn(tiny_e4t.params, image)  # no mask given: the whole image
+  np.testing.assert_allclose(np.asarray(ones.loss_trace), np.asarray(unmasked.loss_trace), rtol=1e-5)
+  half = np.zeros(np.shape(image)[:2], np.uint8)
+  half[:, : half.shape[1] // 2] = 255
+  masked = masked_fn(tiny_e4t.params, image, mask=half)
+  assert abs(float(masked.loss_trace[0]) - float(ones.loss_trace[0])) > 1e-4 * abs(float(ones.loss_trace[0]))
+  assert np.isfinite(np.asarray(masked.embedding)).all()
+
+
+def test_masks_are_checked(tiny_e4t, random_image, masked_fn, unmasked_fn):
+  image = random_image(0)  # 40 x 40
+  with pytest.raises(InputError, match='without a loss mask'):
+    unmasked_fn(tiny_e4t.params, image, mask=np.ones((40, 40)))
+  with pytest.raises(InputError, match='aspect ratio'):
+    masked_fn(tiny_e4t.params, image, mask=np.ones((40, 80), np.uint8))
+  with pytest.raises(InputError, match='empty'):
+    masked_fn(tiny_e4t.params, image, mask=np.zeros((40, 40), bool))
+  with pytest.raises(InputError, match='finite'):
+    masked_fn(tiny_e4t.params, image, mask=np.full((40, 40), np.nan, np.float32))
+  with pytest.raises(InputError, match='HxW mask'):
+    masked_fn(tiny_e4t.params, image, mask=np.ones((2, 40, 40, 3)))
