@@ -170,8 +170,8 @@ def _tune_and_sample_program(modules: model_lib.E4TModules, tuning: Any, key: _P
   sample = _sampling_program(modules, key, timesteps)
 
   def program(params, image, rng, num_tuning_steps, tune_ids, prompt_ids, negative_ids, seeds, guidance_scale,
-              eta):
-    w_star, offsets, _, _, healthy, *tuned = tune(params, image, rng, num_tuning_steps, tune_ids)
+              eta, mask=None):
+    w_star, offsets, _, _, healthy, *tuned = tune(params, image, rng, num_tuning_steps, tune_ids, mask)
     images = sample(params['unet'], params['vae'], params['text_encoder'], w_star[None],
                     jax.tree.map(lambda x: x[None], offsets), prompt_ids, negative_ids, seeds, guidance_scale, eta,
                     tuned[0] if tuned else None)
@@ -279,7 +279,7 @@ class Generator:
                                encoder: str = 'averaged', rng: jax.Array | None = None, num_steps: int = 25,
                                guidance_scale: float = 7.5, sampler: str | samplers_lib.SamplerConfig = 'dpmpp_2m',
                                seed: int | Sequence[int] = 0, eta: float = 0.0, height: int | None = None,
-                               width: int | None = None) -> np.ndarray:
+                               width: int | None = None, mask: Any = None) -> np.ndarray:
     """See `personalize_and_generate` (module level)."""
     from e4t_jax import personalize as personalize_lib  # pylint: disable=g-import-not-at-top
     if model.modules is not self.modules:
@@ -294,7 +294,11 @@ class Generator:
     settings = self.sampling_settings(prompts, negative_prompts, num_steps=num_steps,
                                       guidance_scale=guidance_scale, sampler=sampler, seed=seed, eta=eta,
                                       height=height, width=width)
+    masked = personalize_lib.uses_loss_mask(m, tuning)
+    if mask is not None and not masked:
+      raise InputError('a mask was given but the tuning has no loss mask; pass tuning=TuningConfig(loss_mask=True).')
     pixels = personalize_lib.prepare_image(image, m.image_size)
+    loss_mask = personalize_lib.prepare_mask(mask, m.image_size, image) if masked else None
     tune_ids = personalize_lib.tuning_ids(m, tuning, tuning_prompt)
     # Every prompt has the concept (any non-None entry says so).
     for line in self.prompt_warnings(settings['prompts'], [True] * len(settings['prompts']),
@@ -312,7 +316,7 @@ class Generator:
         self._on_device(model.params, tuple(model.params)), pixels, jax.random.key(0) if rng is None else rng,
         np.int32(num_tuning_steps), tune_ids, m.tokenize(settings['prompts'])[None],
         m.tokenize(settings['negative_prompts'])[None], np.asarray(settings['seeds'], np.uint32).reshape(1, count),
-        np.asarray(guidance_scale, np.float32), np.asarray(eta, np.float32))
+        np.asarray(guidance_scale, np.float32), np.asarray(eta, np.float32), loss_mask)
     if not bool(healthy):
       raise DivergenceError('tuning produced a non-finite loss (NaN/inf); lower the learning rate or check the model '
                        'weights.')
@@ -514,19 +518,20 @@ def personalize_and_generate(model: model_lib.E4TModel, image: Any, prompts: str
                              rng: jax.Array | None = None, num_steps: int = 25, guidance_scale: float = 7.5,
                              sampler: str | samplers_lib.SamplerConfig = 'dpmpp_2m', seed: int | Sequence[int] = 0,
                              eta: float = 0.0, height: int | None = None, width: int | None = None,
-                             scheduler_config: Mapping[str, Any] | None = None) -> np.ndarray:
+                             scheduler_config: Mapping[str, Any] | None = None, mask: Any = None) -> np.ndarray:
   """Personalizes the model to `image` and renders `prompts` with the concept, in ONE compiled program (the
   paper's "no model saved per concept"): nothing is written and nothing leaves the device in between.
 
   `tuning` (a `TuningConfig`: lite or paper mode), `num_tuning_steps`, `tuning_prompt` and `rng` are those of
   `make_personalize_fn` / `personalize_fn`; `encoder` and the sampling arguments those of `generate`. The
   image, the key, the step count, the prompts, seeds and guidance are array arguments: a new image or prompt
-  of the same shapes never compiles again. Returns uint8 [len(prompts), height, width, 3].
+  of the same shapes never compiles again. `mask` (with `TuningConfig(loss_mask=True)`): where the subject
+  is, as `personalize_fn` takes it. Returns uint8 [len(prompts), height, width, 3].
   """
   return get_generator(model.modules, scheduler_config).personalize_and_generate(
       model, image, prompts, negative_prompts, tuning=tuning, num_tuning_steps=num_tuning_steps,
       tuning_prompt=tuning_prompt, encoder=encoder, rng=rng, num_steps=num_steps, guidance_scale=guidance_scale,
-      sampler=sampler, seed=seed, eta=eta, height=height, width=width)
+      sampler=sampler, seed=seed, eta=eta, height=height, width=width, mask=mask)
 
 
 # ----------------------------------------------------------------------------- files

@@ -509,11 +509,11 @@ def batched_program(modules: model_lib.E4TModules, tuning: TuningConfig, mesh) -
   cached = _BATCHED_PROGRAMS.get(key)
   if cached is not None and cached[0] is modules:  # the entry keeps `modules` alive: ids cannot be reused
     return cached[1]
-  batched = jax.vmap(tuning_program(modules, tuning), in_axes=(None, 0, 0, 0, 0))
+  per_concept = 5 if uses_loss_mask(modules, tuning) else 4  # image, key, steps, ids (, mask)
+  batched = jax.vmap(tuning_program(modules, tuning), in_axes=(None,) + (0,) * per_concept)
   if mesh is not None:
     over_data, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
-    batched = jax.jit(batched, in_shardings=(replicated, over_data, over_data, over_data, over_data),
-                      out_shardings=over_data)
+    batched = jax.jit(batched, in_shardings=(replicated,) + (over_data,) * per_concept, out_shardings=over_data)
   else:
     batched = jax.jit(batched)
   if len(_BATCHED_PROGRAMS) >= 4:
@@ -524,18 +524,22 @@ def batched_program(modules: model_lib.E4TModules, tuning: TuningConfig, mesh) -
 
 def personalize_many(model: model_lib.E4TModel, images: Sequence[Any], *, num_steps: int = 5,
                      tuning: TuningConfig | None = None, seed: int = 0, mesh=None,
-                     prompts: Sequence[str] | None = None) -> list[Concept]:
+                     prompts: Sequence[str] | None = None, masks: Sequence[Any] | None = None) -> list[Concept]:
   """Personalizes N images at once: the tuning program vmapped over concepts, the concept axis
   sharded over the mesh's data axis (N is padded to a multiple of the data-axis size). The batched
   program is compiled once per (model, tuning, mesh, N) and reused by later calls. `prompts`: one
-  tuning prompt per image ('{}' for the concept), default `tuning_prompt(...)` for all."""
+  tuning prompt per image ('{}' for the concept), default `tuning_prompt(...)` for all. `masks`: one loss
+  mask (or None: the whole image) per image, for a tuning with `loss_mask` (`personalize_fn`'s `mask`)."""
   tuning = dataclasses.replace(tuning or TuningConfig(), num_steps=num_steps)
-  if uses_loss_mask(model.modules, tuning):
-    raise InputError('personalize_many does not take loss masks yet; use make_personalize_fn(...)(image, '
-                     'mask=...) per image, or TuningConfig(loss_mask=False).')
+  masked = uses_loss_mask(model.modules, tuning)
+  if masks is not None and not masked:
+    raise InputError('masks were given but the tuning has no loss mask; pass TuningConfig(loss_mask=True).')
   size = model.modules.image_size
   pixels = np.stack([prepare_image(image, size, f'image {i}') for i, image in enumerate(images)])
   count = len(pixels)
+  masks = [None] * count if masks is None else list(masks)
+  if len(masks) != count:
+    raise InputError(f'{len(masks)} masks for {count} images; pass one mask (or None) per image.')
   shards = 1 if mesh is None else mesh.shape['data']
   padded = -(-count // shards) * shards
   pixels = np.concatenate([pixels, np.repeat(pixels[:1], padded - count, axis=0)])
@@ -546,7 +550,11 @@ def personalize_many(model: model_lib.E4TModel, images: Sequence[Any], *, num_st
     raise InputError(f'{len(prompts)} prompts for {count} images; pass one tuning prompt per image.')
   ids = np.stack([tuning_ids(model.modules, tuning, p) for p in prompts + prompts[:1] * (padded - count)])
   batched = batched_program(model.modules, tuning, mesh)
-  w_star, offsets, losses, steps_run, healthy, *tuned = batched(model.params, pixels, keys, steps, ids)
+  extra = ()
+  if masked:
+    stacked = np.stack([prepare_mask(m, size, image, f'mask {i}') for i, (m, image) in enumerate(zip(masks, images))])
+    extra = (np.concatenate([stacked, np.repeat(stacked[:1], padded - count, axis=0)]),)
+  w_star, offsets, losses, steps_run, healthy, *tuned = batched(model.params, pixels, keys, steps, ids, *extra)
   fingerprint = model_fingerprint(model)
   metadata = concept_metadata(model, tuning, fingerprint) + (('steps', str(num_steps)),)
   concepts = []

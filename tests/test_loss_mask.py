@@ -78,3 +78,32 @@ def test_masks_are_checked(tiny_e4t, random_image, masked_fn, unmasked_fn):
     masked_fn(tiny_e4t.params, image, mask=np.full((40, 40), np.nan, np.float32))
   with pytest.raises(InputError, match='HxW mask'):
     masked_fn(tiny_e4t.params, image, mask=np.ones((2, 40, 40, 3)))
+
+
+def test_personalize_and_generate_takes_the_mask(tiny_e4t, random_image, masked_fn):
+  import e4t_jax
+  image, key = random_image(5), jax.random.key(2)
+  half = np.zeros(np.shape(image)[:2], bool)
+  half[: half.shape[0] // 2] = True
+  sampling = dict(num_steps=2, seed=1)
+  fused = e4t_jax.personalize_and_generate(tiny_e4t, image, ['a photo of *'], tuning=masked_fn.tuning,
+                                           num_tuning_steps=2, rng=key, mask=half, **sampling)
+  separate = e4t_jax.generate(tiny_e4t, masked_fn(tiny_e4t.params, image, key, mask=half), ['a photo of *'],
+                              **sampling)
+  assert np.abs(fused.astype(int) - separate.astype(int)).max() <= 1  # float rounding between two programs
+  with pytest.raises(InputError, match='no loss mask'):
+    e4t_jax.personalize_and_generate(tiny_e4t, image, ['a photo of *'], num_tuning_steps=2, mask=half, **sampling)
+
+
+def test_personalize_many_takes_one_mask_per_image(tiny_e4t, random_image, masked_fn):
+  images = [random_image(6), random_image(7)]
+  half = np.zeros(np.shape(images[0])[:2], np.uint8)
+  half[:, ::2] = 255
+  many = personalize_lib.personalize_many(tiny_e4t, images, num_steps=2, tuning=masked_fn.tuning, seed=3,
+                                          masks=[half, None])
+  keys = jax.random.split(jax.random.key(3), 2)
+  for concept, image, mask, key in zip(many, images, [half, None], keys):
+    alone = masked_fn(tiny_e4t.params, image, key, mask=mask)
+    np.testing.assert_allclose(np.asarray(concept.loss_trace), np.asarray(alone.loss_trace), rtol=1e-4)
+  with pytest.raises(InputError, match='1 masks for 2 images'):
+    personalize_lib.personalize_many(tiny_e4t, images, num_steps=2, tuning=masked_fn.tuning, masks=[half])
