@@ -7,12 +7,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
 
 from e4t_jax import __version__, fileio, interrupts
 from e4t_jax.errors import ConfigError, E4TError, printable
+from e4t_jax.limits import MAX_SEED, MAX_STEPS, MAX_VIEWS
 
 EXAMPLES = """examples:
   e4t demo                                         # end to end on the embedded model -> outputs/demo/
@@ -35,9 +37,6 @@ embedded demo model is used. Bad input gives one line on stderr and exit code 2.
 """
 
 
-MAX_STEPS = 1000     # tuning, sampling and tuning-in-generate steps (the paper tunes 5-15; samplers use <= 1000)
-MAX_VIEWS = 256      # views (paper) / noise draws (lite) per tuning step
-MAX_SEED = 2**32 - 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -356,13 +355,12 @@ def _cmd_bench_tpu(args: argparse.Namespace) -> int:
   import json
   from e4t_jax.bench import tpu
   _check_json_out(args.json)
-  mesh = {'data': args.data, 'fsdp': args.fsdp, 'tensor': args.tensor} if args.data or args.fsdp or args.tensor \
-      else None
-  if mesh is not None:
-    mesh = {k: v or 1 for k, v in mesh.items()}
+  axes = ('data', 'fsdp', 'tensor')
+  given = {axis: getattr(args, axis) for axis in axes if getattr(args, axis) is not None}
+  mesh = {axis: given.get(axis, 1) for axis in axes} if given else None  # None: every chip on fsdp
   tuning = _tuning_config(args, num_steps=args.steps)
   reports = [tpu.compile_report(args.config, program, args.topology, mesh, dtype=args.dtype, tuning=tuning,
-                                remat=args.remat)
+                                remat=args.remat, batch=args.batch)
              for program in (tpu.PROGRAMS if args.program == 'all' else (args.program,))]
   for r in reports:
     peak, hbm = r['peak_bytes_per_chip'], r['hbm_bytes']
@@ -474,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
   personalize.add_argument('--seed', type=_seed, default=0, help=f'0..{MAX_SEED}; image i uses seed + i')
   personalize.add_argument('--prompt', default=None,
                            help='tuning prompt describing the image, "{}" = the concept (default: the model\'s)')
-  personalize.add_argument('--cache-dir', help='persistent compilation cache (later runs skip most of the compile)')
+  personalize.add_argument('--cache-dir', help='persistent compilation cache (default: $E4T_CACHE_DIR, else '
+                           '~/.cache/e4t-jax/xla; "none": no cache)')
   personalize.set_defaults(func=_cmd_personalize)
 
   generate = sub.add_parser('generate', help='render prompts with a concept ("*" is the concept)')
@@ -552,9 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
   bench_tpu.add_argument('--program', choices=('personalize', 'pretrain', 'all'), default='all')
   bench_tpu.add_argument('--dtype', choices=('bfloat16', 'float32'), default='bfloat16')
   for axis in ('data', 'fsdp', 'tensor'):
-    bench_tpu.add_argument(f'--mesh.{axis}', dest=axis, type=_count, default=0,
+    bench_tpu.add_argument(f'--mesh.{axis}', dest=axis, type=_count, default=None,
                            help='pretraining mesh axis (default: every chip on fsdp)')
   bench_tpu.add_argument('--steps', type=_steps, default=5, help='personalize: tuning steps (default 5)')
+  bench_tpu.add_argument('--batch', type=_count, default=None,
+                         help='pretrain: the global batch, a multiple of data x fsdp (default 2 per device)')
   _add_tuning_arguments(bench_tpu)
   bench_tpu.add_argument('--remat', choices=('none', 'nothing_saveable', 'dots_saveable'), default='none',
                          help="the U-Net's per-block rematerialization policy")
@@ -601,6 +602,37 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+# Commands whose compiles go to the persistent cache by default (benchmarks time cold compiles: not them).
+CACHED_COMMANDS = ('personalize', 'generate', 'demo', 'eval', 'pretrain', 'demo-train')
+
+
+def _compilation_cache(args: argparse.Namespace) -> None:
+  """Turns on the persistent XLA compilation cache for the commands that compile (a second process with
+  the same shapes loads its executables instead of compiling): --cache-dir where the command has it, else
+  $E4T_CACHE_DIR, else ~/.cache/e4t-jax/xla ('none' / 'off' in either: no cache). An explicit folder must be
+  writable (exit 2); an unwritable default is skipped with a one-line note."""
+  if args.command not in CACHED_COMMANDS:
+    return
+  from e4t_jax import runtime
+  explicit = getattr(args, 'cache_dir', None)
+  if runtime.cache_disabled(explicit):
+    args.cache_dir = None
+    return
+  if explicit:
+    return  # the command enables it (after checking the folder with its other outputs)
+  folder = runtime.default_cache_dir()
+  if folder is None:
+    return
+  try:
+    fileio.check_output_dir(folder, flag=f'${runtime.CACHE_DIR_ENV}')
+    runtime.enable_compilation_cache(folder, max_bytes=runtime.DEFAULT_CACHE_MAX_BYTES)
+  except (E4TError, OSError) as e:
+    if os.environ.get(runtime.CACHE_DIR_ENV):
+      raise ConfigError(f'{printable(e)} (set {runtime.CACHE_DIR_ENV}=off for no compilation cache)') from None
+    print(f'e4t: note: no compilation cache ({printable(e)}); set {runtime.CACHE_DIR_ENV} to a writable folder',
+          file=sys.stderr)
+
+
 def main(argv: list[str] | None = None, *, handle_signals: bool | None = None) -> int:
   """The `e4t` command. `handle_signals` (default: when `argv` is None, i.e. a real command line) installs
   the clean-exit handlers of `e4t_jax.interrupts` for SIGINT/SIGTERM/SIGHUP."""
@@ -615,6 +647,7 @@ def main(argv: list[str] | None = None, *, handle_signals: bool | None = None) -
   if args.command == 'pretrain':
     args.overrides = overrides
   try:
+    _compilation_cache(args)
     return int(args.func(args) or 0)
   except E4TError as e:
     print(f'e4t: error: {printable(e)}', file=sys.stderr)

@@ -46,11 +46,11 @@ from e4t_jax.e4t.encoder import placeholder_embedding
 from e4t_jax.e4t.prompts import encode_prompt, token_embedding
 from e4t_jax.errors import ConfigError, DivergenceError, E4TWarning, InputError
 from e4t_jax.fileio import atomic_write_bytes
+from e4t_jax.limits import MAX_SEED
 from e4t_jax.models.vae import decode_latents
 
 # Generators kept alive per (modules, scheduler config); each holds its compiled programs.
 _MAX_CACHED_GENERATORS = 4
-_MAX_SEED = 2**32 - 1
 
 
 class GenerationWarning(E4TWarning):
@@ -189,7 +189,7 @@ def image_seeds(seed: int | Sequence[int], count: int) -> list[int]:
     seeds = [int(s) for s in seed]
     if len(seeds) != count:
       raise InputError(f'{len(seeds)} seeds for {count} prompts; pass one seed or one per prompt.')
-  bad = [s for s in seeds if not 0 <= s <= _MAX_SEED]
+  bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
   if bad:
     raise InputError(f'seed {bad[0]} is outside [0, 2**32 - 1]; pick a smaller non-negative seed.')
   return seeds

@@ -53,13 +53,35 @@ def memory_stats(compiled: Any) -> dict[str, int] | None:
   return {name: int(getattr(stats, name)) for name in dir(stats) if name.endswith('_in_bytes')}
 
 
-def enable_compilation_cache(cache_dir: str | os.PathLike) -> None:
-  """Persistent XLA compilation cache: a new process skips most of the compile (process-wide)."""
+CACHE_DIR_ENV = 'E4T_CACHE_DIR'
+DEFAULT_CACHE_MAX_BYTES = 4 * 2**30  # the default cache evicts least-recently-used entries beyond this
+_CACHE_OFF = ('', 'none', 'off', '0', 'false')
+
+
+def default_cache_dir() -> Path | None:
+  """Where the `e4t` command keeps its persistent compilation cache: $E4T_CACHE_DIR ('off' or 'none':
+  no cache), else $XDG_CACHE_HOME/e4t-jax/xla, else ~/.cache/e4t-jax/xla."""
+  value = os.environ.get(CACHE_DIR_ENV)
+  if value is not None:
+    return None if value.strip().lower() in _CACHE_OFF else Path(value).expanduser()
+  base = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
+  return Path(base) / 'e4t-jax' / 'xla'
+
+
+def cache_disabled(value: str | None) -> bool:
+  """Whether a --cache-dir value asks for no cache ('none' / 'off')."""
+  return value is not None and value.strip().lower() in _CACHE_OFF
+
+
+def enable_compilation_cache(cache_dir: str | os.PathLike, max_bytes: int | None = None) -> None:
+  """Persistent XLA compilation cache: a new process skips most of the compile (process-wide).
+  `max_bytes`: evict least-recently-used entries beyond this size (None: unbounded)."""
   Path(cache_dir).mkdir(parents=True, exist_ok=True)
   changed = jax.config.jax_compilation_cache_dir != str(cache_dir)
   jax.config.update('jax_compilation_cache_dir', str(cache_dir))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  jax.config.update('jax_compilation_cache_max_size', -1 if max_bytes is None else int(max_bytes))
   if changed:
     # JAX initializes its cache once per process, at the first compile: without a reset, a directory
     # set after that (or changed) would be ignored silently.

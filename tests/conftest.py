@@ -3,6 +3,8 @@ import os
 
 # Must happen before jax is imported anywhere.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The `e4t` command caches compiles in ~/.cache by default; tests do not (tests/test_cli.py checks the cache).
+os.environ['E4T_CACHE_DIR'] = 'off'
 _flags = os.environ.get('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in _flags:
   os.environ['XLA_FLAGS'] = (_flags + ' --xla_force_host_platform_device_count=8').strip()

@@ -72,3 +72,26 @@ def test_generate_from_an_image_personalizes_and_renders_in_one_run(tmp_path, ca
   code = cli.main(['generate', str(tmp_path / 'c.e4t.safetensors'), 'a photo of *', '--encoder', 'per_step',
                    '--out', str(out)])
   assert code == 2 and 'per_step' in capsys.readouterr().err
+
+
+def test_a_second_process_loads_its_compiles_from_the_default_cache(tmp_path):
+  import os
+  import subprocess
+  import sys
+  image, cache = _write_image(tmp_path / 'me.png'), tmp_path / 'cache'
+  env = dict(os.environ, E4T_CACHE_DIR=str(cache))
+  run = lambda out: subprocess.run([sys.executable, '-m', 'e4t_jax.cli', 'personalize', str(image), '--out',
+                                    str(tmp_path / out), '--steps', '1'], env=env, capture_output=True, text=True,
+                                   timeout=600)
+  first = run('a')
+  assert first.returncode == 0, first.stderr
+  entries = sorted(p.name for p in cache.rglob('*') if p.is_file())
+  assert entries, 'the first run left nothing in the cache'
+  second = run('b')
+  assert second.returncode == 0, second.stderr
+  assert sorted(p.name for p in cache.rglob('*') if p.is_file() and 'atime' not in p.name) == \
+      [e for e in entries if 'atime' not in e]  # every compile of the second process was a cache hit
+  env['E4T_CACHE_DIR'] = str(image)  # a file, not a folder: one line, exit 2, before any work
+  bad = subprocess.run([sys.executable, '-m', 'e4t_jax.cli', 'personalize', str(image), '--out', str(tmp_path / 'c')],
+                       env=env, capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and bad.stderr.count('\n') == 1 and 'E4T_CACHE_DIR' in bad.stderr, bad.stderr

@@ -16,7 +16,8 @@ PACKAGE_DIR = Path(e4t_jax.__file__).parent
 
 # Lowest first. A module may import its own layer and those below, never one above.
 LAYERS = (
-    ('e4t_jax.errors', 'e4t_jax.fileio', 'e4t_jax.progress', 'e4t_jax.runtime', 'e4t_jax.interrupts'),
+    ('e4t_jax.errors', 'e4t_jax.limits', 'e4t_jax.fileio', 'e4t_jax.progress', 'e4t_jax.runtime',
+     'e4t_jax.interrupts'),
     ('e4t_jax.models', 'e4t_jax.parallel', 'e4t_jax.data', 'e4t_jax.diffusion'),
     ('e4t_jax.convert',),
     ('e4t_jax.e4t',),

@@ -53,7 +53,7 @@ def topology_devices(name: str) -> list:
 
 
 def _program(config_name: str, program: str, devices: list, mesh_shape: dict[str, int], dtype: str,
-             tuning=None, remat: str = 'none'):
+             tuning=None, remat: str = 'none', batch: int | None = None):
   """(lowered program) of `program` for `devices`; `tuning` (a TuningConfig) for 'personalize'."""
   from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
   from e4t_jax import personalize as personalize_lib
@@ -72,7 +72,7 @@ def _program(config_name: str, program: str, devices: list, mesh_shape: dict[str
   from e4t_jax.parallel import mesh as mesh_lib
   from e4t_jax.train import loop, step as step_lib
   mesh = mesh_lib.make_mesh(mesh_shape, devices=devices)
-  batch = mesh_shape.get('data', 1) * mesh_shape.get('fsdp', 1) * 2
+  batch = batch or mesh_shape.get('data', 1) * mesh_shape.get('fsdp', 1) * 2
   model = bench_full.job_modules(config_name, bench_full.Job('pretrain', dtype=dtype, batch=batch, remat=remat))
   step_fn, state, frozen = bench_full._pretrain_step(model)  # pylint: disable=protected-access
   rules = mesh_lib.DEFAULT_LOGICAL_AXIS_RULES
@@ -96,12 +96,14 @@ def _program(config_name: str, program: str, devices: list, mesh_shape: dict[str
 
 
 def compile_report(config_name: str, program: str, topology: str, mesh_shape: dict[str, int] | None = None,
-                   dtype: str = 'bfloat16', tuning=None, remat: str = 'none') -> dict[str, Any]:
+                   dtype: str = 'bfloat16', tuning=None, remat: str = 'none', batch: int | None = None
+                   ) -> dict[str, Any]:
   """AOT-compiles `program` for `topology` and reports per-chip memory against the chip's HBM, FLOPs, the
   collectives in the compiled HLO and the compile seconds.
 
   tuning: the `TuningConfig` of 'personalize' (None: lite mode, 5 steps); remat: the U-Net's remat
-  policy ('none' or a `jax.checkpoint_policies` name, e.g. 'nothing_saveable')."""
+  policy ('none' or a `jax.checkpoint_policies` name, e.g. 'nothing_saveable'); batch: the pretraining
+  step's global batch (None: 2 per data x fsdp device), a multiple of data x fsdp."""
   if program not in PROGRAMS:
     raise ConfigError(f'--program {program!r} is not one of {PROGRAMS}.')
   devices = topology_devices(topology)
@@ -109,8 +111,12 @@ def compile_report(config_name: str, program: str, topology: str, mesh_shape: di
   if program == 'pretrain' and int(np.prod(list(mesh_shape.values()))) != len(devices):
     raise ConfigError(f'mesh {mesh_shape} has {int(np.prod(list(mesh_shape.values())))} devices, the topology '
                       f'{topology} has {len(devices)}.')
+  shards = mesh_shape.get('data', 1) * mesh_shape.get('fsdp', 1)
+  if program == 'pretrain' and batch is not None and (batch < 1 or batch % shards):
+    raise ConfigError(f'--batch {batch} must be a positive multiple of data x fsdp = {shards} (the batch is '
+                      'split over those axes).')
   start = time.perf_counter()
-  lowered = _program(config_name, program, devices, mesh_shape, dtype, tuning, remat)
+  lowered = _program(config_name, program, devices, mesh_shape, dtype, tuning, remat, batch)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()
@@ -126,6 +132,7 @@ def compile_report(config_name: str, program: str, topology: str, mesh_shape: di
   return {'config': config_name, 'program': program, 'topology': topology, 'device_kind': kind,
           'chips': len(devices) if program == 'pretrain' else 1, 'mesh': mesh_shape if program == 'pretrain' else None,
           'dtype': dtype, 'remat': remat,
+          'global_batch': (batch or shards * 2) if program == 'pretrain' else None,
           'tuning': None if program != 'personalize' or tuning is None else {
               'mode': tuning.mode, 'num_steps': tuning.num_steps, 'batch_size': tuning.batch_size,
               'micro_batch': tuning.micro_batch},
