@@ -45,6 +45,18 @@ def cost_stats(program: Any) -> dict[str, float | None]:
   return {'flops': get('flops'), 'bytes_accessed': get('bytes accessed'), 'transcendentals': get('transcendentals')}
 
 
+def program_size(stage: Any) -> dict[str, int] | None:
+  """The size of a lowered (StableHLO) or compiled (optimized HLO) program's text: bytes and lines, a proxy
+  for how much the compiler has to chew on (compile time grows with it)."""
+  try:
+    text = stage.as_text()
+  except Exception:  # pylint: disable=broad-except  (some backends cannot print a compiled program)
+    return None
+  if not text:
+    return None
+  return {'text_bytes': len(text.encode()), 'lines': text.count('\n') + 1}
+
+
 def memory_stats(compiled: Any) -> dict[str, int] | None:
   """The compiled program's memory analysis as {argument_size_in_bytes: .., temp_size_in_bytes: .., ...}."""
   stats = compiled.memory_analysis()

@@ -61,6 +61,7 @@ def test_smoke_has_every_key_and_never_compiles_in_the_loop(bench_run):
   assert fused['fused_over_separate_p50'] > 0 and result['settings']['mode'] == 'lite'
   assert 0 < result['latency']['min_s'] <= result['latency']['p50_s'] <= result['latency']['p95_s']
   assert result['compile']['cold_s'] > 0 and result['compile']['warm_s'] > 0
+  assert result['compile']['hlo']['text_bytes'] > 1000 and result['compile']['hlo']['lines'] > 10
   assert result['compile']['warm_cache_hits'] >= 1  # the second process read the shared cache
   assert result['batched'] is None and any('batched' in item for item in result['missing'])
   assert result['memory']['compiled']['argument_size_in_bytes'] > 0
@@ -94,6 +95,7 @@ def test_abstract_flop_accounting_on_the_tiny_config():
   (lowered,) = records
   step, program = lowered['lowered_step']['flops'], lowered['lowered_program']['flops']
   assert step > 0 and program > 0
+  assert lowered['stablehlo']['text_bytes'] > 1000  # the program's size next to its cost
   # The scan body counts once in XLA's analysis; the estimate adds the other (num_steps - 1) steps.
   assert lowered['flops_total_estimate'] == pytest.approx(program + 2 * step)
 

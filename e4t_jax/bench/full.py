@@ -256,12 +256,14 @@ def compile_worker(config_name: str, job: Job, cache_dir: str) -> None:
   lowered, _ = lower_job(model, job)
   lower_s = time.perf_counter() - t0
   lowered_cost = runtime.cost_stats(lowered)
-  harness.emit({'stage': 'lowered', 'job': job.name, 'lower_s': lower_s, 'lowered_cost': lowered_cost})
+  harness.emit({'stage': 'lowered', 'job': job.name, 'lower_s': lower_s, 'lowered_cost': lowered_cost,
+                'stablehlo': runtime.program_size(lowered)})
   t0 = time.perf_counter()
   compiled = lowered.compile()
   harness.emit({'stage': 'compiled', 'job': job.name, 'lower_s': lower_s, 'compile_s': time.perf_counter() - t0,
                'memory': runtime.memory_stats(compiled), 'cost': runtime.cost_stats(compiled),
-               'lowered_cost': lowered_cost})
+               'lowered_cost': lowered_cost, 'stablehlo': runtime.program_size(lowered),
+               'hlo': runtime.program_size(compiled)})
 
 
 # ----------------------------------------------------------------------------- worker: execute

@@ -185,6 +185,7 @@ def abstract_analysis(config_name: str, dtype_name: str, num_steps: int, compile
   if program_cost['flops'] is not None and step_cost['flops'] is not None:
     estimate = program_cost['flops'] + (num_steps - 1) * step_cost['flops']
   emit({'stage': 'lowered', 'lower_s': lower_s, 'lowered_program': program_cost, 'lowered_step': step_cost,
+        'stablehlo': runtime.program_size(lowered),
          'flops_total_estimate': estimate, 'lowered_components': _component_costs(modules, params, tuning)})
 
   if compile_program:
@@ -192,6 +193,7 @@ def abstract_analysis(config_name: str, dtype_name: str, num_steps: int, compile
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     emit({'stage': 'compiled', 'compile_s': compile_s, 'memory': runtime.memory_stats(compiled),
+          'hlo': runtime.program_size(compiled),
            'cost': runtime.cost_stats(compiled)})
 
 
@@ -342,7 +344,8 @@ def _concrete_bench(config_name: str, *, num_steps: int, num_concepts: int, batc
       compile_stats = {'cold_s': cold_s, 'cold_trace_s': float(events.seconds[harness.TRACE_EVENT]),
                        'cold_lower_s': float(events.seconds[harness.LOWER_EVENT]),
                        'cold_backend_s': float(events.seconds[harness.BACKEND_COMPILE_EVENT]),
-                       'cold_cache_misses': events.counts[harness.CACHE_MISS_EVENT]}
+                       'cold_cache_misses': events.counts[harness.CACHE_MISS_EVENT],
+                       'hlo': runtime.program_size(personalize_fn.compiled)}
       # Warm: a second process with the same shapes reads the executable from the shared cache.
       records, info = harness.run_worker(WORKER_MODULE, ['--warm-compile', '--config', config_name, '--num-steps',
                                                          str(num_steps), '--cache-dir', str(cache_dir),
@@ -457,13 +460,14 @@ def _abstract_bench(config_name: str, num_steps: int, compile_timeout_s: float, 
                                        timeout_s=compile_timeout_s, rss_limit_bytes=rss_limit_bytes)
     by_stage = {r['stage']: r for r in records}
     lowered, compiled = by_stage.get('lowered'), by_stage.get('compiled')
-    lowered_keys = ('lower_s', 'lowered_program', 'lowered_step', 'flops_total_estimate', 'lowered_components')
+    lowered_keys = ('lower_s', 'lowered_program', 'lowered_step', 'flops_total_estimate', 'lowered_components',
+                    'stablehlo')
     entry = dict.fromkeys(lowered_keys)
     entry.update({'compiled': None, 'worker': info})
     if lowered:
       entry.update({k: lowered[k] for k in lowered_keys})
     if compiled:
-      entry['compiled'] = {k: compiled[k] for k in ('compile_s', 'memory', 'cost')}
+      entry['compiled'] = {k: compiled.get(k) for k in ('compile_s', 'memory', 'cost', 'hlo')}
     else:
       why = ('timed out' if info['timed_out'] else 'exceeded the memory limit' if info['killed_for_memory']
              else f'failed ({info["error"]})')

@@ -140,4 +140,5 @@ def compile_report(config_name: str, program: str, topology: str, mesh_shape: di
           'fits': None if hbm is None or peak is None else bool(peak <= hbm),
           'flops': runtime.cost_stats(lowered).get('flops') or runtime.cost_stats(compiled).get('flops'),
           'collectives': {op: text.count(f' {op}(') + text.count(f' {op}-start(') for op in COLLECTIVES},
+          'stablehlo': runtime.program_size(lowered), 'hlo': runtime.program_size(compiled),
           'lower_s': round(lower_s, 2), 'compile_s': round(compile_s, 2)}
