@@ -425,6 +425,10 @@ def concept_metadata(model: model_lib.E4TModel, tuning: TuningConfig, fingerprin
   if tuning.mode == 'paper':  # the stored offsets are additive SVD pairs of the whole tuned delta
     info.update(offsets_mode='additive', delta_rank=str(tuning.delta_rank), views=str(tuning.batch_size),
                 unet_learning_rate=repr(tuning.unet_learning_rate))
+  if uses_loss_mask(m, tuning):
+    info['loss_mask'] = 'true'
+  if tuning.micro_batch not in (None, tuning.batch_size):
+    info['micro_batch'] = str(tuning.micro_batch)
   return tuple(sorted(info.items()))
 
 
@@ -450,7 +454,11 @@ class PersonalizeFn:
     if mask is not None and not masked:
       raise InputError('a mask was given but this personalize function was made without a loss mask; '
                        'make it with TuningConfig(loss_mask=True).')
-    pixels = prepare_image(image, size)
+    source = 'image'
+    if isinstance(image, (str, os.PathLike)):  # loaded here, so that the mask is checked against it
+      from e4t_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
+      source, image = str(image), images_lib.load_image(image)
+    pixels = prepare_image(image, size, source)
     key = self._default_key if rng is None else rng
     ids = tuning_ids(self.model.modules, self.tuning, prompt)
     extra = (prepare_mask(mask, size, image),) if masked else ()

@@ -58,6 +58,7 @@ def test_an_all_ones_mask_is_unmasked_tuning_and_a_mask_changes_it(tiny_e4t, ran
   image = random_image(4)
   unmasked = unmasked_fn(tiny_e4t.params, image)
   ones = masked_fn(tiny_e4t.params, image)  # no mask given: the whole image
+  assert ones.info['loss_mask'] == 'true' and 'loss_mask' not in unmasked.info
   np.testing.assert_allclose(np.asarray(ones.loss_trace), np.asarray(unmasked.loss_trace), rtol=1e-5)
   half = np.zeros(np.shape(image)[:2], np.uint8)
   half[:, : half.shape[1] // 2] = 255
