@@ -530,6 +530,22 @@ def batched_program(modules: model_lib.E4TModules, tuning: TuningConfig, mesh) -
   return batched
 
 
+_SEQUENTIAL_FNS: dict[tuple, tuple[Any, 'PersonalizeFn']] = {}
+
+
+def _sequential_fn(model: model_lib.E4TModel, tuning: TuningConfig) -> 'PersonalizeFn':
+  """`make_personalize_fn(model, tuning)`, compiled once per (modules, tuning) and reused."""
+  key = (id(model.modules), tuning)
+  cached = _SEQUENTIAL_FNS.get(key)
+  if cached is not None and cached[0] is model.modules:
+    return cached[1]
+  fn = make_personalize_fn(model, tuning.num_steps, tuning=tuning)
+  if len(_SEQUENTIAL_FNS) >= 4:
+    _SEQUENTIAL_FNS.pop(next(iter(_SEQUENTIAL_FNS)))
+  _SEQUENTIAL_FNS[key] = (model.modules, fn)
+  return fn
+
+
 def personalize_many(model: model_lib.E4TModel, images: Sequence[Any], *, num_steps: int = 5,
                      tuning: TuningConfig | None = None, seed: int = 0, mesh=None,
                      prompts: Sequence[str] | None = None, masks: Sequence[Any] | None = None) -> list[Concept]:
@@ -537,7 +553,9 @@ def personalize_many(model: model_lib.E4TModel, images: Sequence[Any], *, num_st
   sharded over the mesh's data axis (N is padded to a multiple of the data-axis size). The batched
   program is compiled once per (model, tuning, mesh, N) and reused by later calls. `prompts`: one
   tuning prompt per image ('{}' for the concept), default `tuning_prompt(...)` for all. `masks`: one loss
-  mask (or None: the whole image) per image, for a tuning with `loss_mask` (`personalize_fn`'s `mask`)."""
+  mask (or None: the whole image) per image, for a tuning with `loss_mask` (`personalize_fn`'s `mask`).
+  Paper mode on CPU tunes the concepts one at a time instead (same keys and results; XLA:CPU hangs
+  executing the vmapped paper program)."""
   tuning = dataclasses.replace(tuning or TuningConfig(), num_steps=num_steps)
   masked = uses_loss_mask(model.modules, tuning)
   if masks is not None and not masked:
@@ -557,6 +575,14 @@ def personalize_many(model: model_lib.E4TModel, images: Sequence[Any], *, num_st
   if len(prompts) != count:
     raise InputError(f'{len(prompts)} prompts for {count} images; pass one tuning prompt per image.')
   ids = np.stack([tuning_ids(model.modules, tuning, p) for p in prompts + prompts[:1] * (padded - count)])
+  platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+  if tuning.mode == 'paper' and platform == 'cpu':
+    # XLA:CPU deadlocks executing the vmapped paper-mode program once it tunes the U-Net's convolutions
+    # (every thread idle, the result never ready; docs/performance.md). On CPU, vmapping gains little
+    # anyway: tune one concept at a time on one executable, with the keys the batched program would use.
+    fn = _sequential_fn(model, tuning)
+    return [fn(model.params, images[i], keys[i], num_steps, prompts[i], mask=masks[i] if masked else None)
+            for i in range(count)]
   batched = batched_program(model.modules, tuning, mesh)
   extra = ()
   if masked:

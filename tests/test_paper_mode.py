@@ -216,3 +216,15 @@ def test_pytorch_paper_mode_follows_ours_step_by_step(random_image, tiny, paper_
   np.testing.assert_allclose(embedding, np.asarray(paper_concept.embedding), atol=1e-4)
   again, _ = reference.personalize(pixels, tuning, draws=draws)  # a fresh copy of the U-Net each concept
   np.testing.assert_allclose(again, trace, rtol=1e-6)
+
+
+def test_personalize_many_in_paper_mode_on_cpu_runs_one_concept_at_a_time(random_image, tiny, paper_tuning,
+                                                                         paper_fn, paper_concept):
+  # The vmapped paper-mode program hangs in XLA:CPU (docs/performance.md); on CPU each concept runs on one
+  # single-concept executable with the keys the batched program would have used.
+  many = personalize_lib.personalize_many(tiny, [random_image(0), random_image(1)], num_steps=2,
+                                          tuning=paper_tuning, seed=4)
+  keys = jax.random.split(jax.random.key(4), 2)
+  alone = paper_fn(tiny.params, random_image(1), keys[1])  # the same tuning, compiled for 2 steps
+  np.testing.assert_array_equal(np.asarray(many[1].loss_trace), np.asarray(alone.loss_trace))
+  assert many[0].info == paper_concept.info
