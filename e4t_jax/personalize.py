@@ -161,8 +161,11 @@ def make_views(image: jax.Array, key: jax.Array, count: int, augment: bool, max_
   return jax.vmap(view)(views, flip, zoom, shift)
 
 
-def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Callable:
+def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig, unroll: bool = False) -> Callable:
   """The pure function compiled by `make_personalize_fn` (one concept).
+
+  `unroll`: unroll the step loop and the micro-batch loop (for cost analysis only: XLA counts a loop body
+  once whatever its trip count, so per-step FLOPs are the difference of unrolled programs of 2 and 1 steps).
 
   Returns (w*, concept offsets, loss trace, steps run, healthy). The concept offsets are the tuned weight
   offsets (lite), or (paper) per kernel the truncated-SVD pair of everything tuning changed in it: the U-Net
@@ -224,7 +227,7 @@ def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Calla
       posterior_mean = jax.eval_shape(lambda: image_features(modules, params, images[:1]).posterior.mean)
       draws = draw_noise(modules, key, jax.ShapeDtypeStruct((tuning.batch_size,) + posterior_mean.shape[1:],
                                                             posterior_mean.dtype))
-      return accumulated_value_and_grad(loss_of, trainable, (batch, features, draws), tuning.micro_batch)
+      return accumulated_value_and_grad(loss_of, trainable, (batch, features, draws), tuning.micro_batch, unroll)
 
     def step(carry, i):
       trainable, opt_state, healthy = carry
@@ -248,7 +251,7 @@ def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Calla
       return (keep(new_trainable, trainable), keep(new_opt_state, opt_state), healthy), loss
 
     init = (trainable, optimizer.init(trainable), jnp.array(True))
-    (trainable, _, healthy), losses = jax.lax.scan(step, init, jnp.arange(tuning.num_steps))
+    (trainable, _, healthy), losses = jax.lax.scan(step, init, jnp.arange(tuning.num_steps), unroll=unroll)
 
     # Read out w*: the encoder's prediction averaged over fixed timesteps and noise draws.
     merged = model_lib.merge_params(trainable, frozen)
@@ -278,8 +281,8 @@ def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig) -> Calla
   return program
 
 
-def accumulated_value_and_grad(loss_of: Callable, trainable: Any, rows: Any, micro_batch: int
-                               ) -> tuple[jax.Array, Any]:
+def accumulated_value_and_grad(loss_of: Callable, trainable: Any, rows: Any, micro_batch: int,
+                               unroll: bool = False) -> tuple[jax.Array, Any]:
   """`value_and_grad(loss_of)(trainable, *rows)` as the mean over passes of `micro_batch` rows each.
 
   rows: a tuple of pytrees whose leaves share the leading batch axis (None leaves: absent), e.g.
@@ -295,7 +298,7 @@ def accumulated_value_and_grad(loss_of: Callable, trainable: Any, rows: Any, mic
     return jax.tree.map(jnp.add, total, value), None
 
   zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
-  total, _ = jax.lax.scan(one_pass, zeros, jnp.arange(passes) * micro_batch)
+  total, _ = jax.lax.scan(one_pass, zeros, jnp.arange(passes) * micro_batch, unroll=unroll)
   return jax.tree.map(lambda x: x / passes, total)
 
 

@@ -32,7 +32,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import traverse_util
 
 from e4t_jax import personalize as personalize_lib
@@ -41,7 +40,6 @@ from e4t_jax.bench import harness
 from e4t_jax.e4t import concept as concept_lib
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t.encoder import EncoderConfig, every_second_layer
-from e4t_jax.e4t.objective import e4t_loss, image_features
 from e4t_jax.e4t.offsets import OffsetsConfig
 from e4t_jax.errors import ConfigError
 
@@ -120,30 +118,16 @@ def _warm_compile_worker(config_name: str, num_steps: int, cache_dir: str, mode:
                 'cache_misses': events.counts[harness.CACHE_MISS_EVENT]})
 
 
-def _one_step_program(modules: model_lib.E4TModules, tuning: personalize_lib.TuningConfig
-                      ) -> tuple[Callable, optax.GradientTransformation]:
-  """One tuning step exactly as `personalize.tuning_program`'s scan body runs it (E4T loss, its
-  gradient, the Adam update), outside any loop: XLA's cost analysis counts a while-loop body once
-  whatever the trip count, so per-step FLOPs must come from a program without the loop."""
-  config = modules.config
-  prompt_ids = modules.tokenize([personalize_lib.tuning_prompt(modules, tuning).format(config.placeholder)]
-                               * tuning.batch_size)
-  optimizer = optax.adam(tuning.learning_rate)
-
-  def step(params, opt_state, image, key, features=None):
-    # `features`: the image-only features the real program computes once before its loop (None:
-    # compute them here, as when parts of CLIP are trainable).
-    trainable, frozen = model_lib.split_params(params, config.trainable_patterns)
-    images = jnp.broadcast_to(image[None] * 2.0 - 1.0, (tuning.batch_size,) + image.shape)
-    batch = {'images': images, 'input_ids': jnp.asarray(prompt_ids)}
-    if features is not None:
-      features = features.repeat(tuning.batch_size)
-    loss_fn = lambda t: e4t_loss(modules, model_lib.merge_params(t, frozen), batch, key, features)[0]
-    loss, grads = jax.value_and_grad(loss_fn)(trainable)
-    updates, opt_state = optimizer.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
-
-  return step, optimizer
+def step_cost(modules: model_lib.E4TModules, params: Any, tuning: personalize_lib.TuningConfig) -> dict:
+  """FLOPs / bytes / transcendentals of ONE tuning step of `tuning_program`, either mode: XLA's cost
+  analysis counts a loop body once whatever the trip count, so this lowers the program unrolled for 2 steps
+  and for 1 and takes the difference (the image features and the read-out cancel out)."""
+  size = modules.image_size
+  args = (params, jax.ShapeDtypeStruct((size, size, 3), jnp.float32), jax.eval_shape(lambda: jax.random.key(0)),
+          jax.ShapeDtypeStruct((), jnp.int32))
+  costs = [runtime.cost_stats(jax.jit(personalize_lib.tuning_program(
+      modules, dataclasses.replace(tuning, num_steps=steps), unroll=True)).lower(*args)) for steps in (1, 2)]
+  return {k: None if costs[0][k] is None or costs[1][k] is None else costs[1][k] - costs[0][k] for k in costs[0]}
 
 
 def abstract_analysis(config_name: str, dtype_name: str, num_steps: int, compile_program: bool,
@@ -172,19 +156,11 @@ def abstract_analysis(config_name: str, dtype_name: str, num_steps: int, compile
   lower_s = time.perf_counter() - t0
   program_cost = runtime.cost_stats(lowered)
 
-  step_cost = dict.fromkeys(('flops', 'bytes_accessed', 'transcendentals'))
-  if mode == 'lite':  # the loop-free one-step program exists for lite mode only
-    step, optimizer = _one_step_program(modules, tuning)
-    trainable, _ = model_lib.split_params(params, modules.config.trainable_patterns)
-    opt_state = jax.eval_shape(optimizer.init, trainable)
-    features = None
-    if not modules.config.trainable_patterns:  # as in the real program: hoisted out of the step loop
-      features = jax.eval_shape(lambda p, im: image_features(modules, p, im[None] * 2.0 - 1.0), params, image)
-    step_cost = runtime.cost_stats(jax.jit(step).lower(params, opt_state, image, key, features))
+  one_step = step_cost(modules, params, tuning)
   estimate = None
-  if program_cost['flops'] is not None and step_cost['flops'] is not None:
-    estimate = program_cost['flops'] + (num_steps - 1) * step_cost['flops']
-  emit({'stage': 'lowered', 'lower_s': lower_s, 'lowered_program': program_cost, 'lowered_step': step_cost,
+  if program_cost['flops'] is not None and one_step['flops'] is not None:
+    estimate = program_cost['flops'] + (num_steps - 1) * one_step['flops']
+  emit({'stage': 'lowered', 'lower_s': lower_s, 'lowered_program': program_cost, 'lowered_step': one_step,
         'stablehlo': runtime.program_size(lowered),
          'flops_total_estimate': estimate, 'lowered_components': _component_costs(modules, params, tuning)})
 
@@ -435,7 +411,6 @@ def _abstract_bench(config_name: str, num_steps: int, compile_timeout_s: float, 
     flat = {'/'.join(k): v for k, v in traverse_util.flatten_dict(model.params['unet']).items()}
     tuned = personalize_lib.tuned_unet_kernels(model.params['unet'], tuning)
     trainable = dict(trainable, unet=[flat[f'{p}/kernel'] for p in tuned])
-    result['missing'].append('paper mode: lowered_step (per-step FLOPs) is measured for lite mode only.')
   result['settings'] = {
       'mode': mode, 'num_steps': num_steps, 'learning_rate': tuning.learning_rate, 'tuning_batch_size': tuning.batch_size,
       'micro_batch': tuning.micro_batch,
