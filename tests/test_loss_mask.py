@@ -19,8 +19,8 @@ def masked_fn(tiny_e4t):
 
 @pytest.fixture(scope='module')
 def unmasked_fn(tiny_e4t, masked_fn):
-  return personalize_lib.make_personalize_fn(tiny_e4t, num_steps=2, tuning=dataclasses.replace(
-      masked_fn.tuning, loss_mask=False))
+  # Its checks run before its program: none is compiled (the objective-level test below covers the math).
+  return personalize_lib.PersonalizeFn(tiny_e4t, dataclasses.replace(masked_fn.tuning, loss_mask=False), None, '0')
 
 
 def test_synthetic_mask_marks_the_face_and_not_the_context():
@@ -53,13 +53,31 @@ def test_views_crop_the_mask_as_their_image():
                              atol=1e-6)
 
 
-def test_an_all_ones_mask_is_unmasked_tuning_and_a_mask_changes_it(tiny_e4t, random_image, masked_fn,
-                                                                   unmasked_fn):
+def test_an_all_ones_mask_is_the_unmasked_loss(tiny_e4t, random_image):
+  from e4t_jax.e4t.objective import e4t_loss, image_features
+  images = jnp.asarray(np.stack([random_image(i, 32)[:32, :32] for i in range(2)]), jnp.float32) / 127.5 - 1
+  ids = jnp.asarray(personalize_lib.tuning_ids(tiny_e4t.modules, personalize_lib.TuningConfig(batch_size=2,
+                                                                                               templates=('a {}',))))
+  half = jnp.zeros((2, 32, 32)).at[:, :, :16].set(1.0)
+
+  @jax.jit
+  def losses(params):
+    features = image_features(tiny_e4t.modules, params, images)
+    loss = lambda mask, on: e4t_loss(tiny_e4t.modules, params, {'images': images, 'input_ids': ids, 'mask': mask},
+                                     jax.random.key(0), features, loss_mask=on)[0]
+    return loss(half, False), loss(jnp.ones_like(half), True), loss(half, True)
+
+  unmasked, ones, masked = losses(tiny_e4t.params)
+  np.testing.assert_allclose(float(ones), float(unmasked), rtol=1e-6)  # a mask of ones weights nothing
+  assert abs(float(masked) - float(unmasked)) > 1e-4 * abs(float(unmasked))  # loss_mask=False ignored the mask
+
+
+def test_a_mask_changes_tuning_and_none_is_the_whole_image(tiny_e4t, random_image, masked_fn):
   image = random_image(4)
-  unmasked = unmasked_fn(tiny_e4t.params, image)
   ones = masked_fn(tiny_e4t.params, image)  # no mask given: the whole image
-  assert ones.info['loss_mask'] == 'true' and 'loss_mask' not in unmasked.info
-  np.testing.assert_allclose(np.asarray(ones.loss_trace), np.asarray(unmasked.loss_trace), rtol=1e-5)
+  assert ones.info['loss_mask'] == 'true'
+  explicit = masked_fn(tiny_e4t.params, image, mask=np.ones(np.shape(image)[:2], np.float32))
+  np.testing.assert_array_equal(np.asarray(explicit.loss_trace), np.asarray(ones.loss_trace))
   half = np.zeros(np.shape(image)[:2], np.uint8)
   half[:, : half.shape[1] // 2] = 255
   masked = masked_fn(tiny_e4t.params, image, mask=half)

@@ -155,22 +155,21 @@ def test_templates_are_cycled_over_the_views(tiny):
 
 def test_micro_batched_gradient_equals_the_one_pass_gradient(tiny, random_image):
   from e4t_jax.e4t.objective import draw_noise, e4t_loss, image_features
-  images = jnp.asarray(np.stack([random_image(i, 32)[:32, :32] for i in range(4)]), jnp.float32) / 127.5 - 1
+  images = jnp.asarray(np.stack([random_image(i, 32)[:32, :32] for i in range(2)]), jnp.float32) / 127.5 - 1
   ids = jnp.asarray(personalize_lib.tuning_ids(tiny.modules, personalize_lib.TuningConfig(
-      mode='paper', batch_size=4, templates=('a {}', 'a photo of {}'))))
+      mode='paper', batch_size=2, templates=('a {}', 'a photo of {}'))))
   trainable, frozen = model_lib.split_params(tiny.params, ())
-  features = image_features(tiny.modules, tiny.params, images)
-  draws = draw_noise(tiny.modules, jax.random.key(1), features.posterior.mean)
   loss_of = lambda t, rows, f, d: e4t_loss(tiny.modules, model_lib.merge_params(t, frozen), rows, None, f, d)[0]
   batch = {'images': images, 'input_ids': ids}
-  rows = (batch, features, draws)
 
   @jax.jit
   def everything(trainable):
+    features = image_features(tiny.modules, model_lib.merge_params(trainable, frozen), images)
+    rows = (batch, features, draw_noise(tiny.modules, jax.random.key(1), features.posterior.mean))
     from_key = e4t_loss(tiny.modules, model_lib.merge_params(trainable, frozen), batch, jax.random.key(1),
                         features)[0]
     return (from_key, jax.value_and_grad(loss_of)(trainable, *rows),
-            personalize_lib.accumulated_value_and_grad(loss_of, trainable, rows, 2))
+            personalize_lib.accumulated_value_and_grad(loss_of, trainable, rows, 1))
 
   from_key, (one_loss, one_grads), (loss, grads) = everything(trainable)
   # Drawing from the key inside the loss is drawing first and passing the draws (draw_noise), bit for bit.

@@ -131,7 +131,8 @@ def step_cost(modules: model_lib.E4TModules, params: Any, tuning: personalize_li
 
 
 def abstract_analysis(config_name: str, dtype_name: str, num_steps: int, compile_program: bool,
-                      emit: Callable[[dict], None], mode: str = 'lite', micro_batch: int | None = None) -> None:
+                      emit: Callable[[dict], None], mode: str = 'lite', micro_batch: int | None = None,
+                      views: int | None = None) -> None:
   """Lowers (and compiles) the personalization program of `config_name` from abstract params.
 
   Calls `emit` with a 'lowered' record, then (when `compile_program`) a 'compiled' record; the
@@ -145,7 +146,8 @@ def abstract_analysis(config_name: str, dtype_name: str, num_steps: int, compile
         dataclasses.replace(model.modules, unet=model.modules.unet.clone(remat_policy='nothing_saveable')),
         model.params)
   modules, params = model.modules, model.params
-  tuning = personalize_lib.TuningConfig(num_steps=num_steps, mode=mode, micro_batch=micro_batch)
+  tuning = personalize_lib.TuningConfig(num_steps=num_steps, mode=mode, micro_batch=micro_batch,
+                                        **({} if views is None else {'batch_size': views}))
   size = modules.image_size
   image = jax.ShapeDtypeStruct((size, size, 3), jnp.float32)
   key = jax.eval_shape(lambda: jax.random.key(0))
