@@ -396,10 +396,8 @@ def prepare_mask(mask: Any, size: int, image: Any = None, source: str = 'mask') 
   if array.ndim != 2:
     raise InputError(f'{source}: expected an HxW mask, got shape {array.shape}.')
   if image is not None and not isinstance(image, (str, os.PathLike)):
-    (ih, iw), (mh, mw) = np.shape(image)[:2], array.shape
-    if abs(ih * mw - mh * iw) > 0.01 * iw * mw:
-      raise InputError(f'{source}: is {mw}x{mh} but its image is {iw}x{ih}; a mask must have its image\'s '
-                       'aspect ratio.')
+    from e4t_jax.data import sources  # the rule `e4t prepare --masks` applies
+    sources._check_mask_aspect(np.asarray(image), array, 'image', source)  # pylint: disable=protected-access
   if array.dtype == bool:
     array = array.astype(np.uint8) * 255
   elif array.dtype != np.uint8:
