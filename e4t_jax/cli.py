@@ -360,7 +360,7 @@ def _cmd_bench_tpu(args: argparse.Namespace) -> int:
   mesh = {axis: given.get(axis, 1) for axis in axes} if given else None  # None: every chip on fsdp
   tuning = _tuning_config(args, num_steps=args.steps)
   reports = [tpu.compile_report(args.config, program, args.topology, mesh, dtype=args.dtype, tuning=tuning,
-                                remat=args.remat, batch=args.batch)
+                                remat=args.remat, batch=args.batch, attention=args.attention)
              for program in (tpu.PROGRAMS if args.program == 'all' else (args.program,))]
   for r in reports:
     peak, hbm = r['peak_bytes_per_chip'], r['hbm_bytes']
@@ -559,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_tuning_arguments(bench_tpu)
   bench_tpu.add_argument('--remat', choices=('none', 'nothing_saveable', 'dots_saveable'), default='none',
                          help="the U-Net's per-block rematerialization policy")
+  bench_tpu.add_argument('--attention', choices=('auto', 'xla'), default='auto',
+                         help="'auto': the Pallas TPU flash attention where it applies; 'xla': the reference")
   bench_tpu.add_argument('--json', default=None)
   bench_tpu.set_defaults(func=_cmd_bench_tpu)
   bench_full = bench_sub.add_parser(

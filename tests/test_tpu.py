@@ -2,6 +2,8 @@
 
 Needs libtpu, which the default .venv leaves out: `make test-tpu` runs this file with it; `make test` skips it
 with that reason."""
+import functools
+
 import pytest
 
 from e4t_jax.bench import tpu
@@ -10,18 +12,33 @@ pytestmark = pytest.mark.skipif(not tpu.libtpu_available(),
                                 reason='libtpu is not installed (it lives in .venv-tpu: run `make test-tpu`)')
 
 
+@functools.lru_cache(maxsize=None)
+def _lite_report(attention='auto'):
+  """The tiny lite personalization compiled for v5e (one compile per attention implementation)."""
+  return tpu.compile_report('tiny', 'personalize', 'v5e:2x2', attention=attention)
+
+
 @pytest.mark.parametrize('program, mesh', [('personalize', None), ('pretrain', {'data': 2, 'fsdp': 2, 'tensor': 1})])
 def test_tiny_programs_compile_for_v5e_2x2_and_report_memory(program, mesh):
-  report = tpu.compile_report('tiny', program, 'v5e:2x2', mesh)
+  report = _lite_report() if program == 'personalize' else tpu.compile_report('tiny', program, 'v5e:2x2', mesh)
   assert report['device_kind'] == 'TPU v5 lite' and report['hbm_bytes'] == 16 * 2**30
   memory = report['memory_per_chip']
   assert memory['argument_size_in_bytes'] > 0 and report['peak_bytes_per_chip'] >= memory['argument_size_in_bytes']
   assert report['fits'] is True and report['compile_s'] > 0
+  # the tiny U-Net's 16 x 16 self-attention (256 tokens) and the VAE's take the Pallas flash kernel (in a
+  # shard_map per chip for the sharded pretraining step)
+  assert report['attention'] == 'auto' and report['pallas_kernels'] > 0
   if program == 'pretrain':  # fsdp-sharded weights are gathered, gradients reduced across the 4 chips
     assert report['chips'] == 4 and report['collectives']['all-gather'] > 0
     assert report['collectives']['all-reduce'] + report['collectives']['reduce-scatter'] > 0
   else:
     assert report['chips'] == 1 and sum(report['collectives'].values()) == 0
+
+
+def test_reference_attention_has_no_kernel_and_more_temp_memory():
+  auto, xla = _lite_report(), _lite_report('xla')
+  assert xla['attention'] == 'xla' and xla['pallas_kernels'] == 0
+  assert auto['memory_per_chip']['temp_size_in_bytes'] < xla['memory_per_chip']['temp_size_in_bytes']
 
 
 def test_an_unknown_topology_is_one_clear_error():

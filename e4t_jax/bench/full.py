@@ -129,7 +129,8 @@ def job_modules(config_name: str, job: Job) -> model_lib.E4TModel:
   m = dataclasses.replace(
       m, unet=m.unet.clone(remat_policy=None if job.remat == 'none' else job.remat, attention_implementation=job.attention),
       text_encoder=m.text_encoder.clone(attention_implementation=job.attention),
-      image_encoder=m.image_encoder.clone(attention_implementation=job.attention))
+      image_encoder=m.image_encoder.clone(attention_implementation=job.attention),
+      vae=m.vae.clone(attention_implementation=job.attention))
   params = model.params
   if job.frozen_dtype == 'bfloat16':
     trainable, frozen = model_lib.split_params(params, m.config.trainable_patterns)

@@ -27,6 +27,7 @@ from e4t_jax.errors import ConfigError
 # HBM per chip by `device_kind` (public Cloud TPU specs).
 HBM_BYTES = {'TPU v4': 32 * 2**30, 'TPU v5 lite': 16 * 2**30, 'TPU v5': 95 * 2**30, 'TPU v6 lite': 32 * 2**30}
 PROGRAMS = ('personalize', 'pretrain')
+ATTENTION = ('auto', 'xla')
 COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'collective-permute', 'all-to-all')
 
 
@@ -53,14 +54,23 @@ def topology_devices(name: str) -> list:
 
 
 def _program(config_name: str, program: str, devices: list, mesh_shape: dict[str, int], dtype: str,
-             tuning=None, remat: str = 'none', batch: int | None = None):
-  """(lowered program) of `program` for `devices`; `tuning` (a TuningConfig) for 'personalize'."""
+             tuning=None, remat: str = 'none', batch: int | None = None, attention: str = 'auto'):
+  """(lowered program) of `program` for `devices`; `tuning` (a TuningConfig) for 'personalize'. Traced for
+  a TPU (`tpu_attention.target_platform`), so attention='auto' takes the Pallas flash kernel where it
+  applies."""
+  from e4t_jax.models import tpu_attention
+  with tpu_attention.target_platform('tpu'):
+    return _lower(config_name, program, devices, mesh_shape, dtype, tuning, remat, batch, attention)
+
+
+def _lower(config_name, program, devices, mesh_shape, dtype, tuning, remat, batch, attention):
   from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
   from e4t_jax import personalize as personalize_lib
   from e4t_jax.bench import full as bench_full
   sds = jax.ShapeDtypeStruct
   if program == 'personalize':
-    model = bench_full.job_modules(config_name, bench_full.Job('personalize', dtype=dtype, remat=remat))
+    model = bench_full.job_modules(config_name, bench_full.Job('personalize', dtype=dtype, remat=remat,
+                                                                attention=attention))
     one = SingleDeviceSharding(devices[0])
     on = lambda tree: jax.tree.map(lambda x: sds(x.shape, x.dtype, sharding=one), tree)
     m, tuning = model.modules, tuning or personalize_lib.TuningConfig(num_steps=5)
@@ -73,7 +83,8 @@ def _program(config_name: str, program: str, devices: list, mesh_shape: dict[str
   from e4t_jax.train import loop, step as step_lib
   mesh = mesh_lib.make_mesh(mesh_shape, devices=devices)
   batch = batch or mesh_shape.get('data', 1) * mesh_shape.get('fsdp', 1) * 2
-  model = bench_full.job_modules(config_name, bench_full.Job('pretrain', dtype=dtype, batch=batch, remat=remat))
+  model = bench_full.job_modules(config_name, bench_full.Job('pretrain', dtype=dtype, batch=batch, remat=remat,
+                                                                   attention=attention))
   step_fn, state, frozen = bench_full._pretrain_step(model)  # pylint: disable=protected-access
   rules = mesh_lib.DEFAULT_LOGICAL_AXIS_RULES
   trainable_shardings, frozen_shardings = loop.state_and_frozen_shardings(model, mesh, rules, 'fsdp')
@@ -96,14 +107,18 @@ def _program(config_name: str, program: str, devices: list, mesh_shape: dict[str
 
 
 def compile_report(config_name: str, program: str, topology: str, mesh_shape: dict[str, int] | None = None,
-                   dtype: str = 'bfloat16', tuning=None, remat: str = 'none', batch: int | None = None
-                   ) -> dict[str, Any]:
+                   dtype: str = 'bfloat16', tuning=None, remat: str = 'none', batch: int | None = None,
+                   attention: str = 'auto') -> dict[str, Any]:
   """AOT-compiles `program` for `topology` and reports per-chip memory against the chip's HBM, FLOPs, the
   collectives in the compiled HLO and the compile seconds.
 
   tuning: the `TuningConfig` of 'personalize' (None: lite mode, 5 steps); remat: the U-Net's remat
   policy ('none' or a `jax.checkpoint_policies` name, e.g. 'nothing_saveable'); batch: the pretraining
-  step's global batch (None: 2 per data x fsdp device), a multiple of data x fsdp."""
+  step's global batch (None: 2 per data x fsdp device), a multiple of data x fsdp; attention: 'auto' (the
+  Pallas TPU flash kernel where it applies, `models.tpu_attention`) or 'xla' (XLA's reference attention
+  everywhere)."""
+  if attention not in ATTENTION:
+    raise ConfigError(f'--attention {attention!r} is not one of {ATTENTION}.')
   if program not in PROGRAMS:
     raise ConfigError(f'--program {program!r} is not one of {PROGRAMS}.')
   devices = topology_devices(topology)
@@ -116,7 +131,7 @@ def compile_report(config_name: str, program: str, topology: str, mesh_shape: di
     raise ConfigError(f'--batch {batch} must be a positive multiple of data x fsdp = {shards} (the batch is '
                       'split over those axes).')
   start = time.perf_counter()
-  lowered = _program(config_name, program, devices, mesh_shape, dtype, tuning, remat, batch)
+  lowered = _program(config_name, program, devices, mesh_shape, dtype, tuning, remat, batch, attention)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()
@@ -131,7 +146,7 @@ def compile_report(config_name: str, program: str, topology: str, mesh_shape: di
   text = compiled.as_text() or ''
   return {'config': config_name, 'program': program, 'topology': topology, 'device_kind': kind,
           'chips': len(devices) if program == 'pretrain' else 1, 'mesh': mesh_shape if program == 'pretrain' else None,
-          'dtype': dtype, 'remat': remat,
+          'dtype': dtype, 'remat': remat, 'attention': attention,
           'global_batch': (batch or shards * 2) if program == 'pretrain' else None,
           'tuning': None if program != 'personalize' or tuning is None else {
               'mode': tuning.mode, 'num_steps': tuning.num_steps, 'batch_size': tuning.batch_size,
@@ -140,5 +155,7 @@ def compile_report(config_name: str, program: str, topology: str, mesh_shape: di
           'fits': None if hbm is None or peak is None else bool(peak <= hbm),
           'flops': runtime.cost_stats(lowered).get('flops') or runtime.cost_stats(compiled).get('flops'),
           'collectives': {op: text.count(f' {op}(') + text.count(f' {op}-start(') for op in COLLECTIVES},
+          # Pallas kernels (the flash attention's forward and backward calls) in the compiled program
+          'pallas_kernels': text.count('custom_call_target="tpu_custom_call"'),
           'stablehlo': runtime.program_size(lowered), 'hlo': runtime.program_size(compiled),
           'lower_s': round(lower_s, 2), 'compile_s': round(compile_s, 2)}

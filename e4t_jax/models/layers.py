@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from e4t_jax.models import tpu_attention
+
 Dtype = Any
 Axes = tuple[str | None, ...]
 
@@ -108,9 +110,11 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     causal: mask future positions (CLIP text).
     key_mask: optional [batch, kv_len] bool, True where a key may be attended to.
     upcast: compute in float32 whatever the input dtype (diffusers' `upcast_attention`, SD 2.1).
-    implementation: 'auto' or None (the fused cuDNN flash attention where it applies: a GPU,
-      bfloat16/float16 inputs, head_dim a multiple of 8 up to 128, no key mask; XLA's reference
-      attention elsewhere), 'xla' (always the reference) or 'cudnn' (always fused; fails where unsupported).
+    implementation: 'auto' or None (a fused flash attention where one applies: on a GPU cuDNN's, for
+      bfloat16/float16 inputs, head_dim a multiple of 8 up to 128, no key mask; on a TPU the Pallas kernel
+      (`tpu_attention`), for sequence lengths that are multiples of 128, no key mask; XLA's reference
+      attention elsewhere), 'xla' (always the reference), 'cudnn' or 'pallas_tpu' (always that kernel; fails
+      where unsupported). The platform is `tpu_attention.target_platform`'s, else the default backend's.
   Returns:
     [batch, q_len, heads, head_dim] in the query's dtype.
   """
@@ -122,6 +126,11 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     mask = key_mask[:, None, None, :].astype(bool)  # [batch, 1, 1, kv_len]
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f'attention implementation {implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}.')
+  if implementation == 'pallas_tpu' and key_mask is not None:
+    raise ValueError("attention implementation 'pallas_tpu' takes no key mask.")
+  if implementation == 'pallas_tpu' or (implementation in (None, 'auto')
+                                        and tpu_attention.applies(query, key, key_mask)):
+    return tpu_attention.flash_attention(query, key, value, causal=causal).astype(out_dtype)
   if implementation in (None, 'auto'):
     implementation = 'xla'
     if mask is None and fused_attention_applies(query, key):
@@ -135,17 +144,17 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   return out.astype(out_dtype)
 
 
-ATTENTION_IMPLEMENTATIONS = (None, 'auto', 'xla', 'cudnn')
+ATTENTION_IMPLEMENTATIONS = (None, 'auto', 'xla', 'cudnn', 'pallas_tpu')
 
 
 def fused_attention_applies(query: jax.Array, key: jax.Array) -> bool:
-  """Whether `jax.nn.dot_product_attention(implementation='cudnn')` takes these operands: the default
-  backend is a GPU, the dtype is bfloat16/float16, head_dim is a multiple of 8 up to 128 and both
-  sequence lengths are multiples of 64 (the flash-attention kernel's limits, its backward's included):
-  the U-Net's self-attention. Elsewhere (CPU, TPU, float32, cross-attention to 77 text tokens, CLIP's
+  """Whether `jax.nn.dot_product_attention(implementation='cudnn')` takes these operands: the platform
+  traced for is a GPU (`tpu_attention.platform`), the dtype is bfloat16/float16, head_dim is a multiple of
+  8 up to 128 and both sequence lengths are multiples of 64 (the flash-attention kernel's limits, its
+  backward's included): the U-Net's self-attention. Elsewhere (CPU, TPU, float32, cross-attention to 77 text tokens, CLIP's
   257 patches, the VAE's 512-wide head) the reference XLA attention runs."""
   head_dim = query.shape[-1]
-  return (jax.default_backend() == 'gpu' and query.dtype in (jnp.bfloat16, jnp.float16)
+  return (tpu_attention.platform() == 'gpu' and query.dtype in (jnp.bfloat16, jnp.float16)
           and key.dtype == query.dtype and head_dim % 8 == 0 and head_dim <= 128
           # its backward pass takes sequence lengths in multiples of 64 only (not the 77 text tokens)
           and query.shape[1] % 64 == 0 and key.shape[1] % 64 == 0)

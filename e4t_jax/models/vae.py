@@ -236,6 +236,7 @@ class VAEAttentionBlock(nn.Module):
   """
   norm_groups: int
   dtype: Dtype = jnp.float32
+  attention_implementation: str | None = None  # see layers.dot_product_attention
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -246,7 +247,7 @@ class VAEAttentionBlock(nn.Module):
     # upcast: diffusers builds this attention with upcast_softmax; in bfloat16 the 4096-token softmax
     # of a 512x512 image needs float32.
     attention = Attention(heads=1, head_dim=channels, qkv_bias=True, out_bias=True, upcast=True,
-                          dtype=self.dtype)
+                          implementation=self.attention_implementation, dtype=self.dtype)
     nn.share_scope(self, attention)
     hidden = attention(hidden)  # [batch, h * w, channels]
     return x + hidden.reshape(batch, height, width, channels)
@@ -289,13 +290,14 @@ class UNetMidBlock2D(nn.Module):
   norm_groups: int
   add_attention: bool = True
   dtype: Dtype = jnp.float32
+  attention_implementation: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     channels = x.shape[-1]
     x = ResnetBlock2D(channels, self.norm_groups, self.dtype, name='resnets_0')(x)
     if self.add_attention:
-      x = VAEAttentionBlock(self.norm_groups, self.dtype, name='attentions_0')(x)
+      x = VAEAttentionBlock(self.norm_groups, self.dtype, self.attention_implementation, name='attentions_0')(x)
     return ResnetBlock2D(channels, self.norm_groups, self.dtype, name='resnets_1')(x)
 
 
@@ -303,6 +305,7 @@ class Encoder(nn.Module):
   """Images [batch, H, W, in_channels] -> posterior moments [batch, H/f, W/f, 2 * latent_channels]."""
   config: VAEConfig
   dtype: Dtype = jnp.float32
+  attention_implementation: str | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -312,7 +315,8 @@ class Encoder(nn.Module):
     for i, width in enumerate(widths):
       x = DownEncoderBlock2D(width, cfg.layers_per_block, cfg.norm_num_groups,
                              add_downsample=i < len(widths) - 1, name=f'down_blocks_{i}', **kw)(x)
-    x = UNetMidBlock2D(cfg.norm_num_groups, cfg.mid_block_add_attention, name='mid_block', **kw)(x)
+    x = UNetMidBlock2D(cfg.norm_num_groups, cfg.mid_block_add_attention, name='mid_block',
+                       attention_implementation=self.attention_implementation, **kw)(x)
     x = group_norm(cfg.norm_num_groups, name='conv_norm_out', epsilon=_NORM_EPS, **kw)(x)
     # 2 * latent: mean and log-variance (diffusers' double_z=True)
     return conv(2 * cfg.latent_channels, 3, name='conv_out', **kw)(nn.silu(x))
@@ -322,13 +326,15 @@ class Decoder(nn.Module):
   """Latents [batch, h, w, latent_channels] -> images [batch, h*f, w*f, out_channels]."""
   config: VAEConfig
   dtype: Dtype = jnp.float32
+  attention_implementation: str | None = None
 
   @nn.compact
   def __call__(self, latents: jax.Array) -> jax.Array:
     cfg, kw = self.config, dict(dtype=self.dtype)
     widths = tuple(reversed(cfg.block_out_channels))
     x = conv(widths[0], 3, name='conv_in', **kw)(latents)
-    x = UNetMidBlock2D(cfg.norm_num_groups, cfg.mid_block_add_attention, name='mid_block', **kw)(x)
+    x = UNetMidBlock2D(cfg.norm_num_groups, cfg.mid_block_add_attention, name='mid_block',
+                       attention_implementation=self.attention_implementation, **kw)(x)
     for i, width in enumerate(widths):
       # one more resnet per level than the encoder, as in diffusers
       x = UpDecoderBlock2D(width, cfg.layers_per_block + 1, cfg.norm_num_groups,
@@ -347,11 +353,12 @@ class AutoencoderKL(nn.Module):
   """
   config: VAEConfig
   dtype: Dtype = jnp.float32
+  attention_implementation: str | None = None  # the mid blocks' attention, see layers.dot_product_attention
 
   def setup(self):
     cfg = self.config
-    self.encoder = Encoder(cfg, self.dtype)
-    self.decoder = Decoder(cfg, self.dtype)
+    self.encoder = Encoder(cfg, self.dtype, self.attention_implementation)
+    self.decoder = Decoder(cfg, self.dtype, self.attention_implementation)
     # name=None: inside setup flax names a submodule after the attribute it is assigned to.
     if cfg.use_quant_conv:
       self.quant_conv = conv(2 * cfg.latent_channels, 1, name=None, dtype=self.dtype)
