@@ -360,11 +360,13 @@ def _cmd_bench_tpu(args: argparse.Namespace) -> int:
   mesh = {axis: given.get(axis, 1) for axis in axes} if given else None  # None: every chip on fsdp
   tuning = _tuning_config(args, num_steps=args.steps)
   reports = [tpu.compile_report(args.config, program, args.topology, mesh, dtype=args.dtype, tuning=tuning,
-                                remat=args.remat, batch=args.batch, attention=args.attention)
+                                remat=args.remat, batch=args.batch, attention=args.attention,
+                                slices=args.slices)
              for program in (tpu.PROGRAMS if args.program == 'all' else (args.program,))]
   for r in reports:
     peak, hbm = r['peak_bytes_per_chip'], r['hbm_bytes']
-    print(f"{r['program']:>12} on {r['topology']} ({r['device_kind']}, {r['chips']} chip(s), mesh {r['mesh']}): "
+    where = r['topology'] if r['slices'] == 1 else f"{r['slices']} x {r['topology']}"
+    print(f"{r['program']:>12} on {where} ({r['device_kind']}, {r['chips']} chip(s), mesh {r['mesh']}): "
           f"peak {peak / 2**30:.2f} GiB per chip of {hbm / 2**30 if hbm else float('nan'):.0f} GiB -> "
           f"{'fits' if r['fits'] else 'does NOT fit' if r['fits'] is False else '?'}; "
           f"{(r['flops'] or 0) / 1e12:.3f} TFLOP; collectives {r['collectives']}; compiled in {r['compile_s']:.1f} s")
@@ -547,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
   bench_personalize.set_defaults(func=_cmd_bench)
   bench_tpu = bench_sub.add_parser('tpu', help='AOT-compile for a Cloud TPU topology from this machine (needs libtpu)')
   bench_tpu.add_argument('--topology', required=True, help='e.g. v5e:2x2, v5e:4x4, v5p:2x2x2')
+  bench_tpu.add_argument('--slices', type=_count, default=1,
+                         help='multi-slice: this many copies of the topology over the data-center network '
+                              '(the pretraining mesh\'s data axis spans them)')
   bench_tpu.add_argument('--config', default='tiny', help="'tiny' or 'sd15'")
   bench_tpu.add_argument('--program', choices=('personalize', 'pretrain', 'all'), default='all')
   bench_tpu.add_argument('--dtype', choices=('bfloat16', 'float32'), default='bfloat16')

@@ -41,6 +41,17 @@ def test_reference_attention_has_no_kernel_and_more_temp_memory():
   assert auto['memory_per_chip']['temp_size_in_bytes'] < xla['memory_per_chip']['temp_size_in_bytes']
 
 
+def test_the_pretraining_step_compiles_for_two_slices():
+  """Multi-slice: two v5e:2x2 slices, the data axis over the data-center network (one row per slice)."""
+  from e4t_jax.errors import ConfigError
+  report = tpu.compile_report('tiny', 'pretrain', 'v5e:2x2', slices=2)
+  assert report['slices'] == 2 and report['chips'] == 8 and report['fits'] is True
+  assert report['mesh'] == {'data': 2, 'fsdp': 4, 'tensor': 1} and report['global_batch'] == 16
+  assert report['collectives']['all-reduce'] + report['collectives']['reduce-scatter'] > 0
+  with pytest.raises(ConfigError, match='multiple of 2'):
+    tpu.compile_report('tiny', 'pretrain', 'v5e:2x2', {'data': 1, 'fsdp': 8, 'tensor': 1}, slices=2)
+
+
 def test_an_unknown_topology_is_one_clear_error():
   from e4t_jax.errors import ConfigError
   with pytest.raises(ConfigError, match="--topology 'v9z:1x1'"):

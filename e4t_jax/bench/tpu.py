@@ -36,8 +36,11 @@ def libtpu_available() -> bool:
   return importlib.util.find_spec('libtpu') is not None
 
 
-def topology_devices(name: str) -> list:
-  """The devices of TPU topology `name` (e.g. 'v5e:2x2', 'v5p:2x2x2'), described by libtpu on this host."""
+def topology_devices(name: str, slices: int = 1) -> list:
+  """The devices of TPU topology `name` (e.g. 'v5e:2x2', 'v5p:2x2x2'), `slices` of it (multi-slice: the
+  slices joined by the data-center network), described by libtpu on this host."""
+  if slices < 1:
+    raise ConfigError(f'--slices {slices}: at least 1.')
   if not libtpu_available():
     raise ConfigError('AOT compiles for TPU need libtpu: pip install "e4t-jax[tpu]" (or the lock\'s libtpu '
                       'wheel); nothing else changes for CPU/GPU use.')
@@ -47,7 +50,8 @@ def topology_devices(name: str) -> list:
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from jax.experimental import topologies
   try:
-    return list(topologies.get_topology_desc(topology_name=name, platform='tpu').devices)
+    kwargs = {'num_slices': slices} if slices > 1 else {}
+    return list(topologies.get_topology_desc(topology_name=name, platform='tpu', **kwargs).devices)
   except Exception as e:  # libtpu's errors are RuntimeErrors/XlaRuntimeErrors with long traces
     raise ConfigError(f'--topology {name!r}: libtpu does not know it ({str(e).splitlines()[0][:160]}); '
                       'try e.g. v5e:2x2, v5e:4x4, v5p:2x2x2, v6e:2x2.') from None
@@ -108,7 +112,7 @@ def _lower(config_name, program, devices, mesh_shape, dtype, tuning, remat, batc
 
 def compile_report(config_name: str, program: str, topology: str, mesh_shape: dict[str, int] | None = None,
                    dtype: str = 'bfloat16', tuning=None, remat: str = 'none', batch: int | None = None,
-                   attention: str = 'auto') -> dict[str, Any]:
+                   attention: str = 'auto', slices: int = 1) -> dict[str, Any]:
   """AOT-compiles `program` for `topology` and reports per-chip memory against the chip's HBM, FLOPs, the
   collectives in the compiled HLO and the compile seconds.
 
@@ -116,13 +120,14 @@ def compile_report(config_name: str, program: str, topology: str, mesh_shape: di
   policy ('none' or a `jax.checkpoint_policies` name, e.g. 'nothing_saveable'); batch: the pretraining
   step's global batch (None: 2 per data x fsdp device), a multiple of data x fsdp; attention: 'auto' (the
   Pallas TPU flash kernel where it applies, `models.tpu_attention`) or 'xla' (XLA's reference attention
-  everywhere)."""
+  everywhere); slices: how many copies of `topology` joined by the data-center network (multi-slice; the
+  pretraining mesh's data axis spans them, by default one data row per slice)."""
   if attention not in ATTENTION:
     raise ConfigError(f'--attention {attention!r} is not one of {ATTENTION}.')
   if program not in PROGRAMS:
     raise ConfigError(f'--program {program!r} is not one of {PROGRAMS}.')
-  devices = topology_devices(topology)
-  mesh_shape = dict(mesh_shape or {'data': 1, 'fsdp': len(devices), 'tensor': 1})
+  devices = topology_devices(topology, slices)
+  mesh_shape = dict(mesh_shape or {'data': slices, 'fsdp': len(devices) // slices, 'tensor': 1})
   if program == 'pretrain' and int(np.prod(list(mesh_shape.values()))) != len(devices):
     raise ConfigError(f'mesh {mesh_shape} has {int(np.prod(list(mesh_shape.values())))} devices, the topology '
                       f'{topology} has {len(devices)}.')
@@ -144,7 +149,7 @@ def compile_report(config_name: str, program: str, topology: str, mesh_shape: di
                                                  + memory['temp_size_in_bytes'] - memory['alias_size_in_bytes'])
                                                 if memory else None)
   text = compiled.as_text() or ''
-  return {'config': config_name, 'program': program, 'topology': topology, 'device_kind': kind,
+  return {'config': config_name, 'program': program, 'topology': topology, 'slices': slices, 'device_kind': kind,
           'chips': len(devices) if program == 'pretrain' else 1, 'mesh': mesh_shape if program == 'pretrain' else None,
           'dtype': dtype, 'remat': remat, 'attention': attention,
           'global_batch': (batch or shards * 2) if program == 'pretrain' else None,

@@ -48,7 +48,8 @@ def make_mesh(shape: dict[str, int] | Sequence[int] | None = None, devices: Sequ
   Args:
     shape: sizes per axis, as a dict or a 3-sequence; one size may be -1 ("the rest of the devices").
       None puts every device on `data`.
-    devices: defaults to all devices (every process's, for multi-host).
+    devices: defaults to all devices (every process's, for multi-host). Devices of several TPU slices
+      (`slice_index`) make a hybrid mesh: `data` over the slices' data-center network, the rest inside each.
   """
   devices = list(devices if devices is not None else jax.devices())
   if shape is None:
@@ -70,6 +71,13 @@ def make_mesh(shape: dict[str, int] | Sequence[int] | None = None, devices: Sequ
   if math.prod(sizes) != len(devices):
     raise ConfigError(f'mesh shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, '
                       f'but {len(devices)} are available.')
+  slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  if slices > 1:  # multi-slice: `data` spans the slices (DCN), every other axis stays inside one (ICI)
+    if sizes[0] % slices:
+      raise ConfigError(f'mesh shape {dict(zip(MESH_AXES, sizes))} on {slices} TPU slices: the data axis spans '
+                        f'the slices, so it must be a multiple of {slices} (e.g. --mesh.data {slices}).')
+    ici = [sizes[0] // slices] + sizes[1:]
+    return Mesh(mesh_utils.create_hybrid_device_mesh(ici, [slices, 1, 1], devices), MESH_AXES)
   try:
     device_grid = mesh_utils.create_device_mesh(sizes, devices)
   except Exception:  # non-TPU topologies or fake CPU devices: plain reshape is fine
