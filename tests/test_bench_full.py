@@ -38,9 +38,20 @@ def test_jobs_have_stable_names_and_round_trip():
   assert bench_full.Job.from_arg(job.to_arg()) == job
   names = [j.name for jobs in bench_full.default_jobs().values() for j in jobs]
   assert len(names) == len(set(names)) and 'personalize/bfloat16' in names and 'unet_step/bfloat16/b8' in names
-  assert [j.name for j in bench_full.default_jobs(minimal=True)['personalize']] == ['personalize/bfloat16']
+  assert [j.name for j in bench_full.default_jobs(minimal=True)['personalize']] == [
+      'personalize/bfloat16', 'personalize/bfloat16/paper/15steps/micro1']
+  assert bench_full.PAPER_JOB.tuning.mode == 'paper' and bench_full.PAPER_JOB.tuning.num_steps == 15
   with pytest.raises(ConfigError):
     bench_full.Job('inference')
+
+
+def test_a_paper_mode_job_lowers_the_paper_program():
+  from e4t_jax import runtime
+  cost = {}
+  for job in (bench_full.Job('personalize', steps=1), bench_full.Job('personalize', mode='paper', steps=1)):
+    lowered, _ = bench_full.lower_job(bench_full.job_modules('tiny', job), job)
+    cost[job.mode] = runtime.cost_stats(lowered)['flops']
+  assert cost['paper'] > 4 * cost['lite']  # 16 views through the U-Net with its weight gradients, not 1
 
 
 def test_random_like_fills_by_kind_and_shares_buffers_of_one_shape():

@@ -77,6 +77,10 @@ class Job:
   batch: int = 1
   frozen_dtype: str = 'float32'
   attention: str = 'auto'
+  # personalize: the tuning mode, its steps and views per pass (paper mode: 16 views a step)
+  mode: str = 'lite'
+  steps: int = 5
+  micro_batch: int | None = None
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -93,7 +97,17 @@ class Job:
       parts.append(f'frozen={self.frozen_dtype}')
     if self.attention != 'auto':
       parts.append(f'attention={self.attention}')
+    if self.mode != 'lite':
+      parts.append(self.mode)
+    if self.steps != 5:
+      parts.append(f'{self.steps}steps')
+    if self.micro_batch is not None:
+      parts.append(f'micro{self.micro_batch}')
     return '/'.join(parts)
+
+  @property
+  def tuning(self) -> personalize_lib.TuningConfig:
+    return personalize_lib.TuningConfig(num_steps=self.steps, mode=self.mode, micro_batch=self.micro_batch)
 
   def to_arg(self) -> str:
     return json.dumps(dataclasses.asdict(self))
@@ -103,14 +117,20 @@ class Job:
     return cls(**json.loads(text))
 
 
+# The issue's paper-mode figure: 15 steps of 16 views, bfloat16, one view a pass (the variant that fits 40 GiB
+# by the CPU compiler's measure, docs/performance.md).
+PAPER_JOB = Job('personalize', mode='paper', steps=15, micro_batch=1)
+
+
 def default_jobs(train_batch: int = 8, concepts_batch: int = 4, minimal: bool = False) -> dict[str, list[Job]]:
   """The jobs of each execute worker, in priority order (the compile phase compiles all of them);
   `minimal`: only the headline programs (bfloat16 personalization, pretraining and U-Net steps)."""
   if minimal:
-    return {'personalize': [Job('personalize')],
+    return {'personalize': [Job('personalize'), PAPER_JOB],
             'train': [Job('pretrain', batch=train_batch), Job('unet_step', batch=train_batch)]}
   return {
-      'personalize': [Job('personalize'), Job('personalize_batched', batch=concepts_batch),
+      'personalize': [Job('personalize'), PAPER_JOB, Job('personalize', mode='paper', steps=15, micro_batch=4),
+                      Job('personalize_batched', batch=concepts_batch),
                       Job('personalize', attention='xla'), Job('personalize', frozen_dtype='bfloat16'),
                       Job('personalize', dtype='float32')],
       'train': [Job('pretrain', batch=train_batch), Job('unet_step', batch=train_batch),
@@ -144,7 +164,7 @@ def lower_job(model: model_lib.E4TModel, job: Job, num_steps: int = 5):
   m, params = model.modules, model.params
   sds = jax.ShapeDtypeStruct
   key = jax.eval_shape(lambda: jax.random.key(0))
-  tuning = personalize_lib.TuningConfig(num_steps=num_steps)
+  tuning = job.tuning if job.kind == 'personalize' else personalize_lib.TuningConfig(num_steps=num_steps)
   size = m.image_size
   if job.kind == 'personalize':
     return personalize_lib.lower_personalize_program(m, params, tuning), None
@@ -315,7 +335,7 @@ def execute_job(config_name: str, job: Job, params_cache: dict, deadline: float,
   with harness.JaxEvents() as events:
     t0 = time.perf_counter()
     if job.kind == 'personalize':
-      fn = personalize_lib.make_personalize_fn(concrete, 5)
+      fn = personalize_lib.make_personalize_fn(concrete, job.steps, tuning=job.tuning)
       compiled = fn.compiled
     else:
       lowered, args = lower_job(model, job)
