@@ -59,15 +59,9 @@ def topology_devices(name: str, slices: int = 1) -> list:
 
 def _program(config_name: str, program: str, devices: list, mesh_shape: dict[str, int], dtype: str,
              tuning=None, remat: str = 'none', batch: int | None = None, attention: str = 'auto'):
-  """(lowered program) of `program` for `devices`; `tuning` (a TuningConfig) for 'personalize'. Traced for
-  a TPU (`tpu_attention.target_platform`), so attention='auto' takes the Pallas flash kernel where it
-  applies."""
-  from e4t_jax.models import tpu_attention
-  with tpu_attention.target_platform('tpu'):
-    return _lower(config_name, program, devices, mesh_shape, dtype, tuning, remat, batch, attention)
-
-
-def _lower(config_name, program, devices, mesh_shape, dtype, tuning, remat, batch, attention):
+  """(lowered program) of `program` for `devices`; `tuning` (a TuningConfig) for 'personalize'. Trace it
+  inside `tpu_attention.target_platform('tpu')` (as `compile_report` does), so attention='auto' takes the
+  Pallas flash kernel where it applies."""
   from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
   from e4t_jax import personalize as personalize_lib
   from e4t_jax.bench import full as bench_full
@@ -135,8 +129,10 @@ def compile_report(config_name: str, program: str, topology: str, mesh_shape: di
   if program == 'pretrain' and batch is not None and (batch < 1 or batch % shards):
     raise ConfigError(f'--batch {batch} must be a positive multiple of data x fsdp = {shards} (the batch is '
                       'split over those axes).')
+  from e4t_jax.models import tpu_attention
   start = time.perf_counter()
-  lowered = _program(config_name, program, devices, mesh_shape, dtype, tuning, remat, batch, attention)
+  with tpu_attention.target_platform('tpu'):
+    lowered = _program(config_name, program, devices, mesh_shape, dtype, tuning, remat, batch, attention)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()

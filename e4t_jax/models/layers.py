@@ -151,8 +151,8 @@ def fused_attention_applies(query: jax.Array, key: jax.Array) -> bool:
   """Whether `jax.nn.dot_product_attention(implementation='cudnn')` takes these operands: the platform
   traced for is a GPU (`tpu_attention.platform`), the dtype is bfloat16/float16, head_dim is a multiple of
   8 up to 128 and both sequence lengths are multiples of 64 (the flash-attention kernel's limits, its
-  backward's included): the U-Net's self-attention. Elsewhere (CPU, TPU, float32, cross-attention to 77 text tokens, CLIP's
-  257 patches, the VAE's 512-wide head) the reference XLA attention runs."""
+  backward's included): the U-Net's self-attention. Elsewhere (CPU, TPU, float32, cross-attention to 77
+  text tokens, CLIP's 257 patches, the VAE's 512-wide head) the reference XLA attention runs."""
   head_dim = query.shape[-1]
   return (tpu_attention.platform() == 'gpu' and query.dtype in (jnp.bfloat16, jnp.float16)
           and key.dtype == query.dtype and head_dim % 8 == 0 and head_dim <= 128
