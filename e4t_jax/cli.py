@@ -344,9 +344,16 @@ def _cmd_bench_full(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
   from e4t_jax.bench import personalize as bench
   _check_json_out(args.json)
+  variants = bench.ABSTRACT_DTYPES
+  if args.variants is not None:
+    if not args.abstract:
+      raise ConfigError('--variants selects what --abstract compiles; add --abstract.')
+    variants = tuple(v.strip() for v in args.variants.split(',') if v.strip())
+    for name in variants:
+      bench.parse_variant(name)
   result = bench.run_personalize_bench(args.config, num_steps=args.steps, num_concepts=args.concepts,
                                        baseline=args.baseline, abstract=args.abstract, json_out=args.json,
-                                       mode=args.mode, micro_batch=args.micro_batch)
+                                       mode=args.mode, micro_batch=args.micro_batch, variants=variants)
   print(bench.format_table(result))
   return 0
 
@@ -545,6 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
   bench_personalize.add_argument('--mode', choices=('lite', 'paper'), default='lite', help='the tuning mode measured')
   bench_personalize.add_argument('--micro-batch', type=_views, default=None,
                                  help='views per gradient pass (default: all at once)')
+  bench_personalize.add_argument('--variants', default=None,
+                                 help='--abstract: comma-separated variants to compile (default: float32,bfloat16,'
+                                      'float32+remat,bfloat16+remat; "+unrolled" unrolls the CLIP layers, e.g. '
+                                      'float32,float32+unrolled for the scan\'s compile-time ratio)')
   bench_personalize.add_argument('--json', default=None, help='write the results here')
   bench_personalize.set_defaults(func=_cmd_bench)
   bench_tpu = bench_sub.add_parser('tpu', help='AOT-compile for a Cloud TPU topology from this machine (needs libtpu)')

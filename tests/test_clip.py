@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from e4t_jax.models import clip as clip_lib
 from e4t_jax.convert.clip import load_image_encoder, load_text_encoder, save_image_encoder, save_text_encoder
 from e4t_jax.fileio import read_safetensors, write_safetensors
 from e4t_jax.errors import ConfigError, ConversionError, InputError
@@ -143,9 +144,11 @@ def _torch_vision(model, pixel_values):
 
 
 # ----------------------------------------------------------------------------- text parity
-def test_text_parity(text_folder):
+@pytest.mark.parametrize('scan', [True, False], ids=['scanned', 'per_layer'])
+def test_text_parity(text_folder, scan):
   torch_model, folder = text_folder
-  model, params = load_text_encoder(folder)
+  model, params = load_text_encoder(folder, scan_layers=scan)
+  assert model.scan_layers == scan and clip_lib.is_scanned(params) == scan
   assert model.config.hidden_act == torch_model.config.hidden_act
   assert model.config.eos_token_id == torch_model.config.eos_token_id
   ours = _run(model, params, jnp.asarray(INPUT_IDS))
@@ -204,9 +207,11 @@ def test_text_input_errors():
 
 
 # ----------------------------------------------------------------------------- vision parity
-def test_vision_parity(vision_folder):
+@pytest.mark.parametrize('scan', [True, False], ids=['scanned', 'per_layer'])
+def test_vision_parity(vision_folder, scan):
   torch_model, folder = vision_folder
-  model, params = load_image_encoder(folder)
+  model, params = load_image_encoder(folder, scan_layers=scan)
+  assert model.scan_layers == scan and clip_lib.is_scanned(params) == scan
   assert model.with_projection
   pixel_values = _pixels()
   ours = _run(model, params, _nhwc(pixel_values))
@@ -336,6 +341,32 @@ def test_vision_round_trip_into_transformers(tmp_path, with_projection):
     _assert_close('round trip vision pooled_output', ours.pooled_output, theirs.pooler_output)
   _, reloaded = load_image_encoder(tmp_path)
   jax.tree.map(np.testing.assert_array_equal, reloaded, params)
+
+
+def test_scanned_and_per_layer_layouts_hold_the_same_weights_and_save_the_same_files(vision_folder, tmp_path):
+  """A per-layer transformers folder loads into the stacked layout and back; either layout saves the same
+  tensors; the scanned tower computes what the unrolled one does."""
+  _, folder = vision_folder
+  model, stacked = load_image_encoder(folder)
+  per_layer_model, per_layer = load_image_encoder(folder, scan_layers=False)
+  assert set(stacked['encoder']) == {'layers'} and set(per_layer['encoder']) == {'layers_0', 'layers_1'}
+  kernel = stacked['encoder']['layers']['self_attn']['q_proj']['kernel']
+  assert kernel.shape == (2,) + per_layer['encoder']['layers_0']['self_attn']['q_proj']['kernel'].shape
+  jax.tree.map(np.testing.assert_array_equal, clip_lib.unstack_layers(stacked), per_layer)
+  jax.tree.map(np.testing.assert_array_equal, clip_lib.stack_layers(per_layer), stacked)
+  # The abstract tree stacks like the values, with 'layers' as the first logical axis.
+  boxed = abstract_params(model)['encoder']['layers']['self_attn']['q_proj']['kernel']
+  assert boxed.names == ('layers', 'embed', 'heads') and boxed.value.shape == kernel.shape
+  save_image_encoder(tmp_path / 'a', model.config, stacked)
+  save_image_encoder(tmp_path / 'b', model.config, per_layer)
+  a, b = (read_safetensors(tmp_path / d / 'model.safetensors') for d in 'ab')
+  assert sorted(a) == sorted(b) and 'vision_model.encoder.layers.1.self_attn.q_proj.weight' in a
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])
+  pixels = _nhwc(_pixels())
+  scanned_out, unrolled_out = _run(model, stacked, pixels), _run(per_layer_model, per_layer, pixels)
+  for x, y in zip(scanned_out.hidden_states, unrolled_out.hidden_states):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-5)
 
 
 def test_save_rejects_params_of_another_config(tmp_path):

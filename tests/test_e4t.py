@@ -136,11 +136,28 @@ def test_gradients_reach_only_trainable_params_and_optimizer_state_is_trainable_
 
 
 def test_trainable_patterns_add_image_encoder_layers(tiny):
-  trainable, frozen = model_lib.split_params(tiny.params, (r'^image_encoder/encoder/layers_1/',))
+  patterns = (r'^image_encoder/encoder/layers_1/',)
+  # The tiny model's towers scan their layers: one layer of a stacked tree cannot train alone.
+  assert tiny.modules.image_encoder.scan_layers and set(tiny.params['image_encoder']['encoder']) == {'layers'}
+  with pytest.raises(ConfigError, match='scan_layers=False'):
+    model_lib.split_params(tiny.params, patterns)
+  # Built with those patterns, the image encoder keeps one subtree per layer (same values).
+  model = model_lib.init_tiny(jax.random.key(0), model_lib.E4TConfig(trainable_patterns=patterns))
+  assert not model.modules.image_encoder.scan_layers and model.modules.text_encoder.scan_layers
+  trainable, frozen = model_lib.split_params(model.params, patterns)
   assert 'layers_1' in trainable['image_encoder']['encoder']
   assert 'layers_1' not in frozen['image_encoder']['encoder'] and 'layers_0' in frozen['image_encoder']['encoder']
   merged = model_lib.merge_params(trainable, frozen)
-  assert jax.tree.structure(merged) == jax.tree.structure(tiny.params)
+  assert jax.tree.structure(merged) == jax.tree.structure(model.params)
+  # Same key as the shared tiny model: the image encoder's values are the same, only the layout differs.
+  np.testing.assert_array_equal(model.params['image_encoder']['encoder']['layers_1']['mlp']['fc1']['kernel'],
+                                tiny.params['image_encoder']['encoder']['layers']['mlp']['fc1']['kernel'][1])
+  # A pattern that picks a parameter in every layer keeps the scan and trains the whole stacked leaf.
+  every_layer = (r'^image_encoder/encoder/layers_\d+/mlp/fc1/',)
+  assert model_lib.image_encoder_scans(model_lib.E4TConfig(trainable_patterns=every_layer),
+                                       tiny.modules.image_encoder.config)
+  trainable, _ = model_lib.split_params(tiny.params, every_layer)
+  assert set(trainable['image_encoder']['encoder']['layers']['mlp']) == {'fc1'}
 
 
 def test_multi_token_coarse_word_is_a_clear_error(tiny):

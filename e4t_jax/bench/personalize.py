@@ -48,8 +48,21 @@ WORKER_MODULE = 'e4t_jax.bench.personalize'  # `python -m` runs its worker stage
 CONFIGS = ('tiny', 'sd15')
 BASELINES = (None, 'torch')
 # Variants of the abstract analysis: compute dtype, and '+remat' = the U-Net rematerialized per block
-# with the 'nothing_saveable' policy (memory for recompute).
+# with the 'nothing_saveable' policy (memory for recompute). ABSTRACT_DTYPES run by default.
 ABSTRACT_DTYPES = ('float32', 'bfloat16', 'float32+remat', 'bfloat16+remat')
+# Further modifier: '+unrolled' = the CLIP towers' layers unrolled (one traced copy per layer) instead of
+# scanned, the layout before issue 19, for compile-time comparisons (e.g. 'float32+unrolled').
+VARIANT_MODIFIERS = ('remat', 'unrolled')
+
+
+def parse_variant(name: str) -> tuple[str, frozenset[str]]:
+  """'bfloat16+remat+unrolled' -> ('bfloat16', {'remat', 'unrolled'}); ConfigError naming the grammar."""
+  base, *modifiers = name.split('+')
+  if base not in ('float32', 'bfloat16') or not set(modifiers) <= set(VARIANT_MODIFIERS) or len(set(modifiers)) < len(
+      modifiers):
+    raise ConfigError(f'unknown abstract variant {name!r}: float32 or bfloat16, then optionally '
+                      f'{" / ".join("+" + m for m in VARIANT_MODIFIERS)}.')
+  return base, frozenset(modifiers)
 
 _MISSING_ALWAYS = (
     'GPU/TPU numbers: measured on a CPU-only machine; no accelerator figures.',
@@ -82,8 +95,9 @@ def build_model(config_name: str, seed: int = 0) -> model_lib.E4TModel:
   return model_lib.init_tiny(jax.random.key(seed), tiny_e4t_config())
 
 
-def build_abstract_model(config_name: str, dtype: Any = jnp.float32) -> model_lib.E4TModel:
-  """The model of `config_name` with ShapeDtypeStruct params and `dtype` compute."""
+def build_abstract_model(config_name: str, dtype: Any = jnp.float32, scan_layers: bool = True) -> model_lib.E4TModel:
+  """The model of `config_name` with ShapeDtypeStruct params and `dtype` compute (`scan_layers`: the CLIP
+  towers' layer layout)."""
   from e4t_jax.models import presets
   from e4t_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
   from e4t_jax.models.unet import UNetConfig
@@ -91,9 +105,10 @@ def build_abstract_model(config_name: str, dtype: Any = jnp.float32) -> model_li
   check_config(config_name)
   if config_name == 'tiny':
     return model_lib.abstract_model(tiny_e4t_config(), UNetConfig.tiny(), VAEConfig.tiny(), CLIPTextConfig.tiny(),
-                                    CLIPVisionConfig.tiny(), dtype=dtype)
+                                    CLIPVisionConfig.tiny(), dtype=dtype, scan_layers=scan_layers)
   unet, vae, text = presets.sd15()
-  return model_lib.abstract_model(full_size_e4t_config(), unet, vae, text, presets.clip_vit_h14(), dtype=dtype)
+  return model_lib.abstract_model(full_size_e4t_config(), unet, vae, text, presets.clip_vit_h14(), dtype=dtype,
+                                  scan_layers=scan_layers)
 
 
 # ----------------------------------------------------------------------------- subprocess workers
@@ -138,10 +153,10 @@ def abstract_analysis(config_name: str, dtype_name: str, num_steps: int, compile
   Calls `emit` with a 'lowered' record, then (when `compile_program`) a 'compiled' record; the
   benchmark runs this in a worker process (`--abstract-worker`) that prints each record at once.
   """
-  base_dtype, _, remat = dtype_name.partition('+')
+  base_dtype, modifiers = parse_variant(dtype_name)
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[base_dtype]
-  model = build_abstract_model(config_name, dtype)
-  if remat:
+  model = build_abstract_model(config_name, dtype, scan_layers='unrolled' not in modifiers)
+  if 'remat' in modifiers:
     model = model_lib.E4TModel(
         dataclasses.replace(model.modules, unet=model.modules.unet.clone(remat_policy='nothing_saveable')),
         model.params)
@@ -215,7 +230,7 @@ def _worker_main(argv: Sequence[str]) -> int:
   parser.add_argument('--config', default='tiny')
   parser.add_argument('--num-steps', type=int, default=5)
   parser.add_argument('--cache-dir')
-  parser.add_argument('--dtype', default='float32', choices=ABSTRACT_DTYPES)
+  parser.add_argument('--dtype', default='float32')
   parser.add_argument('--no-compile', action='store_true')
   parser.add_argument('--mode', default='lite', choices=personalize_lib.TUNING_MODES)
   parser.add_argument('--micro-batch', type=int, default=None)
@@ -237,7 +252,7 @@ def run_personalize_bench(config_name: str = 'tiny', *, num_steps: int = 5, num_
                           torch_warmup: int = 2, torch_threads: Sequence[int] | None = None,
                           compile_timeout_s: float = 1800.0,
                           rss_limit_bytes: int | None = 16 * 2**30, mode: str = 'lite', micro_batch: int | None = None,
-                          fused_repeats: int = 3) -> dict:
+                          fused_repeats: int = 3, variants: Sequence[str] = ABSTRACT_DTYPES) -> dict:
   """Measures personalization and returns (and optionally writes) the result dict (keys: module docstring).
 
   Args:
@@ -260,6 +275,8 @@ def run_personalize_bench(config_name: str = 'tiny', *, num_steps: int = 5, num_
     micro_batch: `TuningConfig.micro_batch` (views per gradient pass; None: all at once).
     fused_repeats: concrete mode: timed runs of `personalize_and_generate` and of personalize-then-generate
       (0 skips that section).
+    variants: abstract mode: the variants compiled, one worker each (`parse_variant`); with a variant and
+      its '+unrolled' twin, `clip_scan` reports the compile seconds of both and their ratio.
   Raises:
     ConfigError: unknown config or baseline, or a full-size config without `abstract`.
   """
@@ -270,10 +287,13 @@ def run_personalize_bench(config_name: str = 'tiny', *, num_steps: int = 5, num_
     raise ConfigError('the PyTorch baseline tunes on the whole batch at once; run it without micro_batch.')
   if baseline not in BASELINES:
     raise ConfigError(f'unknown baseline {baseline!r}; known: {[b for b in BASELINES if b]}.')
+  for name in variants:
+    parse_variant(name)
   if abstract:
     if baseline is not None:
       raise ConfigError('the torch baseline needs real weights and execution; it does not combine with abstract=True.')
-    result = _abstract_bench(config_name, num_steps, compile_timeout_s, rss_limit_bytes, mode, micro_batch)
+    result = _abstract_bench(config_name, num_steps, compile_timeout_s, rss_limit_bytes, mode, micro_batch,
+                             tuple(variants))
   else:
     if num_concepts < 1 or batch < 0 or num_steps < 1:
       raise ConfigError('num_concepts and num_steps must be >= 1, batch >= 0.')
@@ -403,7 +423,8 @@ def _micro_arg(micro_batch: int | None) -> list[str]:
 
 
 def _abstract_bench(config_name: str, num_steps: int, compile_timeout_s: float, rss_limit_bytes: int | None,
-                    mode: str = 'lite', micro_batch: int | None = None) -> dict:
+                    mode: str = 'lite', micro_batch: int | None = None,
+                    variants: Sequence[str] = ABSTRACT_DTYPES) -> dict:
   result = _header(config_name, 'abstract')
   model = build_abstract_model(config_name)
   encoder = model.modules.config.encoder
@@ -428,7 +449,7 @@ def _abstract_bench(config_name: str, num_steps: int, compile_timeout_s: float, 
                            'seconds': concept_lib.fingerprint_seconds(frozen_shapes),
                            'threads': min(8, os.cpu_count() or 1)}
   result['dtypes'] = {}
-  for dtype_name in ABSTRACT_DTYPES:
+  for dtype_name in variants:
     # One process per dtype: a compile that runs out of time or memory is killed without taking the
     # benchmark with it, and each peak RSS is the compile's own.
     records, info = harness.run_worker(WORKER_MODULE, ['--abstract-worker', '--config', config_name, '--dtype',
@@ -450,7 +471,33 @@ def _abstract_bench(config_name: str, num_steps: int, compile_timeout_s: float, 
              else f'failed ({info["error"]})')
       result['missing'].append(f'{dtype_name}: the compile {why}; only lowering figures are reported.')
     result['dtypes'][dtype_name] = entry
+  result['clip_scan'] = _clip_scan_comparison(result['dtypes'])
   return result
+
+
+def _clip_scan_comparison(entries: dict) -> dict:
+  """For each variant measured both ways: lowering (trace included) and compile seconds with the CLIP
+  layers unrolled and scanned, the HLO sizes, and unrolled / scanned ratios (> 1: scanning is faster)."""
+  out = {}
+  for name, unrolled in entries.items():
+    base, modifiers = parse_variant(name)
+    if 'unrolled' not in modifiers:
+      continue
+    scanned_name = '+'.join([base] + [m for m in VARIANT_MODIFIERS if m in modifiers and m != 'unrolled'])
+    scanned = entries.get(scanned_name)
+    if scanned is None:
+      continue
+    row = {}
+    for label, entry in (('unrolled', unrolled), ('scanned', scanned)):
+      compiled = entry.get('compiled') or {}
+      row[label] = {'lower_s': entry.get('lower_s'), 'compile_s': compiled.get('compile_s'),
+                    'stablehlo_bytes': (entry.get('stablehlo') or {}).get('text_bytes'),
+                    'hlo_bytes': (compiled.get('hlo') or {}).get('text_bytes')}
+    for key in ('lower_s', 'compile_s', 'stablehlo_bytes', 'hlo_bytes'):
+      a, b = row['unrolled'][key], row['scanned'][key]
+      row[f'{key}_ratio'] = a / b if a and b else None
+    out[scanned_name] = row
+  return out
 
 
 def _fused_bench(model: model_lib.E4TModel, tuning: personalize_lib.TuningConfig,
@@ -624,6 +671,13 @@ def format_table(result: dict) -> str:
                                                    f"{harness.fmt_bytes(memory.get('temp_size_in_bytes'))}"))
       else:
         rows.append((f'{dtype_name}: compile', 'not completed (lowering figures only)'))
+    for name, row in (result.get('clip_scan') or {}).items():
+      ratio = lambda key: 'n/a' if row[f'{key}_ratio'] is None else f"{row[f'{key}_ratio']:.2f}x"
+      rows.append((f'{name}: CLIP layers scanned vs unrolled',
+                   f"lower {harness.fmt_seconds(row['scanned']['lower_s'])} vs "
+                   f"{harness.fmt_seconds(row['unrolled']['lower_s'])} ({ratio('lower_s')}), compile "
+                   f"{harness.fmt_seconds(row['scanned']['compile_s'])} vs "
+                   f"{harness.fmt_seconds(row['unrolled']['compile_s'])} ({ratio('compile_s')})"))
   width = max(len(label) for label, _ in rows)
   lines = [f'{label.ljust(width)}  {value}' for label, value in rows]
   lines += [f'missing: {item}' for item in result.get('missing', [])]

@@ -10,6 +10,10 @@ naming the key and the file):
                  full `CLIPModel` (its text tower, `text_projection` and `logit_scale` are ignored).
 Non-persistent buffers that old checkpoints still hold (`*.embeddings.position_ids`) are ignored.
 
+Files hold one tensor per layer (`text_model.encoder.layers.{i}.…`); the modules we return scan their
+layers by default (`scan_layers=True`), and their params are stacked on load and unstacked on save
+(`models.clip.stack_layers`), so either layout saves to the same files.
+
 We always save the prefixed layout (`text_model.*`, `vision_model.*`): every transformers version
 loads it (transformers >= 5 strips the prefix on load), and it is what diffusers pipelines ship.
 """
@@ -25,7 +29,7 @@ import numpy as np
 from e4t_jax.convert.common import (check_params_match, params_to_state_dict, unbox, parse_config, read_config, read_weights, state_dict_to_params,
                                     write_model_dir)
 from e4t_jax.models.clip import (CLIPTextConfig, CLIPTextTransformer, CLIPVisionConfig, CLIPVisionTransformer,
-                                 abstract_params)
+                                 abstract_params, to_layout, unstack_layers)
 
 WEIGHTS_NAME = 'model.safetensors'
 TEXT_PREFIX = 'text_model.'
@@ -70,12 +74,15 @@ def _check_params(params: Any, abstract: Any, where: str, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------- text
-def load_text_encoder(model_dir: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[CLIPTextTransformer, dict]:
+def load_text_encoder(model_dir: str | os.PathLike, dtype: Any = jnp.float32, *,
+                      scan_layers: bool = True) -> tuple[CLIPTextTransformer, dict]:
   """Reads a transformers CLIP text folder (Stable Diffusion's `text_encoder/`).
 
   Args:
     model_dir: folder with config.json and model.safetensors (or model.safetensors.index.json shards).
     dtype: compute dtype of the returned module; parameters are float32 whatever the stored dtype.
+    scan_layers: the module scans its layers and the params are stacked (see `models.clip`);
+      False: one module and one params subtree per layer, as in the file.
   Returns:
     (module, params), params the unboxed tree for `module.apply({'params': params}, input_ids)`,
     placed on the default device.
@@ -84,7 +91,7 @@ def load_text_encoder(model_dir: str | os.PathLike, dtype: Any = jnp.float32) ->
     ConfigError: a config option this port does not implement.
   """
   config, raw = _read_config(model_dir, CLIPTextConfig.from_transformers)
-  model = CLIPTextTransformer(config, dtype=dtype)
+  per_layer = CLIPTextTransformer(config, dtype=dtype, scan_layers=False)
   state_dict, origin = read_weights(model_dir, WEIGHTS_NAME)
   ignore: list[str] = list(_BUFFERS)
   if _is_full_clip(raw):
@@ -93,9 +100,9 @@ def load_text_encoder(model_dir: str | os.PathLike, dtype: Any = jnp.float32) ->
     ignore.append(r'^text_projection\.weight$')
   # transformers >= 5 saves a bare CLIPTextModel without the `text_model.` prefix.
   prefix = TEXT_PREFIX if any(k.startswith(TEXT_PREFIX) for k in state_dict) else ''
-  params = state_dict_to_params(state_dict, abstract_params(model), source=str(model_dir), prefix=prefix,
+  params = state_dict_to_params(state_dict, abstract_params(per_layer), source=str(model_dir), prefix=prefix,
                                 ignore=ignore, origin=origin, dtype=np.float32)
-  return model, jax.device_put(params)
+  return per_layer.clone(scan_layers=scan_layers), jax.device_put(to_layout(params, scan_layers))
 
 
 def save_text_encoder(model_dir: str | os.PathLike, config: CLIPTextConfig, params: Any) -> None:
@@ -103,15 +110,15 @@ def save_text_encoder(model_dir: str | os.PathLike, config: CLIPTextConfig, para
 
   The params tree is checked against `config` first, so a mismatched pair is never written.
   """
-  params = unbox(params)  # accepts {'params': ...} too
-  _check_params(params, abstract_params(CLIPTextTransformer(config)), str(model_dir), 'CLIP text')
+  params = unstack_layers(unbox(params))  # accepts {'params': ...} and either layer layout
+  _check_params(params, abstract_params(CLIPTextTransformer(config, scan_layers=False)), str(model_dir), 'CLIP text')
   write_model_dir(model_dir, params_to_state_dict(params, prefix=TEXT_PREFIX), config.to_transformers(),
                   WEIGHTS_NAME)
 
 
 # ----------------------------------------------------------------------------- vision
-def load_image_encoder(model_dir: str | os.PathLike, dtype: Any = jnp.float32, *,
-                       with_projection: bool | None = None) -> tuple[CLIPVisionTransformer, dict]:
+def load_image_encoder(model_dir: str | os.PathLike, dtype: Any = jnp.float32, *, with_projection: bool | None = None,
+                       scan_layers: bool = True) -> tuple[CLIPVisionTransformer, dict]:
   """Reads a transformers CLIP vision folder (`CLIPVisionModel[WithProjection]`) or a full `CLIPModel` folder.
 
   Args:
@@ -119,6 +126,7 @@ def load_image_encoder(model_dir: str | os.PathLike, dtype: Any = jnp.float32, *
     dtype: compute dtype of the returned module; parameters are float32 whatever the stored dtype.
     with_projection: build `visual_projection` (image_embeds). None: exactly when the folder has
       `visual_projection.weight`; True: require it; False: skip it even if present.
+    scan_layers: as for `load_text_encoder`.
   Returns:
     (module, params), params the unboxed tree for `module.apply({'params': params}, pixel_values)`,
     placed on the default device.
@@ -131,7 +139,7 @@ def load_image_encoder(model_dir: str | os.PathLike, dtype: Any = jnp.float32, *
   projection_key = f'{PROJECTION}.weight'
   if with_projection is None:
     with_projection = projection_key in state_dict
-  model = CLIPVisionTransformer(config, with_projection=with_projection, dtype=dtype)
+  model = CLIPVisionTransformer(config, with_projection=with_projection, dtype=dtype, scan_layers=False)
   ignore: list[str] = list(_BUFFERS)
   if _is_full_clip(raw):
     ignore += _FULL_MODEL_NON_VISION
@@ -145,7 +153,7 @@ def load_image_encoder(model_dir: str | os.PathLike, dtype: Any = jnp.float32, *
                                 source=str(model_dir), ignore=ignore, origin=origin, dtype=np.float32)
   if nested:
     params = _merge_vision(params)
-  return model, jax.device_put(params)
+  return model.clone(scan_layers=scan_layers), jax.device_put(to_layout(params, scan_layers))
 
 
 def save_image_encoder(model_dir: str | os.PathLike, config: CLIPVisionConfig, params: Any) -> None:
@@ -154,9 +162,9 @@ def save_image_encoder(model_dir: str | os.PathLike, config: CLIPVisionConfig, p
 
   The params tree is checked against `config` first, so a mismatched pair is never written.
   """
-  params = unbox(params)  # accepts {'params': ...} too
+  params = unstack_layers(unbox(params))  # accepts {'params': ...} and either layer layout
   with_projection = PROJECTION in params
-  abstract = abstract_params(CLIPVisionTransformer(config, with_projection=with_projection))
+  abstract = abstract_params(CLIPVisionTransformer(config, with_projection=with_projection, scan_layers=False))
   _check_params(params, abstract, str(model_dir), 'CLIP vision')
   write_model_dir(model_dir, params_to_state_dict(_split_vision(params)),
                   config.to_transformers(with_projection=with_projection), WEIGHTS_NAME)

@@ -32,7 +32,7 @@ from e4t_jax.convert.unet import load_unet, save_unet
 from e4t_jax.convert.vae import load_vae, save_vae
 from e4t_jax.errors import ConfigError, ConversionError, InputError, printable
 from e4t_jax.models import unet as unet_lib
-from e4t_jax.models.clip import CLIPTextConfig, CLIPTextTransformer
+from e4t_jax.models.clip import CLIPTextConfig, CLIPTextTransformer, to_layout
 from e4t_jax.models.layers import host_init
 from e4t_jax.models.unet import UNet, UNetConfig
 from e4t_jax.models.vae import AutoencoderKL, VAEConfig
@@ -80,12 +80,14 @@ def _incompatibilities(unet_config: UNetConfig, vae_config: VAEConfig, text_conf
   return problems
 
 
-def load_stable_diffusion(root: str | os.PathLike, dtype: Any = jnp.float32) -> StableDiffusion:
+def load_stable_diffusion(root: str | os.PathLike, dtype: Any = jnp.float32, *,
+                          scan_layers: bool = True) -> StableDiffusion:
   """Loads a local diffusers Stable Diffusion folder strictly (no torch, no hub).
 
   Args:
     root: the pipeline folder (unet/, vae/, text_encoder/, tokenizer/, optionally scheduler/).
     dtype: compute dtype of the modules; parameters are float32 whatever is on disk.
+    scan_layers: the text encoder scans its layers, params stacked (`models.clip`).
   Returns:
     The pipeline; a missing scheduler/ means Stable Diffusion 1.x's schedule (`SD1_SCHEDULER_CONFIG`).
   Raises:
@@ -103,7 +105,7 @@ def load_stable_diffusion(root: str | os.PathLike, dtype: Any = jnp.float32) -> 
                           'expected a diffusers Stable Diffusion folder.')
   unet, unet_params = load_unet(root / 'unet', dtype=dtype)
   vae, vae_params = load_vae(root / 'vae', dtype=dtype)
-  text_encoder, text_params = load_text_encoder(root / 'text_encoder', dtype=dtype)
+  text_encoder, text_params = load_text_encoder(root / 'text_encoder', dtype=dtype, scan_layers=scan_layers)
   try:
     tokenizer = CLIPTokenizer.from_dir(root / 'tokenizer')
   except InputError as e:
@@ -164,7 +166,8 @@ def save_stable_diffusion(root: str | os.PathLike, sd: StableDiffusion) -> Path:
 
 def init_stable_diffusion(key: jax.Array, unet_config: UNetConfig, vae_config: VAEConfig,
                           text_config: CLIPTextConfig, tokenizer: CLIPTokenizer | None = None,
-                          scheduler_config: dict | None = None, dtype: Any = jnp.float32) -> StableDiffusion:
+                          scheduler_config: dict | None = None, dtype: Any = jnp.float32, *,
+                          scan_layers: bool = True) -> StableDiffusion:
   """A randomly initialized pipeline (tests, the demo's starting point).
 
   Parameters are drawn on the host (`layers.host_init`, same initializers as the modules' own) from
@@ -177,6 +180,7 @@ def init_stable_diffusion(key: jax.Array, unet_config: UNetConfig, vae_config: V
     tokenizer: defaults to the packaged OpenAI CLIP tokenizer.
     scheduler_config: a diffusers scheduler_config.json dict; defaults to `SD1_SCHEDULER_CONFIG`.
     dtype: compute dtype of the modules; parameters are float32.
+    scan_layers: the text encoder's layer layout (`models.clip`); the drawn values are the same either way.
   Raises:
     ConfigError: the configs (or tokenizer) do not fit together.
   """
@@ -186,7 +190,7 @@ def init_stable_diffusion(key: jax.Array, unet_config: UNetConfig, vae_config: V
     raise ConfigError('init_stable_diffusion: the configs do not fit together: ' + '; '.join(problems) + '.')
   unet = UNet(unet_config, dtype=dtype)
   vae = AutoencoderKL(vae_config, dtype=dtype)
-  text_encoder = CLIPTextTransformer(text_config, dtype=dtype)
+  text_encoder = CLIPTextTransformer(text_config, dtype=dtype, scan_layers=scan_layers)
   k_unet, k_vae, k_text = jax.random.split(key, 3)
   # The smallest inputs that create every parameter (parameter shapes do not depend on input sizes).
   unet_inputs = unet_lib.init_inputs(unet_config)
@@ -199,7 +203,8 @@ def init_stable_diffusion(key: jax.Array, unet_config: UNetConfig, vae_config: V
   params = {
       'unet': random_params(unet, k_unet, *unet_inputs),
       'vae': random_params(vae, k_vae, images),
-      'text_encoder': random_params(text_encoder, k_text, ids),
+      # Drawn per layer, then stacked: the values do not depend on the layout.
+      'text_encoder': to_layout(random_params(text_encoder.clone(scan_layers=False), k_text, ids), scan_layers),
   }
   return StableDiffusion(unet, vae, text_encoder, tokenizer, dict(scheduler_config or SD1_SCHEDULER_CONFIG),
                          params)

@@ -22,6 +22,7 @@ from flax import traverse_util
 
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t import offsets as offsets_lib
+from e4t_jax.models import clip as clip_lib
 from e4t_jax.errors import CheckpointError, E4TWarning, InputError, printable
 from e4t_jax.fileio import read_tagged_safetensors, write_tagged_safetensors
 
@@ -197,12 +198,25 @@ def _config_digest(model: model_lib.E4TModel):
   return h
 
 
-def _leaf_digest(leaf) -> bytes:
+def _leaf_digest(leaf, stacked: bool = False) -> list[bytes]:
+  """sha256 of the float32 bytes: one digest, or one per layer of a stacked (scanned CLIP) leaf."""
   if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:  # multi-host: gather what this host holds
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     leaf = multihost_utils.process_allgather(leaf, tiled=True)
-  values = np.ascontiguousarray(np.asarray(leaf, np.float32))
-  return hashlib.sha256(memoryview(values).cast('B')).digest()
+  values = np.asarray(leaf, np.float32)
+  digest = lambda v: hashlib.sha256(memoryview(np.ascontiguousarray(v)).cast('B')).digest()
+  return [digest(v) for v in values] if stacked else [digest(values)]
+
+
+def _per_layer_names(name: str, leaf) -> list[str] | None:
+  """The per-layer names a stacked CLIP leaf stands for ('text_encoder/encoder/layers/x' ->
+  'text_encoder/encoder/layers_0/x', …), None for any other leaf: the fingerprint hashes the per-layer
+  view, so it does not depend on whether the towers scan their layers."""
+  part, _, rest = name.partition('/')
+  prefix = f'encoder/{clip_lib.SCANNED_LAYERS}/'
+  if part not in ('text_encoder', 'image_encoder') or not rest.startswith(prefix):
+    return None
+  return [f'{part}/encoder/layers_{i}/{rest[len(prefix):]}' for i in range(np.shape(leaf)[0])]
 
 
 def _map_threads(fn, items) -> list:
@@ -237,10 +251,18 @@ def model_fingerprint(model: model_lib.E4TModel) -> str:
     cached = _FINGERPRINTS.get(key)
   if cached and all(ref() is leaf for ref, leaf in zip(cached[0], leaves)):
     return cached[1]
-  digests = _map_threads(_leaf_digest, leaves)
+  layer_names = [_per_layer_names(n, leaf) for n, leaf in zip(names, leaves)]
+  digests = _map_threads(lambda item: _leaf_digest(item[0], stacked=item[1] is not None), zip(leaves, layer_names))
+  entries = []  # (name, shape, digest), per layer for stacked leaves
+  for name, leaf, per_layer, leaf_digests in zip(names, leaves, layer_names, digests):
+    shape = tuple(np.shape(leaf))
+    if per_layer is None:
+      entries.append((name, shape, leaf_digests[0]))
+    else:
+      entries += [(n, shape[1:], d) for n, d in zip(per_layer, leaf_digests)]
   h = _config_digest(model)
-  for name, leaf, digest in zip(names, leaves, digests):
-    h.update(f'{name}:{tuple(np.shape(leaf))}:'.encode() + digest)
+  for name, shape, digest in sorted(entries):
+    h.update(f'{name}:{shape}:'.encode() + digest)
   fingerprint = h.hexdigest()
   try:
     refs = [weakref.ref(leaf) for leaf in leaves]

@@ -107,7 +107,7 @@ def load_model(model_dir: str | os.PathLike) -> model_lib.E4TModel:
                           f'{MODEL_FORMAT}.')
   config = config_from_dict(manifest['config'], where=f'{manifest_path}: config')
   sd = load_stable_diffusion(model_dir / 'base')
-  vision, vision_params = load_image_encoder(model_dir / 'image_encoder')
+  vision, vision_params = model_lib.fit_image_encoder_layout(config, *load_image_encoder(model_dir / 'image_encoder'))
   modules = model_lib.build_modules(config, sd, vision)
   params = dict(sd.params, image_encoder=vision_params)
   unet_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32), sd.params['unet'])

@@ -5,7 +5,8 @@ weight offsets, as one params pytree with a clean trainable / frozen split.
               'encoder', 'weight_offsets'}                       # trainable
 Parts of the image encoder can be made trainable by name patterns (`E4TConfig.trainable_patterns`);
 `split_params` returns the two subtrees, so gradients and optimizer state exist only for the
-trainable one.
+trainable one. The CLIP towers scan their layers (stacked params, `models.clip`) unless the patterns
+train some layers of the image encoder and not others; `image_encoder_scans` decides.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from e4t_jax.diffusion.schedule import NoiseSchedule
 from e4t_jax.e4t.encoder import E4TEncoder, EncoderConfig
 from e4t_jax.e4t.offsets import OffsetsConfig, init_offsets
 from e4t_jax.errors import ConfigError
+from e4t_jax.models import clip as clip_lib
 from e4t_jax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
 from e4t_jax.models.layers import host_init
 from e4t_jax.models.unet import UNet, UNetConfig, UNetFeatures
@@ -151,7 +153,9 @@ def init_trainable(key: jax.Array, modules: E4TModules, unet_params: Any, boxed:
 
 def init_e4t(key: jax.Array, config: E4TConfig, sd: StableDiffusion, image_encoder: CLIPVisionTransformer,
              image_encoder_params: Any) -> E4TModel:
-  """An E4T model on top of a (converted or random) Stable Diffusion and CLIP image encoder."""
+  """An E4T model on top of a (converted or random) Stable Diffusion and CLIP image encoder (either layer
+  layout: it is changed where `config.trainable_patterns` need it, see `image_encoder_scans`)."""
+  image_encoder, image_encoder_params = fit_image_encoder_layout(config, image_encoder, image_encoder_params)
   modules = build_modules(config, sd, image_encoder)
   params = dict(sd.params)
   params['image_encoder'] = image_encoder_params
@@ -167,11 +171,12 @@ def init_tiny(key: jax.Array, config: E4TConfig = E4TConfig(), *, unet: UNetConf
   k_sd, k_vision, k_e4t = jax.random.split(key, 3)
   sd = init_stable_diffusion(k_sd, unet or UNetConfig.tiny(), vae or VAEConfig.tiny(), text or CLIPTextConfig.tiny())
   vision = vision or CLIPVisionConfig.tiny()
-  image_encoder = CLIPVisionTransformer(vision, with_projection=False)
+  per_layer = CLIPVisionTransformer(vision, with_projection=False, scan_layers=False)
   pixels = jnp.zeros((1, vision.image_size, vision.image_size, 3))
-  vision_params = host_init(jax.eval_shape(image_encoder.init, k_vision, pixels)['params'],
+  # Drawn per layer (init_e4t stacks them where the layers scan): the values do not depend on the layout.
+  vision_params = host_init(jax.eval_shape(per_layer.init, k_vision, pixels)['params'],
                             seed=int(jax.random.randint(k_vision, (), 0, 2**31 - 1)))
-  return init_e4t(k_e4t, config, sd, image_encoder, vision_params)
+  return init_e4t(k_e4t, config, sd, per_layer, vision_params)
 
 
 # ----------------------------------------------------------------------------- trainable / frozen split
@@ -184,11 +189,59 @@ def is_trainable_path(path: tuple[str, ...], patterns: Sequence[str] = ()) -> bo
   return False
 
 
+def _stacked_layer_paths(path: tuple[str, ...], count: int) -> list[tuple[str, ...]] | None:
+  """The per-layer paths a leaf of a scanned image encoder stands for (None: not a stacked leaf).
+  Patterns are always matched against these (`encoder/layers_{i}/...`), the names files use."""
+  if path[:3] != ('image_encoder', 'encoder', clip_lib.SCANNED_LAYERS):
+    return None
+  return [('image_encoder', 'encoder', f'layers_{i}') + path[3:] for i in range(count)]
+
+
+def _trainable_leaf(path: tuple[str, ...], leaf: Any, patterns: Sequence[str]) -> bool:
+  """Like `is_trainable_path`, for stacked leaves too: trainable when the patterns pick the leaf in every
+  layer; picking it in some layers only needs the per-layer layout (ConfigError)."""
+  expanded = _stacked_layer_paths(path, np.shape(leaf)[0]) if patterns else None
+  if not expanded:
+    return is_trainable_path(path, patterns)
+  picked = [is_trainable_path(p, patterns) for p in expanded]
+  if any(picked) and not all(picked):
+    raise ConfigError(f'e4t.trainable_patterns {list(patterns)} train {"/".join(expanded[picked.index(True)])} but '
+                      'not the same parameter of every layer, and this image encoder stacks its layers '
+                      '(scan_layers=True); build it with scan_layers=False (`image_encoder_scans` decides it '
+                      'from the config when the model is built or loaded).')
+  return all(picked)
+
+
+def image_encoder_scans(config: E4TConfig, vision: CLIPVisionConfig) -> bool:
+  """Whether the image encoder can scan its layers (stacked params): yes unless `trainable_patterns`
+  train a parameter in some layers but not in all of them (e.g. r'encoder/layers_3[01]/')."""
+  if not config.trainable_patterns:
+    return True
+  abstract = nn.meta.unbox(clip_lib.abstract_params(CLIPVisionTransformer(vision, with_projection=False)))
+  flat = traverse_util.flatten_dict({'image_encoder': abstract})
+  try:
+    for path, leaf in flat.items():
+      _trainable_leaf(path, leaf, config.trainable_patterns)
+  except ConfigError:
+    return False
+  return True
+
+
+def fit_image_encoder_layout(config: E4TConfig, image_encoder: CLIPVisionTransformer,
+                             params: Any) -> tuple[CLIPVisionTransformer, Any]:
+  """The image encoder and its params in the layer layout `config` needs (`image_encoder_scans`)."""
+  scan = image_encoder_scans(config, image_encoder.config)
+  if scan == image_encoder.scan_layers:
+    return image_encoder, params
+  return image_encoder.clone(scan_layers=scan), clip_lib.to_layout(params, scan)
+
+
 def split_params(params: dict, patterns: Sequence[str] = ()) -> tuple[dict, dict]:
   """(trainable, frozen): two nested dicts holding disjoint leaves of `params`."""
   flat = traverse_util.flatten_dict(params, keep_empty_nodes=True)  # e.g. no weight offsets: {} stays
-  trainable = {p: v for p, v in flat.items() if is_trainable_path(p, patterns)}
-  frozen = {p: v for p, v in flat.items() if not is_trainable_path(p, patterns)}
+  picked = {p: _trainable_leaf(p, v, patterns) for p, v in flat.items()}
+  trainable = {p: v for p, v in flat.items() if picked[p]}
+  frozen = {p: v for p, v in flat.items() if not picked[p]}
   return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
 
 
@@ -203,15 +256,16 @@ def count_params(tree: Any) -> int:
 
 
 def abstract_model(config: E4TConfig, unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig,
-                   vision: CLIPVisionConfig, dtype: Any = jnp.float32) -> E4TModel:
+                   vision: CLIPVisionConfig, dtype: Any = jnp.float32, *, scan_layers: bool = True) -> E4TModel:
   """An E4T model whose params are `jax.ShapeDtypeStruct`s: for parameter counts, AOT lowering and
   memory/FLOP analysis of full-size configs (e.g. `presets.sd15()` + `presets.clip_vit_h14()`) on a
-  CPU, without any weights."""
+  CPU, without any weights. `scan_layers=False` unrolls the CLIP towers (compile-time comparisons)."""
   from e4t_jax.convert.pipeline import SD1_SCHEDULER_CONFIG
   from e4t_jax.models import unet as unet_lib
   unet_module, vae_module = UNet(unet, dtype=dtype), AutoencoderKL(vae, dtype=dtype)
-  text_module = CLIPTextTransformer(text, dtype=dtype)
-  vision_module = CLIPVisionTransformer(vision, with_projection=False, dtype=dtype)
+  text_module = CLIPTextTransformer(text, dtype=dtype, scan_layers=scan_layers)
+  vision_module = CLIPVisionTransformer(vision, with_projection=False, dtype=dtype,
+                                        scan_layers=scan_layers and image_encoder_scans(config, vision))
   key = jax.random.key(0)
   side = vae.downsample_factor
   shapes = lambda module, *inputs: nn.meta.unbox(jax.eval_shape(module.init, key, *inputs)['params'])

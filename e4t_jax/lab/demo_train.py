@@ -51,6 +51,7 @@ from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t.encoder import EncoderConfig
 from e4t_jax.e4t.offsets import OffsetsConfig
 from e4t_jax.errors import ConfigError
+from e4t_jax.models import clip as clip_lib
 from e4t_jax.models import unet as unet_lib
 from e4t_jax.models.clip import (CLIPTextConfig, CLIPTextTransformer, CLIPVisionConfig, CLIPVisionTransformer,
                                  clip_preprocess)
@@ -323,7 +324,8 @@ class _AttributeHeads(nn.Module):
 
 def train_vision(config: DemoTrainConfig, vision_config: CLIPVisionConfig, pool: dict,
                  checkpoint: Path | None = None) -> tuple[dict, dict]:
-  model = _AttributeHeads(CLIPVisionTransformer(vision_config, with_projection=False))
+  # Per-layer CLIP in the stages that draw their own init (`_init` draws by parameter name and order).
+  model = _AttributeHeads(CLIPVisionTransformer(vision_config, with_projection=False, scan_layers=False))
   size = vision_config.image_size
   params = _init(model, config.seed + 3, jnp.zeros((1, size, size, 3)))
   labels = np.concatenate([pool['identity'], pool['context']], axis=1)
@@ -348,7 +350,7 @@ def train_vision(config: DemoTrainConfig, vision_config: CLIPVisionConfig, pool:
 # ----------------------------------------------------------------------------- stage 4: text-to-image
 def train_t2i(config: DemoTrainConfig, unet_config: UNetConfig, text_config: CLIPTextConfig, latents: tuple,
               pool: dict, scaling_factor: float, checkpoint: Path | None = None) -> tuple[dict, dict]:
-  unet, text = UNet(unet_config), CLIPTextTransformer(text_config)
+  unet, text = UNet(unet_config), CLIPTextTransformer(text_config, scan_layers=False)
   params = {'unet': _init(unet, config.seed + 4, *unet_lib.init_inputs(unet_config)),
             'text_encoder': _init(text, config.seed + 5, jnp.zeros((1, 1), jnp.int32))}
   tokenizer = demo_tokenizer()
@@ -418,10 +420,12 @@ def build_model(config: DemoTrainConfig, vae_params: dict, vae_summary: dict, vi
                 t2i_params: dict, ablation: str = '') -> model_lib.E4TModel:
   unet_config, vae_config, text_config, vision_config = architecture(config)
   vae_config = dataclasses.replace(vae_config, scaling_factor=vae_summary['scaling_factor'])
+  # The E4T stage runs the CLIP towers as every loaded model does: layers scanned, params stacked.
   sd = StableDiffusion(UNet(unet_config), AutoencoderKL(vae_config), CLIPTextTransformer(text_config),
                        demo_tokenizer(), dict(SD1_SCHEDULER_CONFIG),
-                       {'unet': t2i_params['unet'], 'vae': vae_params, 'text_encoder': t2i_params['text_encoder']})
-  vision = CLIPVisionTransformer(vision_config, with_projection=False)
+                       {'unet': t2i_params['unet'], 'vae': vae_params,
+                        'text_encoder': clip_lib.stack_layers(t2i_params['text_encoder'])})
+  vision = CLIPVisionTransformer(vision_config, with_projection=False, scan_layers=False)  # init_e4t stacks it
   return model_lib.init_e4t(jax.random.key(config.seed + 6), e4t_config(ablation), sd, vision, vision_params)
 
 

@@ -11,6 +11,15 @@ leaf: the text tree maps under the prefix 'text_model.' (`embeddings/token_embed
 its top-level `visual_projection`, which transformers keeps outside `vision_model`
 (`convert.clip` splits the tree accordingly).
 
+Layer layout (`scan_layers`, default True): the identical encoder layers run as one `nn.scan`, so a
+32-layer ViT-H/14 is traced, lowered and compiled as one layer inside a loop rather than 32 copies
+(compile time, issue 19). Its params are then stacked: `encoder/layers/self_attn/q_proj/kernel` is
+[num_layers, in, out], its first logical axis 'layers' (replicated by the sharding rules). The
+per-layer layout (`scan_layers=False`, `encoder/layers_{i}/...`) is the one transformers' key names
+follow: the converters read and write it and stack on load (`stack_layers` / `unstack_layers` /
+`to_layout` convert either way), so files on disk never change, and it stays available for code
+that trains individual layers (E4T's `trainable_patterns` on image-encoder layers builds it).
+
 Images are NHWC. Parameters are float32; `dtype` is the compute dtype (e.g. bfloat16).
 """
 from __future__ import annotations
@@ -23,6 +32,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from e4t_jax.errors import ConfigError, InputError
 from e4t_jax.models.layers import Attention, conv, dense, embed, layer_norm
@@ -30,6 +40,9 @@ from e4t_jax.models.layers import Attention, conv, dense, embed, layer_norm
 Dtype = Any
 
 CLIP_PROJECTION_NAMES = ('q_proj', 'k_proj', 'v_proj', 'out_proj')
+# The scanned encoder's module name and the logical name of its stacking axis (sharding rules: replicated).
+SCANNED_LAYERS = 'layers'
+LAYER_AXIS = 'layers'
 
 # OpenAI CLIP's per-channel RGB statistics (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD); the
 # OpenCLIP ViT-H of SD 2.x was trained with the same ones.
@@ -262,23 +275,91 @@ class CLIPEncoderLayer(nn.Module):
     return hidden + CLIPMLP(cfg, dtype=self.dtype, name='mlp')(norm(name='layer_norm2')(hidden))
 
 
+class _ScanStep(CLIPEncoderLayer):
+  """`CLIPEncoderLayer` as an `nn.scan` body: (hidden, key_mask) -> (hidden, hidden)."""
+  causal: bool = False
+
+  def __call__(self, hidden: jax.Array, key_mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    hidden = super().__call__(hidden, causal=self.causal, key_mask=key_mask)
+    return hidden, hidden
+
+
 class CLIPEncoder(nn.Module):
+  """The stack of identical layers, scanned or unrolled (`scan_layers`, see the module docstring)."""
   config: CLIPTextConfig | CLIPVisionConfig
   dtype: Dtype = jnp.float32
   attention_implementation: str | None = None
+  scan_layers: bool = True
 
   @nn.compact
   def __call__(self, hidden: jax.Array, *, causal: bool = False,
                key_mask: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Returns (last layer's output, (input, each layer's output)), all [batch, tokens, width]."""
+    num_layers = self.config.num_hidden_layers
+    if self.scan_layers:
+      # One traced layer whatever the depth: parameters stacked on a leading 'layers' axis.
+      scanned = nn.scan(_ScanStep, variable_axes={'params': 0}, split_rngs={'params': True},
+                        in_axes=(nn.broadcast,), length=num_layers, metadata_params={nn.PARTITION_NAME: LAYER_AXIS})
+      last, outputs = scanned(self.config, dtype=self.dtype, attention_implementation=self.attention_implementation,
+                              causal=causal, name=SCANNED_LAYERS)(hidden, key_mask)
+      return last, (hidden,) + tuple(outputs[i] for i in range(num_layers))
     all_hidden = [hidden]
-    for i in range(self.config.num_hidden_layers):
+    for i in range(num_layers):
       # `layers_{i}` maps to transformers' `encoder.layers.{i}` (a list container in convert.common).
       hidden = CLIPEncoderLayer(self.config, dtype=self.dtype,
                                 attention_implementation=self.attention_implementation,
                                 name=f'layers_{i}')(hidden, causal=causal, key_mask=key_mask)
       all_hidden.append(hidden)
     return hidden, tuple(all_hidden)
+
+
+def is_scanned(params: Mapping[str, Any]) -> bool:
+  """Whether a CLIP tower's params tree holds its layers stacked (`encoder/layers/...`)."""
+  return SCANNED_LAYERS in params.get('encoder', {})
+
+
+def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Per-layer CLIP params (`encoder/layers_{i}/...`) -> the scanned layout (`encoder/layers/...`,
+  each leaf [num_layers, ...]); a tree already scanned is returned as it is. Works on numpy arrays,
+  jax arrays and ShapeDtypeStructs alike (the latter for abstract trees)."""
+  params = dict(params)
+  if is_scanned(params):
+    return params
+  encoder = params['encoder']
+  count = len(encoder)
+  names = [f'layers_{i}' for i in range(count)]
+  if sorted(encoder) != sorted(names):
+    raise ValueError(f'CLIP params: encoder holds {sorted(encoder)[:4]}…, expected layers_0…layers_{count - 1}.')
+
+  def stack(*leaves):
+    if isinstance(leaves[0], jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct((count,) + tuple(leaves[0].shape), leaves[0].dtype)
+    xp = np if all(isinstance(x, np.ndarray) for x in leaves) else jnp
+    return xp.stack(leaves)
+
+  params['encoder'] = {SCANNED_LAYERS: jax.tree.map(stack, *[encoder[n] for n in names])}
+  return params
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Inverse of `stack_layers`: the per-layer layout that transformers' key names follow."""
+  params = dict(params)
+  if not is_scanned(params):
+    return params
+  stacked = params['encoder'][SCANNED_LAYERS]
+  count = jax.tree.leaves(stacked)[0].shape[0]
+
+  def take(i):
+    return lambda x: (jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype) if isinstance(x, jax.ShapeDtypeStruct)
+                      else x[i])
+
+  params['encoder'] = {f'layers_{i}': jax.tree.map(take(i), stacked) for i in range(count)}
+  return params
+
+
+def to_layout(params: Mapping[str, Any], scan_layers: bool) -> dict[str, Any]:
+  """`params` in the layout a module with `scan_layers` expects."""
+  return stack_layers(params) if scan_layers else unstack_layers(params)
 
 
 # ----------------------------------------------------------------------------- text
@@ -314,11 +395,13 @@ class CLIPTextTransformer(nn.Module):
   config: CLIPTextConfig
   dtype: Dtype = jnp.float32
   attention_implementation: str | None = None  # see layers.dot_product_attention
+  scan_layers: bool = True  # stacked layer params, one traced layer (see the module docstring)
 
   def setup(self):
     cfg = self.config
     self.embeddings = CLIPTextEmbeddings(cfg, dtype=self.dtype)
-    self.encoder = CLIPEncoder(cfg, dtype=self.dtype, attention_implementation=self.attention_implementation)
+    self.encoder = CLIPEncoder(cfg, dtype=self.dtype, attention_implementation=self.attention_implementation,
+                               scan_layers=self.scan_layers)
     self.final_layer_norm = layer_norm(name='final_layer_norm', epsilon=cfg.layer_norm_eps, dtype=self.dtype)
 
   def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
@@ -401,6 +484,7 @@ class CLIPVisionTransformer(nn.Module):
   with_projection: bool = False
   dtype: Dtype = jnp.float32
   attention_implementation: str | None = None
+  scan_layers: bool = True  # stacked layer params, one traced layer (see the module docstring)
 
   @nn.compact
   def __call__(self, pixel_values: jax.Array) -> CLIPVisionOutput:
@@ -416,7 +500,7 @@ class CLIPVisionTransformer(nn.Module):
     hidden = CLIPVisionEmbeddings(cfg, dtype=self.dtype, name='embeddings')(pixel_values)
     hidden = norm(name='pre_layrnorm')(hidden)  # (sic) transformers' spelling, kept for the key names
     hidden, all_hidden = CLIPEncoder(cfg, dtype=self.dtype, attention_implementation=self.attention_implementation,
-                                     name='encoder')(hidden)
+                                     scan_layers=self.scan_layers, name='encoder')(hidden)
     pooled_output = norm(name='post_layernorm')(hidden[:, 0])  # [batch, width], the class token
     image_embeds = None
     if self.with_projection:

@@ -36,6 +36,7 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ('vocab', 'tensor'),
     ('position', None),
     ('norm', None),
+    ('layers', None),  # the stacking axis of scanned CLIP layers (models.clip): every device holds all layers
 )
 
 # Rules that keep every parameter replicated (pure data parallelism, e.g. for frozen weights).
