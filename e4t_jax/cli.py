@@ -368,7 +368,7 @@ def _cmd_bench_tpu(args: argparse.Namespace) -> int:
   tuning = _tuning_config(args, num_steps=args.steps)
   reports = [tpu.compile_report(args.config, program, args.topology, mesh, dtype=args.dtype, tuning=tuning,
                                 remat=args.remat, batch=args.batch, attention=args.attention,
-                                slices=args.slices)
+                                slices=args.slices, scan_clip=args.clip_layers == 'scanned')
              for program in (tpu.PROGRAMS if args.program == 'all' else (args.program,))]
   for r in reports:
     peak, hbm = r['peak_bytes_per_chip'], r['hbm_bytes']
@@ -577,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the U-Net's per-block rematerialization policy")
   bench_tpu.add_argument('--attention', choices=('auto', 'xla'), default='auto',
                          help="'auto': the Pallas TPU flash attention where it applies; 'xla': the reference")
+  bench_tpu.add_argument('--clip-layers', choices=('scanned', 'unrolled'), default='scanned',
+                         help="the CLIP towers' layers as one scanned layer (default) or unrolled (to compare)")
   bench_tpu.add_argument('--json', default=None)
   bench_tpu.set_defaults(func=_cmd_bench_tpu)
   bench_full = bench_sub.add_parser(

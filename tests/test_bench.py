@@ -100,6 +100,32 @@ def test_abstract_flop_accounting_on_the_tiny_config():
   assert lowered['flops_total_estimate'] == pytest.approx(program + 2 * step)
 
 
+def test_flops_are_counted_with_the_clip_layers_unrolled():
+  """The default (scanned CLIP layers) counts the same FLOPs as the unrolled layout: XLA's cost analysis would
+  count a scanned layer once, so the count is taken on the unrolled twin."""
+  scanned, unrolled = [], []
+  bench.abstract_analysis('tiny', 'float32', 2, compile_program=False, emit=scanned.append)
+  bench.abstract_analysis('tiny', 'float32+unrolled', 2, compile_program=False, emit=unrolled.append)
+  for key in ('lowered_step', 'lowered_program'):
+    assert scanned[0][key]['flops'] == pytest.approx(unrolled[0][key]['flops'], rel=1e-6), key
+  # ... while the program itself is smaller: one traced layer per tower.
+  assert scanned[0]['stablehlo']['text_bytes'] < unrolled[0]['stablehlo']['text_bytes']
+
+
+def test_variants_parse_strictly_and_pair_for_the_scan_ratio():
+  from e4t_jax.errors import ConfigError
+  assert bench.parse_variant('bfloat16+remat+unrolled') == ('bfloat16', frozenset({'remat', 'unrolled'}))
+  for bad in ('float16', 'float32+remat+remat', 'float32+scan', ''):
+    with pytest.raises(ConfigError, match='variant'):
+      bench.parse_variant(bad)
+  entry = lambda lower_s, compile_s: {'lower_s': lower_s, 'stablehlo': {'text_bytes': 100},
+                                      'compiled': {'compile_s': compile_s, 'hlo': {'text_bytes': 10}}}
+  rows = bench._clip_scan_comparison({'float32': entry(2.0, 30.0), 'float32+unrolled': entry(3.0, 45.0),
+                                      'bfloat16+remat+unrolled': entry(1.0, 1.0)})  # its pair is missing
+  assert list(rows) == ['float32']
+  assert rows['float32']['compile_s_ratio'] == pytest.approx(1.5) and rows['float32']['lower_s_ratio'] == 1.5
+
+
 def test_rejects_unknown_configs_and_full_size_execution():
   from e4t_jax.errors import ConfigError
   with pytest.raises(ConfigError, match='unknown benchmark config'):

@@ -167,13 +167,17 @@ def abstract_analysis(config_name: str, dtype_name: str, num_steps: int, compile
   image = jax.ShapeDtypeStruct((size, size, 3), jnp.float32)
   key = jax.eval_shape(lambda: jax.random.key(0))
 
+  lower = lambda m, p: jax.jit(personalize_lib.tuning_program(m, tuning)).lower(
+      p, image, key, jax.ShapeDtypeStruct((), jnp.int32))
   t0 = time.perf_counter()
-  lowered = jax.jit(personalize_lib.tuning_program(modules, tuning)).lower(
-      params, image, key, jax.ShapeDtypeStruct((), jnp.int32))
+  lowered = lower(modules, params)
   lower_s = time.perf_counter() - t0
-  program_cost = runtime.cost_stats(lowered)
+  # FLOPs from the twin with unrolled CLIP layers: the cost analysis counts a scanned layer once.
+  counted = model_lib.unrolled_clip(model_lib.E4TModel(modules, params))
+  program_cost = runtime.cost_stats(lower(counted.modules, counted.params) if counted.modules is not modules
+                                    else lowered)
 
-  one_step = step_cost(modules, params, tuning)
+  one_step = step_cost(counted.modules, counted.params, tuning)
   estimate = None
   if program_cost['flops'] is not None and one_step['flops'] is not None:
     estimate = program_cost['flops'] + (num_steps - 1) * one_step['flops']

@@ -236,6 +236,20 @@ def fit_image_encoder_layout(config: E4TConfig, image_encoder: CLIPVisionTransfo
   return image_encoder.clone(scan_layers=scan), clip_lib.to_layout(params, scan)
 
 
+def unrolled_clip(model: E4TModel) -> E4TModel:
+  """The same model with both CLIP towers unrolled (per-layer params; values unchanged, ShapeDtypeStructs
+  too). For FLOP counts: XLA's cost analysis counts a loop body once whatever its trip count, so a program
+  with scanned CLIP layers reports one layer's FLOPs per tower; benchmarks count on this twin instead."""
+  m = model.modules
+  if not (m.text_encoder.scan_layers or m.image_encoder.scan_layers):
+    return model
+  modules = dataclasses.replace(m, text_encoder=m.text_encoder.clone(scan_layers=False),
+                                image_encoder=m.image_encoder.clone(scan_layers=False))
+  params = dict(model.params, text_encoder=clip_lib.unstack_layers(model.params['text_encoder']),
+                image_encoder=clip_lib.unstack_layers(model.params['image_encoder']))
+  return E4TModel(modules, params)
+
+
 def split_params(params: dict, patterns: Sequence[str] = ()) -> tuple[dict, dict]:
   """(trainable, frozen): two nested dicts holding disjoint leaves of `params`."""
   flat = traverse_util.flatten_dict(params, keep_empty_nodes=True)  # e.g. no weight offsets: {} stays
