@@ -212,11 +212,11 @@ def _per_layer_names(name: str, leaf) -> list[str] | None:
   """The per-layer names a stacked CLIP leaf stands for ('text_encoder/encoder/layers/x' ->
   'text_encoder/encoder/layers_0/x', …), None for any other leaf: the fingerprint hashes the per-layer
   view, so it does not depend on whether the towers scan their layers."""
-  part, _, rest = name.partition('/')
-  prefix = f'encoder/{clip_lib.SCANNED_LAYERS}/'
-  if part not in ('text_encoder', 'image_encoder') or not rest.startswith(prefix):
+  part, *rest = name.split('/')
+  if part not in ('text_encoder', 'image_encoder'):
     return None
-  return [f'{part}/encoder/layers_{i}/{rest[len(prefix):]}' for i in range(np.shape(leaf)[0])]
+  paths = clip_lib.per_layer_paths(tuple(rest), np.shape(leaf)[0] if np.ndim(leaf) else 0)
+  return None if paths is None else ['/'.join((part,) + p) for p in paths]
 
 
 def _map_threads(fn, items) -> list:

@@ -189,21 +189,26 @@ def is_trainable_path(path: tuple[str, ...], patterns: Sequence[str] = ()) -> bo
   return False
 
 
-def _stacked_layer_paths(path: tuple[str, ...], count: int) -> list[tuple[str, ...]] | None:
-  """The per-layer paths a leaf of a scanned image encoder stands for (None: not a stacked leaf).
-  Patterns are always matched against these (`encoder/layers_{i}/...`), the names files use."""
-  if path[:3] != ('image_encoder', 'encoder', clip_lib.SCANNED_LAYERS):
+def _layer_picks(path: tuple[str, ...], leaf: Any, patterns: Sequence[str]
+                 ) -> tuple[list[tuple[str, ...]], list[bool]] | None:
+  """For a stacked leaf of a scanned image encoder: its per-layer paths (the names patterns are matched
+  against) and whether the patterns pick each; None for any other leaf."""
+  if path[0] != 'image_encoder' or not patterns:
     return None
-  return [('image_encoder', 'encoder', f'layers_{i}') + path[3:] for i in range(count)]
+  expanded = clip_lib.per_layer_paths(path[1:], np.shape(leaf)[0])
+  if expanded is None:
+    return None
+  expanded = [('image_encoder',) + p for p in expanded]
+  return expanded, [is_trainable_path(p, patterns) for p in expanded]
 
 
 def _trainable_leaf(path: tuple[str, ...], leaf: Any, patterns: Sequence[str]) -> bool:
   """Like `is_trainable_path`, for stacked leaves too: trainable when the patterns pick the leaf in every
   layer; picking it in some layers only needs the per-layer layout (ConfigError)."""
-  expanded = _stacked_layer_paths(path, np.shape(leaf)[0]) if patterns else None
-  if not expanded:
+  layers = _layer_picks(path, leaf, patterns)
+  if layers is None:
     return is_trainable_path(path, patterns)
-  picked = [is_trainable_path(p, patterns) for p in expanded]
+  expanded, picked = layers
   if any(picked) and not all(picked):
     raise ConfigError(f'e4t.trainable_patterns {list(patterns)} train {"/".join(expanded[picked.index(True)])} but '
                       'not the same parameter of every layer, and this image encoder stacks its layers '
@@ -218,12 +223,10 @@ def image_encoder_scans(config: E4TConfig, vision: CLIPVisionConfig) -> bool:
   if not config.trainable_patterns:
     return True
   abstract = nn.meta.unbox(clip_lib.abstract_params(CLIPVisionTransformer(vision, with_projection=False)))
-  flat = traverse_util.flatten_dict({'image_encoder': abstract})
-  try:
-    for path, leaf in flat.items():
-      _trainable_leaf(path, leaf, config.trainable_patterns)
-  except ConfigError:
-    return False
+  for path, leaf in traverse_util.flatten_dict({'image_encoder': abstract}).items():
+    layers = _layer_picks(path, leaf, config.trainable_patterns)
+    if layers is not None and any(layers[1]) and not all(layers[1]):
+      return False
   return True
 
 

@@ -357,6 +357,14 @@ def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
   return params
 
 
+def per_layer_paths(path: tuple[str, ...], count: int) -> list[tuple[str, ...]] | None:
+  """The per-layer paths a stacked leaf stands for, within a tower's params tree: ('encoder', 'layers', *rest)
+  -> [('encoder', 'layers_0', *rest), …] (the names files use); None for a leaf that is not stacked."""
+  if tuple(path[:2]) != ('encoder', SCANNED_LAYERS):
+    return None
+  return [('encoder', f'layers_{i}') + tuple(path[2:]) for i in range(count)]
+
+
 def to_layout(params: Mapping[str, Any], scan_layers: bool) -> dict[str, Any]:
   """`params` in the layout a module with `scan_layers` expects."""
   return stack_layers(params) if scan_layers else unstack_layers(params)
