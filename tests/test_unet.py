@@ -41,6 +41,15 @@ SD2_STYLE = dict(  # linear proj_in/out, per-block head counts, upcast attention
     # Options SD leaves at their defaults, set here so their code paths are covered too.
     downsample_padding=0, mid_block_scale_factor=2.0, center_input_sample=True, freq_shift=1,
     flip_sin_to_cos=False)
+SDXL_TIME_WIDTH, SDXL_POOLED = 8, 16
+SDXL_STYLE = dict(  # SDXL base's layout: no attention at the first level, per-block transformer depths,
+    # linear projections, per-block heads, and the text_time embedding of pooled text + 6 size/crop values
+    sample_size=SIZE, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32),
+    down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'),
+    up_block_types=('CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'UpBlock2D'),
+    layers_per_block=1, transformer_layers_per_block=(1, 1, 2), norm_num_groups=8, cross_attention_dim=24,
+    attention_head_dim=(2, 2, 4), use_linear_projection=True, addition_embed_type='text_time',
+    addition_time_embed_dim=SDXL_TIME_WIDTH, projection_class_embeddings_input_dim=6 * SDXL_TIME_WIDTH + SDXL_POOLED)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -61,10 +70,17 @@ def _jitted(config: UNetConfig, dtype, **flags):
   return jax.jit(functools.partial(UNet(config, dtype=dtype).apply, **flags))
 
 
-def _run_ours(model: UNet, params, inputs, dtype=jnp.float32, **flags):
+def _sdxl_added(seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  time_ids = np.array([[1024, 1024, 0, 0, 1024, 1024], [768, 1152, 32, 16, 1024, 1024]], np.float32)
+  return {'text_embeds': rng.standard_normal((BATCH, SDXL_POOLED)).astype(np.float32), 'time_ids': time_ids}
+
+
+def _run_ours(model: UNet, params, inputs, dtype=jnp.float32, added=None, **flags):
   sample, timesteps, context = inputs
+  extra = {} if added is None else {'added_cond_kwargs': jax.tree.map(jnp.asarray, added)}
   out = _jitted(model.config, dtype, **flags)({'params': params}, jnp.asarray(_nhwc(sample)),
-                                              jnp.asarray(timesteps), jnp.asarray(context))
+                                              jnp.asarray(timesteps), jnp.asarray(context), **extra)
   return jax.tree.map(lambda a: np.asarray(a.astype(jnp.float32)), out)
 
 
@@ -92,9 +108,10 @@ def _make_torch_unet(torch, config: dict, seed: int):
   return model
 
 
-def _torch_forward(torch, model, inputs):
+def _torch_forward(torch, model, inputs, added=None):
   """Runs diffusers, capturing down_block_res_samples and the mid-block output via hooks."""
   sample, timesteps, context = inputs
+  extra = {} if added is None else {'added_cond_kwargs': {k: torch.from_numpy(v) for k, v in added.items()}}
   captured = {'down': []}
   hooks = [model.conv_in.register_forward_hook(lambda m, i, o: captured['down'].append(o)),
            model.mid_block.register_forward_hook(lambda m, i, o: captured.__setitem__('mid', o))]
@@ -102,7 +119,7 @@ def _torch_forward(torch, model, inputs):
             for block in model.down_blocks]
   try:
     with torch.no_grad():
-      out = model(torch.from_numpy(sample), torch.from_numpy(timesteps), torch.from_numpy(context)).sample
+      out = model(torch.from_numpy(sample), torch.from_numpy(timesteps), torch.from_numpy(context), **extra).sample
   finally:
     for hook in hooks:
       hook.remove()
@@ -141,7 +158,7 @@ def test_config_diffusers_round_trip_and_head_semantics():
 
 
 @pytest.mark.parametrize('option, value', [
-    ('class_embed_type', 'timestep'), ('addition_embed_type', 'text_time'), ('time_cond_proj_dim', 256),
+    ('class_embed_type', 'timestep'), ('addition_embed_type', 'image'), ('time_cond_proj_dim', 256),
     ('dual_cross_attention', True), ('only_cross_attention', True), ('resnet_time_scale_shift', 'scale_shift'),
     ('mid_block_type', 'UNetMidBlock2DSimpleCrossAttn'), ('some_future_option', 3),
 ])
@@ -272,6 +289,61 @@ def test_sd2_style_parity_fp32_and_bf16(torch_lib, tmp_path):
   assert ours.config.use_linear_projection and ours.config.upcast_attention
   _check_fp32('SD2-style', _run_ours(ours, params, inputs), reference)
   _check_bf16('SD2-style', _run_ours(ours, params, inputs, dtype=jnp.bfloat16), reference)
+
+
+def test_sdxl_style_parity_from_sharded_fp16_variant_and_round_trip(torch_lib, tmp_path):
+  """SDXL base's U-Net layout with text_time conditioning, read from diffusers' sharded fp16 variant files
+  (the way SDXL checkpoints ship), equals diffusers run on the same fp16-rounded weights; and writes back."""
+  from diffusers import UNet2DConditionModel
+  torch = torch_lib
+  model = _make_torch_unet(torch, SDXL_STYLE, seed=2).half()
+  model.save_pretrained(tmp_path / 'fp16', variant='fp16', max_shard_size='40KB')
+  assert (tmp_path / 'fp16' / 'diffusion_pytorch_model.safetensors.index.fp16.json').is_file()
+  model = model.float()
+  inputs, added = _inputs(SDXL_STYLE, seed=2), _sdxl_added(seed=2)
+  reference, _, _ = _torch_forward(torch, model, inputs, added)
+  ours, params = load_unet(tmp_path / 'fp16')  # the folder's only variant
+  assert ours.config.addition_embed_type == 'text_time' and ours.config.text_embeds_dim == SDXL_POOLED
+  assert params['add_embedding']['linear_1']['kernel'].shape == (6 * SDXL_TIME_WIDTH + SDXL_POOLED, 64)
+  assert 'attentions_0' not in params['down_blocks_0']
+  assert 'transformer_blocks_1' in params['mid_block']['attentions_0']
+  _check_fp32('SDXL-style', _run_ours(ours, params, inputs, added=added), reference)
+  _check_bf16('SDXL-style', _run_ours(ours, params, inputs, dtype=jnp.bfloat16, added=added), reference)
+  with pytest.raises(ValueError, match="added_cond_kwargs must carry \\['text_embeds', 'time_ids'\\]"):
+    _run_ours(ours, params, inputs)
+  save_unet(tmp_path / 'ours', ours.config, params)
+  reloaded = UNet2DConditionModel.from_pretrained(tmp_path / 'ours').eval()
+  assert reloaded.config.addition_embed_type == 'text_time'
+  assert reloaded.config.transformer_layers_per_block == [1, 1, 2]
+  original = model.state_dict()
+  assert set(reloaded.state_dict()) == set(original)
+  for key, value in reloaded.state_dict().items():
+    torch.testing.assert_close(value, original[key], rtol=0, atol=0, msg=key)
+
+
+def test_weights_variants_are_found_or_named(tiny_dir, tmp_path):
+  state = dict(fileio.read_safetensors(tiny_dir / WEIGHTS_NAME))
+  folder = tmp_path / 'variants'
+  folder.mkdir()
+  (folder / 'config.json').write_text((tiny_dir / 'config.json').read_text())
+  fileio.write_safetensors(folder / 'diffusion_pytorch_model.fp16.safetensors',
+                           {k: v.astype(np.float16) for k, v in state.items()})
+  _, params = load_unet(folder)  # the only variant, read as float32
+  assert params['conv_in']['kernel'].dtype == np.float32
+  fileio.write_safetensors(folder / 'diffusion_pytorch_model.ema.safetensors', state)
+  with pytest.raises(ConversionError, match=r"variants present: \['ema', 'fp16'\]; pass variant"):
+    load_unet(folder)
+  _, params = load_unet(folder, variant='ema')
+  np.testing.assert_array_equal(params['conv_in']['kernel'], _random_params(UNetConfig.tiny())['conv_in']['kernel'])
+
+
+def test_sdxl_config_is_checked():
+  config = UNetConfig(**SDXL_STYLE)
+  assert UNetConfig.from_diffusers(config.to_diffusers()) == config
+  with pytest.raises(ConfigError, match='needs addition_time_embed_dim'):
+    UNetConfig(**{**SDXL_STYLE, 'addition_time_embed_dim': None})
+  with pytest.raises(ConfigError, match='leaves no room for the pooled text embedding'):
+    UNetConfig(**{**SDXL_STYLE, 'projection_class_embeddings_input_dim': 6 * SDXL_TIME_WIDTH})
 
 
 def test_round_trip_into_diffusers(torch_lib, sd1, tmp_path):

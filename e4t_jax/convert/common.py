@@ -56,14 +56,38 @@ def parse_config(model_dir: str | os.PathLike, parse: Callable[[dict], T], what:
     raise ConfigError(f'{path}: invalid {what} config ({type(e).__name__}: {detail}); restore the file.') from None
 
 
-def read_weights(model_dir: str | os.PathLike, weights_name: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def variant_name(weights_name: str, variant: str | None) -> str:
+  """diffusers' file name of a weights variant: 'x.safetensors' -> 'x.fp16.safetensors',
+  'x.safetensors.index.json' -> 'x.safetensors.index.fp16.json'."""
+  if not variant:
+    return weights_name
+  stem, suffix = weights_name.rsplit('.', 1)
+  return f'{stem}.{variant}.{suffix}'
+
+
+def _variants_present(model_dir: Path, weights_name: str) -> list[str]:
+  stem, suffix = weights_name.rsplit('.', 1)
+  found = {p.name[len(stem) + 1:-len(suffix) - 1] for p in model_dir.glob(f'{stem}.*.{suffix}')}
+  found |= {p.name[len(weights_name) + 7:-5] for p in model_dir.glob(f'{weights_name}.index.*.json')}
+  return sorted(v for v in found if v and '.' not in v and '-' not in v)
+
+
+def read_weights(model_dir: str | os.PathLike, weights_name: str, variant: str | None = None
+                 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """Reads `weights_name` (e.g. 'model.safetensors') or its sharded `<name>.index.json` in `model_dir`.
 
-  Returns (state_dict, key -> file it came from).
+  `variant` (e.g. 'fp16') reads diffusers' variant files instead (`<stem>.fp16.safetensors`, or the
+  index `<name>.index.fp16.json`). Without one, a folder that holds a single variant and no plain
+  weights (a download with `variant='fp16'`) reads that variant. Returns (state_dict, key -> file).
   """
   model_dir = Path(model_dir)
-  single = model_dir / weights_name
-  index = model_dir / f'{weights_name}.index.json'
+  if variant is None and not (model_dir / weights_name).is_file() and not (
+      model_dir / f'{weights_name}.index.json').is_file():
+    present = _variants_present(model_dir, weights_name)
+    if len(present) == 1:
+      variant = present[0]
+  single = model_dir / variant_name(weights_name, variant)
+  index = model_dir / variant_name(f'{weights_name}.index.json', variant)
   files: list[Path]
   if single.is_file():
     files = [single]
@@ -76,7 +100,10 @@ def read_weights(model_dir: str | os.PathLike, weights_name: str) -> tuple[dict[
   else:
     bins = sorted(p.name for p in model_dir.glob('*.bin'))
     hint = f' (found {bins}: convert them to safetensors first, we never unpickle)' if bins else ''
-    raise ConversionError(f'{model_dir}: no {weights_name} or {weights_name}.index.json{hint}.')
+    present = _variants_present(model_dir, weights_name)
+    if present and not hint:
+      hint = f' (variants present: {present}; pass variant=...)'
+    raise ConversionError(f'{model_dir}: no {single.name} or {index.name}{hint}.')
   state, origin = {}, {}
   for file in files:
     if not file.is_file():

@@ -193,7 +193,6 @@ def init_stable_diffusion(key: jax.Array, unet_config: UNetConfig, vae_config: V
   text_encoder = CLIPTextTransformer(text_config, dtype=dtype, scan_layers=scan_layers)
   k_unet, k_vae, k_text = jax.random.split(key, 3)
   # The smallest inputs that create every parameter (parameter shapes do not depend on input sizes).
-  unet_inputs = unet_lib.init_inputs(unet_config)
   side = vae_config.downsample_factor
   images = jnp.zeros((1, side, side, vae_config.in_channels), jnp.float32)
   ids = jnp.zeros((1, 1), jnp.int32)
@@ -201,7 +200,7 @@ def init_stable_diffusion(key: jax.Array, unet_config: UNetConfig, vae_config: V
   random_params = lambda module, k, *inputs: jax.device_put(
       host_init(jax.eval_shape(module.init, k, *inputs)['params'], seed=seed(k)))
   params = {
-      'unet': random_params(unet, k_unet, *unet_inputs),
+      'unet': jax.device_put(host_init(unet_lib.abstract_params(unet), seed=seed(k_unet))),
       'vae': random_params(vae, k_vae, images),
       # Drawn per layer, then stacked: the values do not depend on the layout.
       'text_encoder': to_layout(random_params(text_encoder.clone(scan_layers=False), k_text, ids), scan_layers),

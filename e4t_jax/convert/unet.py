@@ -1,4 +1,4 @@
-"""diffusers U-Net folder (config.json + diffusion_pytorch_model.safetensors) <-> our `UNet` params.
+"""diffusers U-Net folder (config.json + diffusion_pytorch_model[.fp16].safetensors[.index.json]) <-> our `UNet` params.
 
 Torch-free: safetensors are read/written with numpy (`convert.common`). Loading is strict: every
 tensor the config implies must be present with the right shape, and nothing else may be there.
@@ -21,13 +21,16 @@ def load_config(model_dir: str | os.PathLike) -> UNetConfig:
   return common.parse_config(model_dir, UNetConfig.from_diffusers, 'U-Net')
 
 
-def load_unet(model_dir: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[UNet, dict]:
+def load_unet(model_dir: str | os.PathLike, dtype: Any = jnp.float32, variant: str | None = None
+              ) -> tuple[UNet, dict]:
   """Loads a diffusers `UNet2DConditionModel` folder (e.g. `<sd-checkpoint>/unet`).
 
   Args:
     model_dir: folder with config.json and diffusion_pytorch_model.safetensors (or its sharded
       `.index.json`).
     dtype: compute dtype of the returned module; parameters are float32 whatever is on disk.
+    variant: diffusers' weights variant to read (e.g. 'fp16': `diffusion_pytorch_model.fp16.safetensors`);
+      None reads the plain weights, or the folder's only variant where there are no plain weights.
   Returns:
     (module, params): params is the plain (unboxed) tree of host numpy float32 arrays, for
     `module.apply({'params': params}, ...)`; place it on devices with `jax.device_put` or the
@@ -35,7 +38,7 @@ def load_unet(model_dir: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[U
   """
   config = load_config(model_dir)
   model = UNet(config, dtype=dtype)
-  state, origin = common.read_weights(model_dir, WEIGHTS_NAME)
+  state, origin = common.read_weights(model_dir, WEIGHTS_NAME, variant)
   params = common.state_dict_to_params(state, abstract_params(model), source=str(model_dir), origin=origin)
   return model, params
 

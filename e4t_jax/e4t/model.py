@@ -287,7 +287,7 @@ def abstract_model(config: E4TConfig, unet: UNetConfig, vae: VAEConfig, text: CL
   side = vae.downsample_factor
   shapes = lambda module, *inputs: nn.meta.unbox(jax.eval_shape(module.init, key, *inputs)['params'])
   params = {
-      'unet': shapes(unet_module, *unet_lib.init_inputs(unet)),
+      'unet': nn.meta.unbox(unet_lib.abstract_params(unet_module)),
       'vae': shapes(vae_module, jnp.zeros((1, side, side, vae.in_channels))),
       'text_encoder': shapes(text_module, jnp.zeros((1, 1), jnp.int32)),
       'image_encoder': shapes(vision_module, jnp.zeros((1, vision.image_size, vision.image_size, 3))),

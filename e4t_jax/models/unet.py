@@ -1,4 +1,4 @@
-"""Flax port of diffusers' `UNet2DConditionModel` for Stable Diffusion 1.x and 2.x (NHWC).
+"""Flax port of diffusers' `UNet2DConditionModel` for Stable Diffusion 1.x, 2.x and XL (NHWC).
 
 Module and parameter names mirror diffusers (`down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q`,
 `mid_block/resnets_1/conv2`, `conv_norm_out`, ...), so `convert.common.torch_key` maps every leaf to
@@ -9,6 +9,10 @@ other per-block transforms can be applied without touching the math.
 
 The contracting path (conv_in, down blocks, mid block) can be run alone with `features_only=True`:
 E4T's encoder reads those features from a frozen U-Net pass and never needs the expanding path.
+
+SDXL's extra conditioning (`addition_embed_type='text_time'`): the pooled text embedding and six
+size/crop values (`time_ids`) enter the time embedding through `add_embedding`, as in diffusers;
+pass them as `added_cond_kwargs={'text_embeds': ..., 'time_ids': ...}`.
 """
 from __future__ import annotations
 
@@ -42,10 +46,7 @@ _ACTIVATIONS = ('silu', 'swish')  # the same function; diffusers accepts both sp
 _UNSUPPORTED_OPTIONS: dict[str, Any] = {
     'class_embed_type': None,
     'num_class_embeds': None,
-    'projection_class_embeddings_input_dim': None,
     'class_embeddings_concat': False,
-    'addition_embed_type': None,
-    'addition_time_embed_dim': None,
     'encoder_hid_dim': None,
     'encoder_hid_dim_type': None,
     'time_cond_proj_dim': None,
@@ -64,6 +65,8 @@ _INERT_OPTIONS = frozenset({
     'resnet_skip_time_act', 'resnet_out_scale_factor', 'mid_block_only_cross_attention',
     'cross_attention_norm', 'addition_embed_type_num_heads',
 })
+TEXT_TIME = 'text_time'  # SDXL: pooled text embedding + size/crop conditioning, added to the time embedding
+SDXL_TIME_IDS = 6  # (original height, width, crop top, left, target height, width)
 
 
 def _as_tuple(value: Any) -> Any:
@@ -72,7 +75,7 @@ def _as_tuple(value: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-  """The subset of diffusers' `UNet2DConditionModel` config used by Stable Diffusion 1.x / 2.x.
+  """The subset of diffusers' `UNet2DConditionModel` config used by Stable Diffusion 1.x / 2.x / XL.
 
   Field names and defaults are diffusers', so a key missing from a config.json means the same thing
   here as there.
@@ -109,6 +112,10 @@ class UNetConfig:
   upcast_attention: bool = False
   conv_in_kernel: int = 3
   conv_out_kernel: int = 3
+  # SDXL: 'text_time' adds add_embedding(concat(text_embeds, sinusoidal(time_ids))) to the time embedding.
+  addition_embed_type: str | None = None
+  addition_time_embed_dim: int | None = None  # width of each time id's sinusoidal features (SDXL: 256)
+  projection_class_embeddings_input_dim: int | None = None  # add_embedding's input width (SDXL: 2816)
 
   def __post_init__(self):
     # JSON gives lists; tuples keep the config hashable (it is a flax module attribute).
@@ -161,6 +168,19 @@ class UNetConfig:
         fail(f'{heads!r} attention heads cannot split a block of {channels} channels.')
     if self.conv_in_kernel % 2 == 0 or self.conv_out_kernel % 2 == 0:
       fail('conv_in_kernel and conv_out_kernel must be odd (same-size convolutions).')
+    if self.addition_embed_type not in (None, TEXT_TIME):
+      fail(f'addition_embed_type {self.addition_embed_type!r} is not supported; only None or {TEXT_TIME!r} (SDXL).')
+    if self.addition_embed_type == TEXT_TIME:
+      for name in ('addition_time_embed_dim', 'projection_class_embeddings_input_dim'):
+        value = getattr(self, name)
+        if not isinstance(value, int) or value <= 0:
+          fail(f'addition_embed_type={TEXT_TIME!r} needs {name} (a positive int), got {value!r}.')
+      if self.addition_time_embed_dim % 2:
+        fail(f'addition_time_embed_dim must be even (sin and cos halves), got {self.addition_time_embed_dim}.')
+      if self.text_embeds_dim <= 0:
+        fail(f'projection_class_embeddings_input_dim={self.projection_class_embeddings_input_dim} leaves no '
+             f'room for the pooled text embedding next to {SDXL_TIME_IDS} x {self.addition_time_embed_dim} '
+             'time-id features.')
 
   # --------------------------------------------------------------------------- per-block values
   def _per_block(self, value: Any) -> tuple:
@@ -183,6 +203,13 @@ class UNetConfig:
   @property
   def time_embed_dim(self) -> int:
     return 4 * self.block_out_channels[0]
+
+  @property
+  def text_embeds_dim(self) -> int | None:
+    """Width of the pooled text embedding a 'text_time' U-Net takes (SDXL: 1280); None without one."""
+    if self.addition_embed_type != TEXT_TIME:
+      return None
+    return self.projection_class_embeddings_input_dim - SDXL_TIME_IDS * self.addition_time_embed_dim
 
   @property
   def num_upsamplers(self) -> int:
@@ -572,8 +599,31 @@ class UNet(nn.Module):
                 upcast_attention=cfg.upcast_attention, attention_implementation=self.attention_implementation,
                 dtype=self.dtype)
 
+  def _added_embedding(self, added_cond_kwargs: Mapping[str, jax.Array] | None, batch: int) -> jax.Array | None:
+    """SDXL's add_embedding(concat(text_embeds, sinusoidal(time_ids))), [batch, time_embed_dim]; None for
+    a U-Net without 'text_time' conditioning."""
+    cfg = self.config
+    if cfg.addition_embed_type is None:
+      if added_cond_kwargs:
+        raise ValueError(f'added_cond_kwargs {sorted(added_cond_kwargs)} given to a U-Net without '
+                         'addition_embed_type.')
+      return None
+    missing = {'text_embeds', 'time_ids'} - set(added_cond_kwargs or {})
+    if missing:
+      raise ValueError(f'this U-Net has addition_embed_type={TEXT_TIME!r} (SDXL): added_cond_kwargs must carry '
+                       f'{sorted(missing)}.')
+    text_embeds, time_ids = added_cond_kwargs['text_embeds'], added_cond_kwargs['time_ids']
+    if text_embeds.shape != (batch, cfg.text_embeds_dim) or time_ids.shape != (batch, SDXL_TIME_IDS):
+      raise ValueError(f'text_embeds {text_embeds.shape} / time_ids {time_ids.shape}: expected '
+                       f'({batch}, {cfg.text_embeds_dim}) / ({batch}, {SDXL_TIME_IDS}).')
+    time_features = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                       flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+    features = jnp.concatenate([text_embeds.astype(jnp.float32), time_features.reshape(batch, -1)], axis=-1)
+    return TimestepEmbedding(cfg.time_embed_dim, dtype=self.dtype, name='add_embedding')(features.astype(self.dtype))
+
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: jax.Array | float | int, encoder_hidden_states: jax.Array, *,
+               added_cond_kwargs: Mapping[str, jax.Array] | None = None,
                return_features: bool = False, features_only: bool = False) -> Any:
     """Predicts the noise (or v) for `sample`.
 
@@ -581,6 +631,8 @@ class UNet(nn.Module):
       sample: [batch, h, w, in_channels] noisy latents.
       timesteps: [batch] or a scalar (broadcast over the batch).
       encoder_hidden_states: [batch, text_tokens, cross_attention_dim] text encoder states.
+      added_cond_kwargs: SDXL ('text_time' U-Nets only): {'text_embeds': [batch, text_embeds_dim] pooled
+        text embedding, 'time_ids': [batch, 6] original size, crop top-left, target size}.
       return_features: also return the contracting-path `UNetFeatures`.
       features_only: run only the contracting path and return only `UNetFeatures`.
     Returns:
@@ -607,6 +659,9 @@ class UNet(nn.Module):
     t_features = timestep_embedding(timesteps, channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                     freq_shift=cfg.freq_shift).astype(self.dtype)
     temb = TimestepEmbedding(cfg.time_embed_dim, dtype=self.dtype, name='time_embedding')(t_features)
+    added = self._added_embedding(added_cond_kwargs, batch)
+    if added is not None:
+      temb = temb + added
     context = encoder_hidden_states.astype(self.dtype)
 
     # Contracting path.
@@ -647,13 +702,27 @@ class UNet(nn.Module):
 
 
 def init_inputs(config: UNetConfig, batch: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Smallest inputs that trace every parameter: (sample, timesteps, encoder_hidden_states)."""
+  """Smallest inputs that trace every parameter: (sample, timesteps, encoder_hidden_states); a
+  'text_time' U-Net also needs `init_added_cond(config, batch)`."""
   size = 2 ** config.num_upsamplers
   return (jnp.zeros((batch, size, size, config.in_channels), jnp.float32),
           jnp.zeros((batch,), jnp.int32),
           jnp.zeros((batch, 1, config.cross_attention_dims()[0]), jnp.float32))
 
 
+def init_added_cond(config: UNetConfig, batch: int = 1) -> dict[str, jax.Array] | None:
+  """Zero `added_cond_kwargs` for a 'text_time' (SDXL) U-Net; None for the others."""
+  if config.addition_embed_type != TEXT_TIME:
+    return None
+  return {'text_embeds': jnp.zeros((batch, config.text_embeds_dim), jnp.float32),
+          'time_ids': jnp.zeros((batch, SDXL_TIME_IDS), jnp.float32)}
+
+
+def init_variables(model: UNet, key: jax.Array, batch: int = 1) -> Any:
+  """`model.init` on the smallest inputs that trace every parameter (SDXL conditioning included)."""
+  return model.init(key, *init_inputs(model.config, batch), added_cond_kwargs=init_added_cond(model.config, batch))
+
+
 def abstract_params(model: UNet) -> Any:
   """The model's params as boxed `ShapeDtypeStruct`s (logical axes kept), without allocating weights."""
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), *init_inputs(model.config)))['params']
+  return jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))['params']
