@@ -2,7 +2,9 @@
 # `e4t bench full` on one GPU machine whose python3 already has jax[cuda], flax, optax, torch and
 # transformers (e.g. the project's lent H100/H200 image). Pure-Python packages it lacks (diffusers,
 # for the PyTorch baseline) can be carried as wheels in .whl/. Results: $OUT (default outputs/bench_full).
-#   bash launch/bench_gpu.sh            # the three headline programs, for a 10-minute command
+#   bash launch/bench_gpu.sh            # the headline programs, for a 10-minute command: lite and paper-mode
+#                                       # personalization, pretraining at batch 8 and 16, the U-Net step vs PyTorch,
+#                                       # lite personalization at --xla_gpu_autotune_level=0 (what autotuning costs)
 #   MINIMAL=False DEADLINE=1500 bash launch/bench_gpu.sh   # every variant (remat, fp32, xla attention): ~25 min
 set -uo pipefail
 OUT=${OUT:-outputs/bench_full}

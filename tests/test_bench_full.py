@@ -1,4 +1,5 @@
 """`e4t bench full` (the accelerator benchmark) on the tiny config, and the attention dispatch."""
+import dataclasses
 import time
 
 import jax
@@ -32,7 +33,7 @@ def test_fused_attention_is_chosen_only_where_cudnn_takes_it(monkeypatch):
   assert not layers.fused_attention_applies(shaped(4096, 40, jnp.float32), shaped(4096, 40, jnp.float32))
 
 
-def test_jobs_have_stable_names_and_round_trip():
+def test_jobs_have_stable_names_and_round_trip(monkeypatch):
   job = bench_full.Job('pretrain', batch=8, remat='nothing_saveable')
   assert job.name == 'pretrain/bfloat16/remat=nothing_saveable/b8'
   assert bench_full.Job.from_arg(job.to_arg()) == job
@@ -41,6 +42,15 @@ def test_jobs_have_stable_names_and_round_trip():
   assert [j.name for j in bench_full.default_jobs(minimal=True)['personalize']] == [
       'personalize/bfloat16', 'personalize/bfloat16/paper/15steps/micro1']
   assert bench_full.PAPER_JOB.tuning.mode == 'paper' and bench_full.PAPER_JOB.tuning.num_steps == 15
+  assert [j.name for j in bench_full.default_jobs(minimal=True)['train']][-1] == 'pretrain/bfloat16/b16'
+  # a job's XLA flags reach its worker processes, after the flags this process already has
+  flagged = bench_full.NO_AUTOTUNE_JOB
+  assert flagged.name == 'personalize/bfloat16/xla=gpu_autotune_level=0'
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  assert flagged.env() == {'XLA_FLAGS': '--xla_force_host_platform_device_count=2 --xla_gpu_autotune_level=0'}
+  assert bench_full.worker_env([flagged]) == flagged.env() and bench_full.worker_env([job]) == {}
+  with pytest.raises(ConfigError, match='different XLA flags'):
+    bench_full.worker_env([job, flagged])
   with pytest.raises(ConfigError):
     bench_full.Job('inference')
 
@@ -73,7 +83,9 @@ def test_unet_step_job_executes_and_counts_model_flops_from_the_lowering():
   assert np.isfinite(record['final_loss'])
   # the lowered program counts the convolutions and matmuls (a GPU's compiled cost analysis does not)
   assert record['model_flops'] > 0 and record['memory_analysis']['temp_size_in_bytes'] > 0
-  result = {'execute': {job.name: record}, 'compile': {job.name: {'compile_s': 1.0}}, 'peak_tflops': 100.0,
+  flagged = dataclasses.replace(job, xla_flags='--xla_gpu_autotune_level=0')
+  result = {'execute': {job.name: record}, 'compile': {job.name: {'compile_s': 1.0}, flagged.name: {'compile_s': 0.25}},
+            'peak_tflops': 100.0,
             'config': 'tiny', 'machine': {'jax_devices': ['cpu:cpu']},
             'torch': {'batch': 1, 'step': {'p50_s': 2 * record['step']['p50_s']}}}
   result['summary'] = summary = bench_full.summarize(result)
@@ -82,4 +94,7 @@ def test_unet_step_job_executes_and_counts_model_flops_from_the_lowering():
   assert entry['mfu'] == pytest.approx(entry['tflops_per_s'] / 100.0)
   assert summary['jax_over_torch_unet_step'] == pytest.approx(0.5)
   assert summary['torch_unet_step']['tflops_per_s'] == pytest.approx(entry['tflops_per_s'] / 2)
-  assert 'unet_step/bfloat16' in bench_full.format_table(result)
+  assert summary['xla_flags'][flagged.name]['compile_s_ratio'] == pytest.approx(0.25)
+  assert 'p50_s_ratio' not in summary['xla_flags'][flagged.name]  # not executed
+  table = bench_full.format_table(result)
+  assert 'unet_step/bfloat16' in table and 'compile x0.25' in table

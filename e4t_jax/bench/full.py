@@ -28,7 +28,8 @@ Programs ("jobs"; `Job.name`):
                         AdamW): the reference design the PyTorch baseline runs too.
 Variants: compute dtype ('bfloat16' / 'float32'; parameters stay float32 unless `frozen_dtype` is
 'bfloat16'), U-Net rematerialization policy, attention ('auto': the fused cuDNN kernel where it
-applies, see `layers.dot_product_attention`; 'xla': the reference attention everywhere).
+applies, see `layers.dot_product_attention`; 'xla': the reference attention everywhere), extra XLA flags for the job's processes (`xla_flags`: the
+GPU autotuning level, compared in the summary's `xla_flags` section against the same job without them).
 
 The PyTorch baseline (`--torch`): diffusers `UNet2DConditionModel` with the same architecture, the
 same batch and resolution, float32 weights under bfloat16 autocast, AdamW, eager; in this run.
@@ -83,6 +84,9 @@ class Job:
   micro_batch: int | None = None
   # the CLIP towers' layers scanned (the default, `models.clip`) or unrolled (the layout before issue 19)
   scan_clip: bool = True
+  # XLA flags added to $XLA_FLAGS for this job's compile and execute processes (e.g. the GPU
+  # autotuning level: what autotuning costs in compile seconds and buys in step time)
+  xla_flags: str = ''
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -107,7 +111,15 @@ class Job:
       parts.append('clip=unrolled')
     if self.micro_batch is not None:
       parts.append(f'micro{self.micro_batch}')
+    if self.xla_flags:
+      parts.append('xla=' + ','.join(flag.removeprefix('--xla_') for flag in self.xla_flags.split()))
     return '/'.join(parts)
+
+  def env(self) -> dict[str, str]:
+    """The environment overrides of this job's worker processes (none without `xla_flags`)."""
+    if not self.xla_flags:
+      return {}
+    return {'XLA_FLAGS': ' '.join(filter(None, [os.environ.get('XLA_FLAGS', ''), self.xla_flags]))}
 
   @property
   def tuning(self) -> personalize_lib.TuningConfig:
@@ -124,24 +136,42 @@ class Job:
 # The issue's paper-mode figure: 15 steps of 16 views, bfloat16, one view a pass (the variant that fits 40 GiB
 # by the CPU compiler's measure, docs/performance.md).
 PAPER_JOB = Job('personalize', mode='paper', steps=15, micro_batch=1)
+# The lite program without XLA:GPU's autotuning (level 0: default algorithms, no timing of candidates):
+# its compile seconds and step time against the default level 4 are what autotuning costs and buys.
+NO_AUTOTUNE_JOB = Job('personalize', xla_flags='--xla_gpu_autotune_level=0')
 
 
 def default_jobs(train_batch: int = 8, concepts_batch: int = 4, minimal: bool = False) -> dict[str, list[Job]]:
   """The jobs of each execute worker, in priority order (the compile phase compiles all of them);
-  `minimal`: only the headline programs (bfloat16 personalization, pretraining and U-Net steps)."""
+  `minimal`: only the headline programs (bfloat16 personalization, pretraining at `train_batch` and twice
+  that, the U-Net step, lite personalization without autotuning).
+  A worker's jobs share its process, hence its XLA flags: a job with `xla_flags` gets a worker of its own."""
   if minimal:
     return {'personalize': [Job('personalize'), PAPER_JOB],
-            'train': [Job('pretrain', batch=train_batch), Job('unet_step', batch=train_batch)]}
+            'train': [Job('pretrain', batch=train_batch), Job('unet_step', batch=train_batch),
+                      Job('pretrain', batch=2 * train_batch)],
+            'no_autotune': [NO_AUTOTUNE_JOB]}
   return {
       'personalize': [Job('personalize'), PAPER_JOB, Job('personalize', mode='paper', steps=15, micro_batch=4),
                       Job('personalize_batched', batch=concepts_batch),
                       Job('personalize', attention='xla'), Job('personalize', frozen_dtype='bfloat16'),
                       Job('personalize', dtype='float32')],
       'train': [Job('pretrain', batch=train_batch), Job('unet_step', batch=train_batch),
+                Job('pretrain', batch=2 * train_batch),
                 Job('pretrain', batch=train_batch, remat='nothing_saveable'),
                 Job('pretrain', batch=train_batch, remat='dots_saveable'),
                 Job('unet_step', batch=train_batch, remat='nothing_saveable')],
+      'no_autotune': [NO_AUTOTUNE_JOB],
   }
+
+
+def worker_env(jobs: Sequence[Job]) -> dict[str, str]:
+  """The one environment a worker process runs `jobs` in; ConfigError if their XLA flags differ."""
+  flags = {job.xla_flags for job in jobs}
+  if len(flags) > 1:
+    raise ConfigError(f'jobs {[job.name for job in jobs]} need different XLA flags ({sorted(flags)}): '
+                      'give each set of flags a worker of its own.')
+  return jobs[0].env() if jobs else {}
 
 
 # ----------------------------------------------------------------------------- programs
@@ -502,13 +532,13 @@ def attention_check(shapes: Sequence[tuple[int, int, int, int]] = ((2, 4096, 8, 
 
 
 # ----------------------------------------------------------------------------- orchestration
-def _run(args: Sequence[str], timeout_s: float) -> tuple[list[dict], dict]:
-  return harness.run_worker(WORKER_MODULE, args, timeout_s=max(timeout_s, 1.0))
+def _run(args: Sequence[str], timeout_s: float, env: dict[str, str] | None = None) -> tuple[list[dict], dict]:
+  return harness.run_worker(WORKER_MODULE, args, timeout_s=max(timeout_s, 1.0), env_overrides=env)
 
 
-def _run_until(args: Sequence[str], deadline: float) -> tuple[list[dict], dict]:
+def _run_until(args: Sequence[str], deadline: float, env: dict[str, str] | None = None) -> tuple[list[dict], dict]:
   """A worker whose time limit counts from when it starts (queued workers start late)."""
-  return _run(args, deadline - time.time())
+  return _run(args, deadline - time.time(), env)
 
 
 def run_full_bench(config_name: str = 'sd15', *, json_out: str | os.PathLike | None = None,
@@ -524,6 +554,7 @@ def run_full_bench(config_name: str = 'sd15', *, json_out: str | os.PathLike | N
   start = time.time()
   deadline = start + deadline_s
   jobs = jobs or default_jobs(train_batch, concepts_batch, minimal)
+  envs = {worker: worker_env(worker_jobs) for worker, worker_jobs in jobs.items()}  # checked before any work
   result: dict[str, Any] = {
       'schema': SCHEMA, 'config': config_name,
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
@@ -550,7 +581,8 @@ def run_full_bench(config_name: str = 'sd15', *, json_out: str | os.PathLike | N
     compile_budget = deadline_s * compile_share
     with futures.ThreadPoolExecutor(max(parallel, 1)) as pool:
       compile_args = lambda job: ['--compile', job.to_arg(), '--config', config_name, '--cache-dir', cache_dir]
-      running = {pool.submit(_run_until, compile_args(job), start + compile_budget): job for job in all_jobs}
+      running = {pool.submit(_run_until, compile_args(job), start + compile_budget, job.env()): job
+                 for job in all_jobs}
       for done in futures.as_completed(running):
         job = running[done]
         records, info = done.result()
@@ -587,7 +619,7 @@ def run_full_bench(config_name: str = 'sd15', *, json_out: str | os.PathLike | N
       records, info = _run(['--execute', json.dumps([j.to_arg() for j in worker_jobs]), '--config', config_name,
                             '--cache-dir', cache_dir, '--deadline', str(worker_deadline),
                             '--num-concepts', str(num_concepts), '--train-steps', str(train_steps)],
-                           worker_deadline - time.time() + 10)
+                           worker_deadline - time.time() + 10, envs[worker])
       for record in records:
         result['execute'][record['job']] = record
         log(f'executed {record["job"]}: {record["stage"]}')
@@ -638,6 +670,19 @@ def summarize(result: dict) -> dict:
       if peak:
         entry['mfu'] = entry['tflops_per_s'] / peak
     summary[name] = entry
+  flagged = {}
+  for name, compiled in (result.get('compile') or {}).items():
+    parts = name.split('/')
+    if not parts[-1].startswith('xla='):
+      continue
+    base = '/'.join(parts[:-1])
+    pair = {'compile_s': [(result['compile'].get(base) or {}).get('compile_s'), compiled.get('compile_s')],
+            'p50_s': [summary.get(base, {}).get('p50_s', summary.get(base, {}).get('step_s')),
+                      summary.get(name, {}).get('p50_s', summary.get(name, {}).get('step_s'))]}
+    flagged[name] = {'against': base, **{f'{k}_default_vs_flagged': v for k, v in pair.items()},
+                     **{f'{k}_ratio': v[1] / v[0] for k, v in pair.items() if None not in v and v[0] > 0}}
+  if flagged:
+    summary['xla_flags'] = flagged
   torch_result = result.get('torch') or {}
   unet = next((e for n, e in summary.items() if _is_plain_bf16_unet_step(n) and 'step_s' in e), None)
   if torch_result.get('step'):
@@ -684,6 +729,9 @@ def format_table(result: dict) -> str:
     lines.append(f'torch U-Net step (b{torch_result["batch"]}, bf16 autocast, eager): '
                  f'{torch_result["step"]["p50_s"] * 1e3:.1f} ms; JAX/torch '
                  f'{result["summary"].get("jax_over_torch_unet_step", float("nan")):.2f}')
+  for name, entry in (result.get('summary') or {}).get('xla_flags', {}).items():
+    lines.append(f'{name} against {entry["against"]}: compile x{entry.get("compile_s_ratio", float("nan")):.2f}, '
+                 f'p50 x{entry.get("p50_s_ratio", float("nan")):.2f}')
   for entry in (result.get('attention') or {}).get('shapes', []):
     lines.append(f'attention {entry["shape"]}: xla {entry.get("xla_fwd_bwd_ms", float("nan")):.2f} ms, cudnn '
                  f'{entry.get("cudnn_fwd_bwd_ms", float("nan")):.2f} ms, grad rel diff {entry.get("grad_rel_diff")}')

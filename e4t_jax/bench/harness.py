@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -159,14 +159,15 @@ def synthetic_images(count: int, size: int, seed: int) -> list[np.ndarray]:
   return images
 
 
-def run_worker(module: str, args: Sequence[str], *, timeout_s: float, rss_limit_bytes: int | None = None
-               ) -> tuple[list[dict], dict]:
+def run_worker(module: str, args: Sequence[str], *, timeout_s: float, rss_limit_bytes: int | None = None,
+               env_overrides: Mapping[str, str] | None = None) -> tuple[list[dict], dict]:
   """Runs `python -m <module> <args>`; returns its JSON records (one per stdout line) and how it ran.
 
   The worker is killed past `timeout_s` or once its resident set exceeds `rss_limit_bytes`; records
-  printed before that are kept (a worker prints each stage as soon as it is measured).
+  printed before that are kept (a worker prints each stage as soon as it is measured). `env_overrides`
+  replace those variables of this process's environment in the worker's.
   """
-  env = dict(os.environ)
+  env = dict(os.environ, **(env_overrides or {}))
   env['PYTHONPATH'] = os.pathsep.join([str(_PACKAGE_ROOT)] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
   with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
     started = time.perf_counter()
