@@ -320,6 +320,34 @@ def test_text_round_trip_into_transformers(tmp_path):
   assert CLIPTextConfig.from_transformers(json.loads((tmp_path / 'config.json').read_text())) == config
 
 
+def test_text_with_projection_parity_and_round_trip(tmp_path):
+  """SDXL's text_encoder_2 (OpenCLIP bigG): a CLIPTextModelWithProjection, gelu, legacy eos id 2, padded with
+  '!' (id 0); its projected pooled `text_embeds` and penultimate states condition SDXL's U-Net."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  torch.manual_seed(3)
+  config = transformers.CLIPTextConfig(**{**TINY_TEXT, 'projection_dim': 24}, hidden_act='gelu', eos_token_id=2,
+                                       bos_token_id=0, pad_token_id=1)
+  torch_model = _perturb(transformers.CLIPTextModelWithProjection(config), seed=4)
+  torch_model.save_pretrained(tmp_path / 'theirs')
+  model, params = load_text_encoder(tmp_path / 'theirs', with_projection=True)
+  assert params['text_projection']['kernel'].shape == (32, 24) and clip_lib.is_scanned(params)
+  ours = _run(model, params, jnp.asarray(INPUT_IDS))
+  theirs = _torch_text(torch_model, INPUT_IDS)
+  _assert_close('text_embeds', ours.text_embeds, theirs.text_embeds)
+  _assert_close('penultimate hidden state', ours.hidden_states[-2], theirs.hidden_states[-2])
+  _assert_close('last_hidden_state', ours.last_hidden_state, theirs.last_hidden_state)
+  # without with_projection the same folder loads as a plain text encoder (its projection ignored), as before
+  plain, plain_params = load_text_encoder(tmp_path / 'theirs')
+  assert 'text_projection' not in plain_params and not plain.with_projection
+  save_text_encoder(tmp_path / 'ours', model.config, params)
+  assert json.loads((tmp_path / 'ours' / 'config.json').read_text())['architectures'] == ['CLIPTextModelWithProjection']
+  reloaded, info = transformers.CLIPTextModelWithProjection.from_pretrained(tmp_path / 'ours', output_loading_info=True)
+  assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys'], info
+  for key, value in reloaded.state_dict().items():
+    torch.testing.assert_close(value, torch_model.state_dict()[key], rtol=0, atol=0, msg=key)
+
+
 @pytest.mark.parametrize('with_projection', [True, False])
 def test_vision_round_trip_into_transformers(tmp_path, with_projection):
   pytest.importorskip('torch')

@@ -4,7 +4,8 @@ Accepted layouts, all strict (a missing, unexpected or mis-shaped tensor raises 
 naming the key and the file):
   text encoder:  `CLIPTextModel` (keys `text_model.*` as on the Hub and in Stable Diffusion's
                  `text_encoder/`, or unprefixed as transformers >= 5 saves them),
-                 `CLIPTextModelWithProjection` (its `text_projection` is ignored) and a full `CLIPModel`.
+                 `CLIPTextModelWithProjection` (its `text_projection` is read with `with_projection=True`,
+                 as SDXL's `text_encoder_2` needs, and ignored otherwise) and a full `CLIPModel`.
   image encoder: `CLIPVisionModelWithProjection` (`vision_model.*` + `visual_projection`),
                  `CLIPVisionModel` (`vision_model.*`, or unprefixed as transformers >= 5 saves it) and a
                  full `CLIPModel` (its text tower, `text_projection` and `logit_scale` are ignored).
@@ -19,6 +20,7 @@ loads it (transformers >= 5 strips the prefix on load), and it is what diffusers
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -35,6 +37,7 @@ WEIGHTS_NAME = 'model.safetensors'
 TEXT_PREFIX = 'text_model.'
 VISION_PREFIX = 'vision_model.'
 PROJECTION = 'visual_projection'
+TEXT_PROJECTION = 'text_projection'
 
 # Registered buffers (not parameters) that checkpoints written by transformers < 4.31 still contain.
 _BUFFERS = (r'(^|\.)embeddings\.position_ids$',)
@@ -53,20 +56,26 @@ def _read_config(model_dir: str | os.PathLike, from_transformers) -> tuple[Any, 
   return parse_config(model_dir, from_transformers, 'CLIP'), raw
 
 
-def _split_vision(tree: dict[str, Any]) -> dict[str, Any]:
-  """Our flat vision tree -> transformers' nesting: {'vision_model': body, 'visual_projection': ...}."""
-  nested: dict[str, Any] = {'vision_model': {k: v for k, v in tree.items() if k != PROJECTION}}
-  if PROJECTION in tree:
-    nested[PROJECTION] = tree[PROJECTION]
+def _split(tree: dict[str, Any], body: str, projection: str) -> dict[str, Any]:
+  """Our flat tree -> transformers' nesting: {body: the tower, projection: ... (if there)}."""
+  nested: dict[str, Any] = {body: {k: v for k, v in tree.items() if k != projection}}
+  if projection in tree:
+    nested[projection] = tree[projection]
   return nested
 
 
-def _merge_vision(nested: dict[str, Any]) -> dict[str, Any]:
-  """Inverse of `_split_vision`."""
-  tree = dict(nested['vision_model'])
-  if PROJECTION in nested:
-    tree[PROJECTION] = nested[PROJECTION]
+def _merge(nested: dict[str, Any], body: str, projection: str) -> dict[str, Any]:
+  """Inverse of `_split`."""
+  tree = dict(nested[body])
+  if projection in nested:
+    tree[projection] = nested[projection]
   return tree
+
+
+_split_vision = functools.partial(_split, body='vision_model', projection=PROJECTION)
+_merge_vision = functools.partial(_merge, body='vision_model', projection=PROJECTION)
+_split_text = functools.partial(_split, body='text_model', projection=TEXT_PROJECTION)
+_merge_text = functools.partial(_merge, body='text_model', projection=TEXT_PROJECTION)
 
 
 def _check_params(params: Any, abstract: Any, where: str, what: str) -> None:
@@ -74,8 +83,8 @@ def _check_params(params: Any, abstract: Any, where: str, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------- text
-def load_text_encoder(model_dir: str | os.PathLike, dtype: Any = jnp.float32, *,
-                      scan_layers: bool = True) -> tuple[CLIPTextTransformer, dict]:
+def load_text_encoder(model_dir: str | os.PathLike, dtype: Any = jnp.float32, *, scan_layers: bool = True,
+                      with_projection: bool = False) -> tuple[CLIPTextTransformer, dict]:
   """Reads a transformers CLIP text folder (Stable Diffusion's `text_encoder/`).
 
   Args:
@@ -83,6 +92,8 @@ def load_text_encoder(model_dir: str | os.PathLike, dtype: Any = jnp.float32, *,
     dtype: compute dtype of the returned module; parameters are float32 whatever the stored dtype.
     scan_layers: the module scans its layers and the params are stacked (see `models.clip`);
       False: one module and one params subtree per layer, as in the file.
+    with_projection: read `text_projection.weight` too (a `CLIPTextModelWithProjection`, e.g. SDXL's
+      `text_encoder_2`) and return a module whose output has `text_embeds`; required to be there.
   Returns:
     (module, params), params the unboxed tree for `module.apply({'params': params}, input_ids)`,
     placed on the default device.
@@ -91,29 +102,35 @@ def load_text_encoder(model_dir: str | os.PathLike, dtype: Any = jnp.float32, *,
     ConfigError: a config option this port does not implement.
   """
   config, raw = _read_config(model_dir, CLIPTextConfig.from_transformers)
-  per_layer = CLIPTextTransformer(config, dtype=dtype, scan_layers=False)
+  per_layer = CLIPTextTransformer(config, dtype=dtype, scan_layers=False, with_projection=with_projection)
   state_dict, origin = read_weights(model_dir, WEIGHTS_NAME)
   ignore: list[str] = list(_BUFFERS)
   if _is_full_clip(raw):
-    ignore += _FULL_MODEL_NON_TEXT
-  elif 'CLIPTextModelWithProjection' in (raw.get('architectures') or ()):
+    ignore += [p for p in _FULL_MODEL_NON_TEXT if not (with_projection and TEXT_PROJECTION in p)]
+  elif not with_projection and 'CLIPTextModelWithProjection' in (raw.get('architectures') or ()):
     ignore.append(r'^text_projection\.weight$')
   # transformers >= 5 saves a bare CLIPTextModel without the `text_model.` prefix.
-  prefix = TEXT_PREFIX if any(k.startswith(TEXT_PREFIX) for k in state_dict) else ''
-  params = state_dict_to_params(state_dict, abstract_params(per_layer), source=str(model_dir), prefix=prefix,
+  nested = any(k.startswith(TEXT_PREFIX) for k in state_dict)
+  abstract = abstract_params(per_layer)
+  params = state_dict_to_params(state_dict, _split_text(abstract) if nested else abstract, source=str(model_dir),
                                 ignore=ignore, origin=origin, dtype=np.float32)
+  if nested:
+    params = _merge_text(params)
   return per_layer.clone(scan_layers=scan_layers), jax.device_put(to_layout(params, scan_layers))
 
 
 def save_text_encoder(model_dir: str | os.PathLike, config: CLIPTextConfig, params: Any) -> None:
-  """Writes a folder `transformers.CLIPTextModel.from_pretrained` loads (config.json + model.safetensors).
+  """Writes a folder transformers loads (config.json + model.safetensors): a `CLIPTextModelWithProjection`
+  when `params` holds `text_projection`, else a `CLIPTextModel`.
 
   The params tree is checked against `config` first, so a mismatched pair is never written.
   """
   params = unstack_layers(unbox(params))  # accepts {'params': ...} and either layer layout
-  _check_params(params, abstract_params(CLIPTextTransformer(config, scan_layers=False)), str(model_dir), 'CLIP text')
-  write_model_dir(model_dir, params_to_state_dict(params, prefix=TEXT_PREFIX), config.to_transformers(),
-                  WEIGHTS_NAME)
+  with_projection = TEXT_PROJECTION in params
+  abstract = abstract_params(CLIPTextTransformer(config, scan_layers=False, with_projection=with_projection))
+  _check_params(params, abstract, str(model_dir), 'CLIP text')
+  write_model_dir(model_dir, params_to_state_dict(_split_text(params)),
+                  config.to_transformers(with_projection=with_projection), WEIGHTS_NAME)
 
 
 # ----------------------------------------------------------------------------- vision

@@ -1,7 +1,9 @@
-"""CLIP text and vision transformers (transformers `CLIPTextModel` / `CLIPVisionModel[WithProjection]`) in Flax linen.
+"""CLIP text and vision transformers (transformers `CLIPTextModel[WithProjection]` / `CLIPVisionModel[WithProjection]`)
+in Flax linen.
 
 The text transformer conditions the diffusion model (SD 1.x: OpenAI ViT-L/14, `quick_gelu`; SD 2.x:
-OpenCLIP ViT-H/14, `gelu`); E4T overrides the placeholder token's embedding through `inputs_embeds`.
+OpenCLIP ViT-H/14, `gelu`; SDXL: both ViT-L and OpenCLIP bigG, the latter with its `text_projection`
+giving the pooled `text_embeds`); E4T overrides the placeholder token's embedding through `inputs_embeds`.
 The vision transformer feeds the E4T encoder with its per-layer hidden states.
 
 Parameter names mirror transformers so `convert.common.torch_key` gives the state-dict key of every
@@ -9,7 +11,7 @@ leaf: the text tree maps under the prefix 'text_model.' (`embeddings/token_embed
 `text_model.embeddings.token_embedding.weight`, `encoder/layers_0/self_attn/q_proj/kernel` ->
 `text_model.encoder.layers.0.self_attn.q_proj.weight`), the vision tree under 'vision_model.' except
 its top-level `visual_projection`, which transformers keeps outside `vision_model`
-(`convert.clip` splits the tree accordingly).
+(`convert.clip` splits the tree accordingly); likewise the text tree's `text_projection`.
 
 Layer layout (`scan_layers`, default True): the identical encoder layers run as one `nn.scan`, so a
 32-layer ViT-H/14 is traced, lowered and compiled as one layer inside a loop rather than 32 copies
@@ -126,7 +128,7 @@ class CLIPTextConfig:
   vocab_size: int = 49408
   hidden_size: int = 512
   intermediate_size: int = 2048
-  projection_dim: int = 512  # unused by the text transformer; kept so a round trip writes it back
+  projection_dim: int = 512  # the width of `text_projection` (`with_projection`); else only written back
   num_hidden_layers: int = 12
   num_attention_heads: int = 8
   max_position_embeddings: int = 77
@@ -152,9 +154,10 @@ class CLIPTextConfig:
     """From a `CLIPTextModel[WithProjection]` config.json dict or a full `CLIPModel` one."""
     return cls(**_known_values(cls, _sub_config(config, 'text', 'clip_text_model')))
 
-  def to_transformers(self) -> dict[str, Any]:
-    """The config.json dict `transformers.CLIPTextModel.from_pretrained` expects."""
-    return {'architectures': ['CLIPTextModel'], 'model_type': 'clip_text_model',
+  def to_transformers(self, with_projection: bool = False) -> dict[str, Any]:
+    """The config.json dict `transformers.CLIPTextModel[WithProjection].from_pretrained` expects."""
+    architecture = 'CLIPTextModelWithProjection' if with_projection else 'CLIPTextModel'
+    return {'architectures': [architecture], 'model_type': 'clip_text_model',
             'attention_dropout': 0.0, 'initializer_factor': 1.0, 'initializer_range': 0.02,
             **dataclasses.asdict(self)}
 
@@ -233,6 +236,7 @@ class CLIPTextOutput:
   # embeddings output, then each layer's output (the last one before final_layer_norm), as
   # transformers' `output_hidden_states=True`: num_hidden_layers + 1 arrays [batch, tokens, width].
   hidden_states: tuple[jax.Array, ...]
+  text_embeds: jax.Array | None = None  # [batch, projection_dim]: text_projection(pooled_output), `with_projection`
 
 
 @flax.struct.dataclass
@@ -395,12 +399,14 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPTextTransformer(nn.Module):
-  """transformers' `CLIPTextModel`: causal transformer over BPE tokens, pooled at the end-of-text token.
+  """transformers' `CLIPTextModel`: causal transformer over BPE tokens, pooled at the end-of-text token;
+  `CLIPTextModelWithProjection` when `with_projection` (params gain the top-level `text_projection`).
 
   Use: `model.apply({'params': params}, input_ids)`; the token table alone is
   `model.apply({'params': params}, input_ids, method=model.embed_tokens)`.
   """
   config: CLIPTextConfig
+  with_projection: bool = False
   dtype: Dtype = jnp.float32
   attention_implementation: str | None = None  # see layers.dot_product_attention
   scan_layers: bool = True  # stacked layer params, one traced layer (see the module docstring)
@@ -411,6 +417,9 @@ class CLIPTextTransformer(nn.Module):
     self.encoder = CLIPEncoder(cfg, dtype=self.dtype, attention_implementation=self.attention_implementation,
                                scan_layers=self.scan_layers)
     self.final_layer_norm = layer_norm(name='final_layer_norm', epsilon=cfg.layer_norm_eps, dtype=self.dtype)
+    if self.with_projection:
+      self.text_projection = dense(cfg.projection_dim, ('embed', 'mlp'), name='text_projection', use_bias=False,
+                                   dtype=self.dtype)
 
   def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
     """The token-table lookup alone: [batch, tokens] int -> [batch, tokens, width] (no positions)."""
@@ -453,8 +462,9 @@ class CLIPTextTransformer(nn.Module):
       # First eos position (padding may reuse the eos id, so not the last one).
       eos_position = jnp.argmax(input_ids == cfg.eos_token_id, axis=-1)
     pooled_output = last_hidden_state[jnp.arange(batch), eos_position]  # [batch, width]
+    text_embeds = self.text_projection(pooled_output) if self.with_projection else None
     return CLIPTextOutput(last_hidden_state=last_hidden_state, pooled_output=pooled_output,
-                          hidden_states=all_hidden)
+                          hidden_states=all_hidden, text_embeds=text_embeds)
 
 
 # ----------------------------------------------------------------------------- vision
