@@ -6,10 +6,15 @@
     root/text_encoder/  config.json + model.safetensors
     root/tokenizer/     vocab.json + merges.txt (+ tokenizer_config.json, special_tokens_map.json)
     root/scheduler/     scheduler_config.json
+    SDXL also: root/text_encoder_2/ (a CLIPTextModelWithProjection) and root/tokenizer_2/
+
+SDXL (`StableDiffusion.is_xl`): the U-Net's context is both text encoders' penultimate states side by
+side (768 + 1280 = 2048 wide for SDXL base), and its `text_time` embedding takes the second encoder's
+projected pooled output (`e4t.prompts.encode_prompt_xl`, `models.unet.sdxl_time_ids`).
 
 `save_stable_diffusion` writes a folder that both `load_stable_diffusion` and
 `diffusers.StableDiffusionPipeline.from_pretrained(root, safety_checker=None, feature_extractor=None,
-requires_safety_checker=False)` load. Loading is strict (see the per-model converters) and also checks
+requires_safety_checker=False)` (SDXL: `StableDiffusionXLPipeline.from_pretrained(root)`) load. Loading is strict (see the per-model converters) and also checks
 that the parts fit together: the text encoder's width is the U-Net's `cross_attention_dim`, the VAE's
 latent channels are the U-Net's input/output channels, and every tokenizer id has an embedding row.
 """
@@ -57,17 +62,48 @@ class StableDiffusion:
   text_encoder: CLIPTextTransformer
   tokenizer: CLIPTokenizer
   scheduler_config: dict
-  params: dict  # {'unet': ..., 'vae': ..., 'text_encoder': ...}, unboxed
+  params: dict  # {'unet': ..., 'vae': ..., 'text_encoder': ...[, 'text_encoder_2': ...]}, unboxed
+  # SDXL's second text encoder (OpenCLIP bigG with its projection) and tokenizer (pads with '!')
+  text_encoder_2: CLIPTextTransformer | None = None
+  tokenizer_2: CLIPTokenizer | None = None
+
+  @property
+  def is_xl(self) -> bool:
+    return self.text_encoder_2 is not None
+
+
+def not_xl(sd: StableDiffusion, what: str) -> None:
+  """ConfigError for code paths that take SD 1.x/2.x only (`what` names the path) given an SDXL pipeline."""
+  if sd.is_xl:
+    raise ConfigError(f'{what} supports Stable Diffusion 1.x/2.x base models; this one is SDXL (two text '
+                      'encoders), which only the U-Net, text encoders and pipeline conversion support so far.')
 
 
 def _incompatibilities(unet_config: UNetConfig, vae_config: VAEConfig, text_config: CLIPTextConfig,
-                       tokenizer: CLIPTokenizer | None) -> list[str]:
-  """Why these parts cannot run as one pipeline (empty when they can)."""
+                       tokenizer: CLIPTokenizer | None, text_config_2: CLIPTextConfig | None = None,
+                       tokenizer_2: CLIPTokenizer | None = None) -> list[str]:
+  """Why these parts cannot run as one pipeline (empty when they can); `text_config_2`: SDXL's second encoder."""
   problems = []
   context_width = unet_config.cross_attention_dims()[0]
-  if text_config.hidden_size != context_width:
-    problems.append(f'the text encoder width (hidden_size={text_config.hidden_size}) is not the U-Net '
-                    f'cross_attention_dim ({context_width})')
+  if text_config_2 is None:
+    if text_config.hidden_size != context_width:
+      problems.append(f'the text encoder width (hidden_size={text_config.hidden_size}) is not the U-Net '
+                      f'cross_attention_dim ({context_width})')
+    if unet_config.addition_embed_type is not None:
+      problems.append(f'the U-Net has addition_embed_type={unet_config.addition_embed_type!r} (SDXL) but there is '
+                      'no second text encoder (text_encoder_2/) for its pooled embedding')
+  else:
+    widths = text_config.hidden_size + text_config_2.hidden_size
+    if widths != context_width:
+      problems.append(f'the two text encoders\' widths ({text_config.hidden_size} + {text_config_2.hidden_size}) '
+                      f'do not add up to the U-Net cross_attention_dim ({context_width})')
+    if unet_config.text_embeds_dim != text_config_2.projection_dim:
+      problems.append(f'the second text encoder\'s projection_dim ({text_config_2.projection_dim}) is not the '
+                      f'pooled width the U-Net\'s add_embedding takes ({unet_config.text_embeds_dim}; it needs '
+                      "addition_embed_type='text_time')")
+    if tokenizer_2 is not None and tokenizer_2.vocab_size > text_config_2.vocab_size:
+      problems.append(f'tokenizer_2 has {tokenizer_2.vocab_size} ids but text_encoder_2 only '
+                      f'{text_config_2.vocab_size} embedding rows')
   if vae_config.latent_channels != unet_config.in_channels:
     problems.append(f'the VAE latent_channels ({vae_config.latent_channels}) is not the U-Net in_channels '
                     f'({unet_config.in_channels})')
@@ -85,7 +121,8 @@ def load_stable_diffusion(root: str | os.PathLike, dtype: Any = jnp.float32, *,
   """Loads a local diffusers Stable Diffusion folder strictly (no torch, no hub).
 
   Args:
-    root: the pipeline folder (unet/, vae/, text_encoder/, tokenizer/, optionally scheduler/).
+    root: the pipeline folder (unet/, vae/, text_encoder/, tokenizer/, optionally scheduler/; SDXL also
+      text_encoder_2/ and tokenizer_2/).
     dtype: compute dtype of the modules; parameters are float32 whatever is on disk.
     scan_layers: the text encoder scans its layers, params stacked (`models.clip`).
   Returns:
@@ -103,18 +140,32 @@ def load_stable_diffusion(root: str | os.PathLike, dtype: Any = jnp.float32, *,
   if missing:
     raise ConversionError(f'{root}: missing sub-folder(s) {", ".join(name + "/" for name in missing)}; '
                           'expected a diffusers Stable Diffusion folder.')
+  xl = (root / 'text_encoder_2').is_dir()
+  if xl and not (root / 'tokenizer_2').is_dir():
+    raise ConversionError(f'{root}: has text_encoder_2/ but no tokenizer_2/; an SDXL folder needs both.')
   unet, unet_params = load_unet(root / 'unet', dtype=dtype)
   vae, vae_params = load_vae(root / 'vae', dtype=dtype)
   text_encoder, text_params = load_text_encoder(root / 'text_encoder', dtype=dtype, scan_layers=scan_layers)
-  try:
-    tokenizer = CLIPTokenizer.from_dir(root / 'tokenizer')
-  except InputError as e:
-    raise ConversionError(str(e)) from e
-  problems = _incompatibilities(unet.config, vae.config, text_encoder.config, tokenizer)
+  tokenizer = _read_tokenizer(root / 'tokenizer')
+  params = {'unet': unet_params, 'vae': vae_params, 'text_encoder': text_params}
+  text_encoder_2 = tokenizer_2 = None
+  if xl:
+    text_encoder_2, params['text_encoder_2'] = load_text_encoder(root / 'text_encoder_2', dtype=dtype,
+                                                                 scan_layers=scan_layers, with_projection=True)
+    tokenizer_2 = _read_tokenizer(root / 'tokenizer_2')
+  problems = _incompatibilities(unet.config, vae.config, text_encoder.config, tokenizer,
+                                text_encoder_2 and text_encoder_2.config, tokenizer_2)
   if problems:
     raise ConversionError(f'{root}: the components do not fit together: ' + '; '.join(problems) + '.')
-  return StableDiffusion(unet, vae, text_encoder, tokenizer, _read_scheduler_config(root),
-                         {'unet': unet_params, 'vae': vae_params, 'text_encoder': text_params})
+  return StableDiffusion(unet, vae, text_encoder, tokenizer, _read_scheduler_config(root), params,
+                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+
+
+def _read_tokenizer(folder: Path) -> CLIPTokenizer:
+  try:
+    return CLIPTokenizer.from_dir(folder)
+  except InputError as e:
+    raise ConversionError(str(e)) from e
 
 
 def _read_scheduler_config(root: Path) -> dict:
@@ -151,6 +202,9 @@ def save_stable_diffusion(root: str | os.PathLike, sd: StableDiffusion) -> Path:
   save_vae(root / 'vae', sd.vae.config, sd.params['vae'])
   save_text_encoder(root / 'text_encoder', sd.text_encoder.config, sd.params['text_encoder'])
   sd.tokenizer.save(root / 'tokenizer')
+  if sd.is_xl:
+    save_text_encoder(root / 'text_encoder_2', sd.text_encoder_2.config, sd.params['text_encoder_2'])
+    sd.tokenizer_2.save(root / 'tokenizer_2')
   atomic_write_bytes(root / 'scheduler' / 'scheduler_config.json',
                      [json.dumps(sd.scheduler_config, indent=2, sort_keys=True).encode()])
   model_index = {
@@ -160,6 +214,12 @@ def save_stable_diffusion(root: str | os.PathLike, sd: StableDiffusion) -> Path:
       'text_encoder': ['transformers', 'CLIPTextModel'], 'tokenizer': ['transformers', 'CLIPTokenizer'],
       'unet': ['diffusers', 'UNet2DConditionModel'], 'vae': ['diffusers', 'AutoencoderKL'],
   }
+  if sd.is_xl:
+    for key in ('requires_safety_checker', 'safety_checker', 'image_encoder'):
+      model_index.pop(key)
+    model_index.update({'_class_name': 'StableDiffusionXLPipeline', 'force_zeros_for_empty_prompt': True,
+                        'text_encoder_2': ['transformers', 'CLIPTextModelWithProjection'],
+                        'tokenizer_2': ['transformers', 'CLIPTokenizer']})
   atomic_write_bytes(root / 'model_index.json', [json.dumps(model_index, indent=2).encode()])
   return root
 
@@ -167,7 +227,8 @@ def save_stable_diffusion(root: str | os.PathLike, sd: StableDiffusion) -> Path:
 def init_stable_diffusion(key: jax.Array, unet_config: UNetConfig, vae_config: VAEConfig,
                           text_config: CLIPTextConfig, tokenizer: CLIPTokenizer | None = None,
                           scheduler_config: dict | None = None, dtype: Any = jnp.float32, *,
-                          scan_layers: bool = True) -> StableDiffusion:
+                          scan_layers: bool = True, text_config_2: CLIPTextConfig | None = None,
+                          tokenizer_2: CLIPTokenizer | None = None) -> StableDiffusion:
   """A randomly initialized pipeline (tests, the demo's starting point).
 
   Parameters are drawn on the host (`layers.host_init`, same initializers as the modules' own) from
@@ -181,17 +242,22 @@ def init_stable_diffusion(key: jax.Array, unet_config: UNetConfig, vae_config: V
     scheduler_config: a diffusers scheduler_config.json dict; defaults to `SD1_SCHEDULER_CONFIG`.
     dtype: compute dtype of the modules; parameters are float32.
     scan_layers: the text encoder's layer layout (`models.clip`); the drawn values are the same either way.
+    text_config_2, tokenizer_2: SDXL's second text encoder (built with its projection) and tokenizer
+      (default: the packaged one padding with '!'); the U-Net then needs 'text_time' conditioning.
   Raises:
     ConfigError: the configs (or tokenizer) do not fit together.
   """
   tokenizer = tokenizer or CLIPTokenizer.default()
-  problems = _incompatibilities(unet_config, vae_config, text_config, tokenizer)
+  if text_config_2 is not None:
+    tokenizer_2 = tokenizer_2 or CLIPTokenizer.default().with_pad_token('!')
+  problems = _incompatibilities(unet_config, vae_config, text_config, tokenizer, text_config_2, tokenizer_2)
   if problems:
     raise ConfigError('init_stable_diffusion: the configs do not fit together: ' + '; '.join(problems) + '.')
   unet = UNet(unet_config, dtype=dtype)
   vae = AutoencoderKL(vae_config, dtype=dtype)
   text_encoder = CLIPTextTransformer(text_config, dtype=dtype, scan_layers=scan_layers)
   k_unet, k_vae, k_text = jax.random.split(key, 3)
+  k_text_2 = jax.random.fold_in(key, 2)  # SDXL's second encoder; the first three keys stay those of SD 1.x/2.x
   # The smallest inputs that create every parameter (parameter shapes do not depend on input sizes).
   side = vae_config.downsample_factor
   images = jnp.zeros((1, side, side, vae_config.in_channels), jnp.float32)
@@ -205,10 +271,15 @@ def init_stable_diffusion(key: jax.Array, unet_config: UNetConfig, vae_config: V
       # Drawn per layer, then stacked: the values do not depend on the layout.
       'text_encoder': to_layout(random_params(text_encoder.clone(scan_layers=False), k_text, ids), scan_layers),
   }
+  text_encoder_2 = None
+  if text_config_2 is not None:
+    text_encoder_2 = CLIPTextTransformer(text_config_2, dtype=dtype, scan_layers=scan_layers, with_projection=True)
+    params['text_encoder_2'] = to_layout(random_params(text_encoder_2.clone(scan_layers=False), k_text_2, ids),
+                                         scan_layers)
   return StableDiffusion(unet, vae, text_encoder, tokenizer, dict(scheduler_config or SD1_SCHEDULER_CONFIG),
-                         params)
+                         params, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
 
 
 def parameter_counts(sd: StableDiffusion) -> dict[str, int]:
-  """Number of parameters of each component ('unet', 'vae', 'text_encoder')."""
+  """Number of parameters of each component ('unet', 'vae', 'text_encoder'[, 'text_encoder_2'])."""
   return {name: int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))) for name, tree in sd.params.items()}

@@ -20,7 +20,7 @@ import numpy as np
 from flax import traverse_util
 import flax.linen as nn
 
-from e4t_jax.convert.pipeline import StableDiffusion, init_stable_diffusion
+from e4t_jax.convert.pipeline import StableDiffusion, init_stable_diffusion, not_xl
 from e4t_jax.diffusion.schedule import NoiseSchedule
 from e4t_jax.e4t.encoder import E4TEncoder, EncoderConfig
 from e4t_jax.e4t.offsets import OffsetsConfig, init_offsets
@@ -112,6 +112,7 @@ def coarse_token_id(tokenizer: CLIPTokenizer, coarse_word: str) -> int:
 
 def build_modules(config: E4TConfig, sd: StableDiffusion, image_encoder: CLIPVisionTransformer,
                   dtype: Any = jnp.float32) -> E4TModules:
+  not_xl(sd, 'The E4T model')
   tokenizer, placeholder_id = sd.tokenizer.with_placeholder(config.placeholder)
   coarse_id = coarse_token_id(tokenizer, config.coarse_word)
   coarse_prompt = config.coarse_prompt.format(coarse=config.coarse_word)

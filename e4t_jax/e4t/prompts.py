@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from e4t_jax.models.clip import CLIPTextTransformer
+from e4t_jax.models.clip import CLIPTextOutput, CLIPTextTransformer
 
 
 def encode_prompt(text_encoder: CLIPTextTransformer, text_params, input_ids: jax.Array, *,
@@ -27,15 +27,51 @@ def encode_prompt(text_encoder: CLIPTextTransformer, text_params, input_ids: jax
   Returns:
     [batch, tokens, width] last hidden state (after the final layer norm), float32.
   """
+  return _encode(text_encoder, text_params, input_ids, placeholder_id, placeholder_embedding,
+                 substitute_id).last_hidden_state
+
+
+def _encode(text_encoder: CLIPTextTransformer, text_params, input_ids: jax.Array, placeholder_id: int | None,
+            placeholder_embedding: jax.Array | None, substitute_id: int) -> CLIPTextOutput:
+  """The text encoder's whole output, w* swapped in at the placeholder positions (see `encode_prompt`)."""
   if placeholder_id is None or placeholder_embedding is None:
-    return text_encoder.apply({'params': text_params}, input_ids).last_hidden_state
+    return text_encoder.apply({'params': text_params}, input_ids)
   is_placeholder = input_ids == placeholder_id  # [batch, tokens]
   safe_ids = jnp.where(is_placeholder, substitute_id, input_ids)
   embeds = text_encoder.apply({'params': text_params}, safe_ids, method=text_encoder.embed_tokens)
   w_star = jnp.broadcast_to(jnp.asarray(placeholder_embedding, embeds.dtype).reshape(-1, 1, embeds.shape[-1]),
                             embeds.shape)
   embeds = jnp.where(is_placeholder[..., None], w_star, embeds)
-  return text_encoder.apply({'params': text_params}, safe_ids, inputs_embeds=embeds).last_hidden_state
+  return text_encoder.apply({'params': text_params}, safe_ids, inputs_embeds=embeds)
+
+
+def encode_prompt_xl(text_encoders: tuple[CLIPTextTransformer, CLIPTextTransformer], text_params: tuple,
+                     input_ids: tuple[jax.Array, jax.Array], *, placeholder_id: int | None = None,
+                     placeholder_embeddings: tuple[jax.Array, jax.Array] | None = None, substitute_id: int = 0,
+                     clip_skip: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """SDXL's text conditioning, as diffusers' `StableDiffusionXLPipeline.encode_prompt`.
+
+  Args:
+    text_encoders, text_params: (CLIP ViT-L, OpenCLIP bigG with its projection) and their params.
+    input_ids: each tokenizer's [batch, tokens] ids of the same prompt (the second pads with '!').
+    placeholder_id, placeholder_embeddings: the placeholder's id (the same in both vocabularies) and
+      one w* per encoder ([batch, width_i] or [width_i]: 768 and 1280 wide for SDXL base).
+    substitute_id: as for `encode_prompt`.
+    clip_skip: diffusers' option: None reads the penultimate layer, k the layer k below it.
+  Returns:
+    (prompt_embeds [batch, tokens, width_1 + width_2]: the encoders' hidden states side by side,
+     pooled [batch, projection_dim]: the second encoder's projected end-of-text state, for the U-Net's
+     `added_cond_kwargs['text_embeds']`).
+  """
+  if not text_encoders[1].with_projection:
+    raise ValueError('encode_prompt_xl: the second text encoder must have its text_projection '
+                     '(load it with with_projection=True).')
+  layer = -2 - (clip_skip or 0)
+  embeddings = placeholder_embeddings or (None, None)
+  outputs = [_encode(encoder, params, ids, placeholder_id, w_star, substitute_id)
+             for encoder, params, ids, w_star in zip(text_encoders, text_params, input_ids, embeddings)]
+  states = jnp.concatenate([out.hidden_states[layer] for out in outputs], axis=-1)
+  return states, outputs[1].text_embeds
 
 
 def token_embedding(text_params, token_id: int) -> jax.Array:

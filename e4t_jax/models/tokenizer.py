@@ -284,6 +284,19 @@ class CLIPTokenizer:
     new._model_max_length = max_length
     return new
 
+  def with_pad_token(self, token: str) -> CLIPTokenizer:
+    """A new tokenizer padding with `token` (SD 2.x / SDXL's second tokenizer: `!`); `self` is unchanged.
+
+    Raises:
+      InputError: `token` is not in the vocabulary.
+    """
+    if token not in self._encoder.vocab:
+      raise InputError(f'pad token {token!r} is not in the vocabulary of {self._source}.')
+    new = copy.copy(self)
+    new._special_tokens = {**self._special_tokens, 'pad_token': token}
+    new._split_pattern = new._compile_split_pattern()
+    return new
+
   def save(self, path: str | os.PathLike) -> Path:
     """Writes the tokenizer as a folder that `from_dir` and transformers' `CLIPTokenizer` both load.
 

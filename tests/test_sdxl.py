@@ -1,0 +1,123 @@
+"""Stable Diffusion XL (issue 20): a tiny SDXL-shaped pipeline against diffusers' `StableDiffusionXLPipeline`.
+
+Our random tiny SDXL (text_time U-Net, ViT-L-style + bigG-style text encoders, the second one with its
+projection and a '!'-padding tokenizer) is saved in diffusers' layout and loaded by diffusers; the whole
+text conditioning (`encode_prompt`: both tokenizers, penultimate states side by side, the pooled
+projection) and the U-Net's output with the size/crop ids must match. Skips without torch/diffusers,
+except the torch-free checks.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from e4t_jax.convert.pipeline import (StableDiffusion, init_stable_diffusion, load_stable_diffusion,
+                                      save_stable_diffusion)
+from e4t_jax.e4t import prompts
+from e4t_jax.errors import ConfigError, ConversionError
+from e4t_jax.models.clip import CLIPTextConfig
+from e4t_jax.models.unet import UNetConfig, sdxl_time_ids
+from e4t_jax.models.vae import VAEConfig
+
+TOLERANCE = 1e-4
+NOISE = 0.05
+PROMPT = 'a photo of a cat on the beach!'  # the '!' is the second tokenizer's pad token
+TIMESTEP = 321
+TIME_WIDTH, POOLED = 8, 24
+
+UNET = UNetConfig(  # SDXL base's layout in miniature
+    sample_size=16, block_out_channels=(32, 64), down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
+    up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'), layers_per_block=1, transformer_layers_per_block=(1, 2),
+    norm_num_groups=8, cross_attention_dim=32 + 48, attention_head_dim=(2, 4), use_linear_projection=True,
+    addition_embed_type='text_time', addition_time_embed_dim=TIME_WIDTH,
+    projection_class_embeddings_input_dim=6 * TIME_WIDTH + POOLED)
+TEXT = CLIPTextConfig.tiny()  # width 32, quick_gelu (OpenAI ViT-L style)
+TEXT_2 = CLIPTextConfig.tiny(hidden_size=48, intermediate_size=96, num_attention_heads=4, hidden_act='gelu',
+                             projection_dim=POOLED, num_hidden_layers=3)  # OpenCLIP bigG style
+
+
+@pytest.fixture(scope='module')
+def sdxl() -> StableDiffusion:
+  sd = init_stable_diffusion(jax.random.key(0), UNET, VAEConfig.tiny(), TEXT, text_config_2=TEXT_2)
+  rng = np.random.default_rng(0)  # noise everywhere: zero biases and unit norms would hide a misnamed tensor
+  params = jax.tree.map(lambda x: (np.asarray(x) + NOISE * rng.standard_normal(x.shape)).astype(np.float32),
+                        sd.params)
+  return dataclasses.replace(sd, params=params)
+
+
+@pytest.fixture(scope='module')
+def saved(sdxl, tmp_path_factory):
+  return save_stable_diffusion(tmp_path_factory.mktemp('sdxl') / 'tiny-sdxl', sdxl)
+
+
+def test_load_gives_back_the_saved_pipeline(sdxl, saved):
+  loaded = load_stable_diffusion(saved)
+  assert loaded.is_xl and loaded.text_encoder_2.with_projection
+  assert loaded.tokenizer_2.special_tokens['pad_token'] == '!' and loaded.tokenizer.special_tokens['pad_token'] != '!'
+  assert set(loaded.params) == {'unet', 'vae', 'text_encoder', 'text_encoder_2'}
+  flat = lambda tree: traverse_util.flatten_dict(jax.tree.map(np.asarray, tree))
+  ours, theirs = flat(loaded.params), flat(sdxl.params)
+  assert ours.keys() == theirs.keys()
+  for path in ours:
+    np.testing.assert_array_equal(ours[path], theirs[path], err_msg=str(path))
+
+
+def test_parts_that_do_not_fit_are_named(saved, tmp_path):
+  with pytest.raises(ConfigError, match='do not add up to the U-Net cross_attention_dim'):
+    init_stable_diffusion(jax.random.key(0), UNET, VAEConfig.tiny(), TEXT, text_config_2=TEXT_2.__class__(
+        **{**dataclasses.asdict(TEXT_2), 'hidden_size': 64, 'intermediate_size': 128}))
+  with pytest.raises(ConfigError, match='no second text encoder'):
+    init_stable_diffusion(jax.random.key(0), UNET, VAEConfig.tiny(), TEXT)
+  import shutil
+  broken = shutil.copytree(saved, tmp_path / 'broken')
+  shutil.rmtree(broken / 'tokenizer_2')
+  with pytest.raises(ConversionError, match='text_encoder_2/ but no tokenizer_2/'):
+    load_stable_diffusion(broken)
+
+
+def test_the_e4t_model_refuses_an_sdxl_base_for_now(sdxl):
+  from e4t_jax.e4t import model as model_lib
+  from e4t_jax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
+  with pytest.raises(ConfigError, match='this one is SDXL'):
+    model_lib.build_modules(model_lib.E4TConfig(), sdxl, CLIPVisionTransformer(CLIPVisionConfig.tiny()))
+
+
+def test_text_conditioning_and_unet_match_the_diffusers_sdxl_pipeline(sdxl, saved):
+  torch = pytest.importorskip('torch')
+  diffusers = pytest.importorskip('diffusers')
+  pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(saved)
+  assert pipe.tokenizer_2.pad_token == '!'
+  ids = (sdxl.tokenizer([PROMPT]), sdxl.tokenizer_2([PROMPT]))
+  for ours, tokenizer in zip(ids, (pipe.tokenizer, pipe.tokenizer_2)):
+    theirs = tokenizer(PROMPT, padding='max_length', max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors='np').input_ids
+    np.testing.assert_array_equal(ours, theirs)
+  assert not np.array_equal(ids[0], ids[1])  # the pads differ
+
+  encode = jax.jit(lambda p1, p2, i1, i2: prompts.encode_prompt_xl(
+      (sdxl.text_encoder, sdxl.text_encoder_2), (p1, p2), (i1, i2)))
+  states, pooled = encode(sdxl.params['text_encoder'], sdxl.params['text_encoder_2'], *map(jnp.asarray, ids))
+  with torch.no_grad():
+    their_states, _, their_pooled, _ = pipe.encode_prompt(PROMPT, device='cpu', do_classifier_free_guidance=False)
+  assert states.shape == (1, 77, 32 + 48) and pooled.shape == (1, POOLED)
+  np.testing.assert_allclose(np.asarray(states), their_states.numpy(), rtol=0, atol=TOLERANCE)
+  np.testing.assert_allclose(np.asarray(pooled), their_pooled.numpy(), rtol=0, atol=TOLERANCE)
+
+  size, crop = (128, 96), (8, 4)
+  time_ids = sdxl_time_ids(size, crop, (128, 128))
+  their_time_ids = pipe._get_add_time_ids(size, crop, (128, 128), torch.float32,  # pylint: disable=protected-access
+                                          text_encoder_projection_dim=POOLED)
+  np.testing.assert_array_equal(np.asarray(time_ids), their_time_ids.numpy())
+  latents = np.random.default_rng(1).standard_normal((1, 16, 16, 4)).astype(np.float32)
+  noise = jax.jit(lambda p, x, c, t, i: sdxl.unet.apply({'params': p}, x, TIMESTEP, c,
+                                                         added_cond_kwargs={'text_embeds': t, 'time_ids': i}))(
+      sdxl.params['unet'], jnp.asarray(latents), states, pooled, time_ids)
+  with torch.no_grad():
+    theirs = pipe.unet(torch.from_numpy(latents.transpose(0, 3, 1, 2)), TIMESTEP, encoder_hidden_states=their_states,
+                       added_cond_kwargs={'text_embeds': their_pooled, 'time_ids': their_time_ids}).sample
+  diff = float(np.abs(np.asarray(noise).transpose(0, 3, 1, 2) - theirs.numpy()).max())
+  print(f'SDXL U-Net: max abs diff {diff:.2e} (output scale {float(theirs.abs().max()):.2f})')
+  assert diff <= TOLERANCE
