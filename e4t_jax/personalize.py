@@ -32,7 +32,7 @@ from e4t_jax.e4t import offsets as offsets_lib
 from e4t_jax.e4t.concept import Concept, TunedEncoder, fingerprint_info, model_fingerprint
 from e4t_jax.e4t.encoder import placeholder_embedding
 from e4t_jax.e4t.objective import draw_noise, e4t_loss, image_features, predict_offset
-from e4t_jax.e4t.prompts import token_embedding
+from e4t_jax.e4t.prompts import coarse_embedding
 from e4t_jax.errors import DivergenceError, InputError, printable
 from e4t_jax.models.vae import scale_latents
 
@@ -265,8 +265,8 @@ def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig, unroll: 
     readout_images = jnp.broadcast_to(images[:1], (len(readout_t),) + images.shape[1:])
     offset = predict_offset(modules, merged, readout_images, noisy, jnp.asarray(readout_t),
                             features.repeat(len(readout_t)))
-    w_star = placeholder_embedding(token_embedding(merged['text_encoder'], modules.coarse_token_id),
-                                   jnp.mean(offset, axis=0, keepdims=True), config.embedding_scale)[0]
+    w_star = placeholder_embedding(coarse_embedding(modules, merged), jnp.mean(offset, axis=0, keepdims=True),
+                                   config.embedding_scale)[0]
     concept_offsets = trainable['weight_offsets']
     if paper:
       concept_offsets = unet_delta_factors(params['unet'], merged['unet'], trainable['weight_offsets'],

@@ -19,6 +19,7 @@ from e4t_jax.convert.pipeline import (StableDiffusion, init_stable_diffusion, lo
 from e4t_jax.e4t import prompts
 from e4t_jax.errors import ConfigError, ConversionError
 from e4t_jax.models.clip import CLIPTextConfig
+from e4t_jax.models.tokenizer import CLIPTokenizer
 from e4t_jax.models.unet import UNetConfig, sdxl_time_ids
 from e4t_jax.models.vae import VAEConfig
 
@@ -78,13 +79,6 @@ def test_parts_that_do_not_fit_are_named(saved, tmp_path):
     load_stable_diffusion(broken)
 
 
-def test_the_e4t_model_refuses_an_sdxl_base_for_now(sdxl):
-  from e4t_jax.e4t import model as model_lib
-  from e4t_jax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
-  with pytest.raises(ConfigError, match='this one is SDXL'):
-    model_lib.build_modules(model_lib.E4TConfig(), sdxl, CLIPVisionTransformer(CLIPVisionConfig.tiny()))
-
-
 def test_text_conditioning_and_unet_match_the_diffusers_sdxl_pipeline(sdxl, saved):
   torch = pytest.importorskip('torch')
   diffusers = pytest.importorskip('diffusers')
@@ -121,3 +115,48 @@ def test_text_conditioning_and_unet_match_the_diffusers_sdxl_pipeline(sdxl, save
   diff = float(np.abs(np.asarray(noise).transpose(0, 3, 1, 2) - theirs.numpy()).max())
   print(f'SDXL U-Net: max abs diff {diff:.2e} (output scale {float(theirs.abs().max()):.2f})')
   assert diff <= TOLERANCE
+
+
+# ----------------------------------------------------------------------------- E4T on two text encoders
+@pytest.fixture(scope='module')
+def tiny_xl():
+  from e4t_jax.e4t import model as model_lib
+  return model_lib.init_tiny(jax.random.key(1), unet=UNET, text=TEXT, text_2=TEXT_2)
+
+
+def test_an_e4t_pretraining_step_trains_the_placeholder_in_both_encoders(tiny_xl):
+  from e4t_jax.e4t import prompts as prompts_lib
+  from e4t_jax.models.unet import SDXLContext
+  from e4t_jax.train import step as step_lib
+  m = tiny_xl.modules
+  assert prompts_lib.embedding_widths(m) == (32, 48) and m.encoder.out_dim == 80
+  texts = ['a photo of *', 'a painting of * smiling']
+  ids = jnp.asarray(m.tokenize(texts))
+  # the second tokenizer's ids, derived from the first's, are what it gives itself (it pads with '!')
+  tokenizer_2 = CLIPTokenizer.default().with_pad_token('!').with_placeholder(m.config.placeholder)[0]
+  np.testing.assert_array_equal(np.asarray(prompts_lib.second_tokenizer_ids(m, ids)), tokenizer_2(texts))
+  context = prompts_lib.text_condition(m, tiny_xl.params, ids)
+  assert isinstance(context, SDXLContext) and context.states.shape == (2, 77, 80)
+  assert context.text_embeds.shape == (2, POOLED)
+  np.testing.assert_array_equal(np.asarray(context.time_ids[0]), [m.image_size, m.image_size, 0, 0] + [m.image_size] * 2)
+
+  optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(learning_rate=1e-3, weight_decay=0.0))
+  state, frozen = step_lib.create_train_state(tiny_xl, optimizer)
+  assert 'text_encoder_2' in frozen
+  size = m.image_size
+  batch = {'images': jax.random.uniform(jax.random.key(2), (2, size, size, 3), minval=-1, maxval=1), 'input_ids': ids}
+  new_state, metrics = jax.jit(step_lib.make_train_step(m, optimizer))(state, frozen, batch, jax.random.key(3))
+  assert np.isfinite(float(metrics['loss'])) and float(metrics['grad_norm']) > 0
+  # the zero-initialized output layer gets a gradient for both encoders' parts of w* on the first step
+  moved = np.abs(np.asarray(new_state.trainable['encoder']['out']['kernel'])).max(axis=0)  # per output unit
+  assert moved[:32].max() > 0 and moved[32:].max() > 0
+
+
+def test_compile_once_personalization_on_a_tiny_sdxl(tiny_xl, random_image, compile_counter):
+  from e4t_jax import personalize as personalize_lib
+  fn = personalize_lib.make_personalize_fn(tiny_xl, num_steps=2, tuning=personalize_lib.TuningConfig(learning_rate=1e-3))
+  with compile_counter as counter:
+    concepts = [fn(tiny_xl.params, random_image(i), jax.random.key(i)) for i in range(5)]
+  assert counter.count == 0, f'{counter.count} compilations for 5 concepts'
+  assert all(c.embedding.shape == (80,) for c in concepts)  # w*: 32 (ViT-L part) + 48 (bigG part)
+  assert len({np.asarray(c.embedding).tobytes() for c in concepts}) == 5

@@ -20,12 +20,13 @@ import numpy as np
 from flax import traverse_util
 import flax.linen as nn
 
-from e4t_jax.convert.pipeline import StableDiffusion, init_stable_diffusion, not_xl
+from e4t_jax.convert.pipeline import StableDiffusion, init_stable_diffusion
 from e4t_jax.diffusion.schedule import NoiseSchedule
 from e4t_jax.e4t.encoder import E4TEncoder, EncoderConfig
 from e4t_jax.e4t.offsets import OffsetsConfig, init_offsets
 from e4t_jax.errors import ConfigError
 from e4t_jax.models import clip as clip_lib
+from e4t_jax.models import unet as unet_lib
 from e4t_jax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
 from e4t_jax.models.layers import host_init
 from e4t_jax.models.unet import UNet, UNetConfig, UNetFeatures
@@ -83,6 +84,9 @@ class E4TModules:
   base_tokenizer: CLIPTokenizer | None = dataclasses.field(default=None, hash=False, compare=False)  # no placeholder
   # The base model's diffusers scheduler_config.json (samplers read their settings from it).
   scheduler_config: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
+  # SDXL: the second text encoder (with its projection) and its tokenizer's pad id; w* spans both encoders.
+  text_encoder_2: CLIPTextTransformer | None = None
+  pad_id_2: int = 0
 
   @property
   def image_size(self) -> int:
@@ -112,17 +116,21 @@ def coarse_token_id(tokenizer: CLIPTokenizer, coarse_word: str) -> int:
 
 def build_modules(config: E4TConfig, sd: StableDiffusion, image_encoder: CLIPVisionTransformer,
                   dtype: Any = jnp.float32) -> E4TModules:
-  not_xl(sd, 'The E4T model')
   tokenizer, placeholder_id = sd.tokenizer.with_placeholder(config.placeholder)
+  if sd.is_xl and sd.tokenizer_2.with_placeholder(config.placeholder)[1] != placeholder_id:
+    raise ConfigError('the two SDXL tokenizers give the placeholder different ids (their vocabularies differ in '
+                      'size); E4T needs one id in both.')
   coarse_id = coarse_token_id(tokenizer, config.coarse_word)
   coarse_prompt = config.coarse_prompt.format(coarse=config.coarse_word)
-  encoder = E4TEncoder(config.encoder, out_dim=sd.text_encoder.config.hidden_size, dtype=dtype)
+  width = sd.text_encoder.config.hidden_size + (sd.text_encoder_2.config.hidden_size if sd.is_xl else 0)
+  encoder = E4TEncoder(config.encoder, out_dim=width, dtype=dtype)
   return E4TModules(
       config=config, unet=sd.unet, vae=sd.vae, text_encoder=sd.text_encoder, image_encoder=image_encoder,
       encoder=encoder, tokenizer=tokenizer, schedule=NoiseSchedule.from_config(sd.scheduler_config),
       scheduler_config=dict(sd.scheduler_config), base_tokenizer=sd.tokenizer,
       placeholder_id=placeholder_id, coarse_token_id=coarse_id,
-      coarse_prompt_ids=np.asarray(tokenizer([coarse_prompt]), np.int32))
+      coarse_prompt_ids=np.asarray(tokenizer([coarse_prompt]), np.int32),
+      text_encoder_2=sd.text_encoder_2, pad_id_2=sd.tokenizer_2.pad_id if sd.is_xl else 0)
 
 
 def encoder_init_inputs(modules: E4TModules, batch: int = 1) -> tuple[tuple[jax.Array, ...], UNetFeatures]:
@@ -134,9 +142,10 @@ def encoder_init_inputs(modules: E4TModules, batch: int = 1) -> tuple[tuple[jax.
   unet_cfg = modules.unet.config
   latents = jnp.zeros((batch, unet_cfg.sample_size, unet_cfg.sample_size, unet_cfg.in_channels))
   t, context = jnp.zeros((batch,)), jnp.zeros((batch, 1, unet_cfg.cross_attention_dims()[0]))
+  added = unet_lib.init_added_cond(unet_cfg, batch)
   unet = modules.unet
-  features = jax.eval_shape(lambda: unet.apply(unet.init(jax.random.key(0), latents, t, context),
-                                               latents, t, context, features_only=True))
+  features = jax.eval_shape(lambda: unet.apply(unet_lib.init_variables(unet, jax.random.key(0), batch),
+                                               latents, t, context, added_cond_kwargs=added, features_only=True))
   as_zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
   return as_zeros(clip_out.hidden_states), as_zeros(features)
 
@@ -167,10 +176,12 @@ def init_e4t(key: jax.Array, config: E4TConfig, sd: StableDiffusion, image_encod
 
 def init_tiny(key: jax.Array, config: E4TConfig = E4TConfig(), *, unet: UNetConfig | None = None,
               vae: VAEConfig | None = None, text: CLIPTextConfig | None = None,
-              vision: CLIPVisionConfig | None = None) -> E4TModel:
-  """A randomly initialized tiny E4T model (tests, CPU experiments)."""
+              vision: CLIPVisionConfig | None = None, text_2: CLIPTextConfig | None = None) -> E4TModel:
+  """A randomly initialized tiny E4T model (tests, CPU experiments); `text_2`: SDXL-shaped (the U-Net
+  then needs 'text_time' conditioning)."""
   k_sd, k_vision, k_e4t = jax.random.split(key, 3)
-  sd = init_stable_diffusion(k_sd, unet or UNetConfig.tiny(), vae or VAEConfig.tiny(), text or CLIPTextConfig.tiny())
+  sd = init_stable_diffusion(k_sd, unet or UNetConfig.tiny(), vae or VAEConfig.tiny(), text or CLIPTextConfig.tiny(),
+                             text_config_2=text_2)
   vision = vision or CLIPVisionConfig.tiny()
   per_layer = CLIPVisionTransformer(vision, with_projection=False, scan_layers=False)
   pixels = jnp.zeros((1, vision.image_size, vision.image_size, 3))
@@ -279,7 +290,6 @@ def abstract_model(config: E4TConfig, unet: UNetConfig, vae: VAEConfig, text: CL
   memory/FLOP analysis of full-size configs (e.g. `presets.sd15()` + `presets.clip_vit_h14()`) on a
   CPU, without any weights. `scan_layers=False` unrolls the CLIP towers (compile-time comparisons)."""
   from e4t_jax.convert.pipeline import SD1_SCHEDULER_CONFIG
-  from e4t_jax.models import unet as unet_lib
   unet_module, vae_module = UNet(unet, dtype=dtype), AutoencoderKL(vae, dtype=dtype)
   text_module = CLIPTextTransformer(text, dtype=dtype, scan_layers=scan_layers)
   vision_module = CLIPVisionTransformer(vision, with_projection=False, dtype=dtype,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from e4t_jax.diffusion import schedule as schedule_lib
 from e4t_jax.e4t import offsets as offsets_lib
 from e4t_jax.e4t.encoder import placeholder_embedding
-from e4t_jax.e4t.prompts import encode_prompt, token_embedding
+from e4t_jax.e4t.prompts import coarse_embedding, text_condition
 from e4t_jax.models.clip import clip_preprocess
 import flax
 
@@ -51,7 +51,8 @@ class ImageFeatures:
   of a full-size tuning step); pretraining recomputes it for every new batch."""
   posterior: DiagonalGaussian                  # VAE posterior of the image latents
   clip_hidden_states: tuple[jax.Array, ...]    # CLIP vision hidden states of the clean image
-  coarse_context: jax.Array                    # [batch, tokens, width] text states of the coarse prompt
+  coarse_context: Any                          # [batch, tokens, width] text states of the coarse prompt
+                                               # (SDXL: an SDXLContext)
 
   def repeat(self, batch: int) -> 'ImageFeatures':
     """The features of the first image, broadcast to `batch` copies."""
@@ -65,7 +66,7 @@ def image_features(modules, params: Mapping[str, Any], images: jax.Array) -> Ima
   pixels = clip_preprocess((images + 1.0) / 2.0, modules.image_encoder.config.image_size)
   clip_out = modules.image_encoder.apply({'params': params['image_encoder']}, pixels)
   coarse_ids = jnp.broadcast_to(jnp.asarray(modules.coarse_prompt_ids), (batch, modules.coarse_prompt_ids.shape[1]))
-  coarse_context = encode_prompt(modules.text_encoder, params['text_encoder'], coarse_ids)
+  coarse_context = text_condition(modules, params, coarse_ids)
   # The VAE and text encoder are frozen; CLIP may be partly trainable (E4TConfig.trainable_patterns).
   return ImageFeatures(posterior=jax.lax.stop_gradient(posterior), clip_hidden_states=clip_out.hidden_states,
                        coarse_context=jax.lax.stop_gradient(coarse_context))
@@ -134,11 +135,8 @@ def e4t_loss(modules, params: Mapping[str, Any], batch: Mapping[str, jax.Array],
   noisy = schedule_lib.add_noise(modules.schedule, latents, noise, timesteps)
 
   offset = predict_offset(modules, params, images, noisy, timesteps, features)  # f: [batch, width]
-  w_star = placeholder_embedding(token_embedding(params['text_encoder'], modules.coarse_token_id), offset,
-                                 config.embedding_scale)
-  context = encode_prompt(modules.text_encoder, params['text_encoder'], batch['input_ids'],
-                          placeholder_id=modules.placeholder_id, placeholder_embedding=w_star,
-                          substitute_id=modules.coarse_token_id)
+  w_star = placeholder_embedding(coarse_embedding(modules, params), offset, config.embedding_scale)
+  context = text_condition(modules, params, batch['input_ids'], w_star)
   # Pass 2: the U-Net with the weight offsets folded in, conditioned on the prompt with w*.
   unet_params = offsets_lib.merge_offsets(params['unet'], params['weight_offsets'], config.offsets.mode)
   prediction = modules.unet.apply({'params': unet_params}, noisy, timesteps, context).astype(jnp.float32)

@@ -3,12 +3,17 @@
 The placeholder token's id lies past the text encoder's vocabulary (the tokenizer appends it), so it
 never indexes the embedding table: its positions are looked up as the coarse word and then replaced,
 functionally, by the predicted embedding w*. No table is resized or mutated.
+
+SDXL (`modules.text_encoder_2` set): the placeholder lives in both vocabularies, and w* is one vector
+[width_1 + width_2] whose two parts are swapped into the two encoders (`text_condition`); the
+coarse word's embedding is the two table rows side by side (`coarse_embedding`).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from e4t_jax.models import unet as unet_lib
 from e4t_jax.models.clip import CLIPTextOutput, CLIPTextTransformer
 
 
@@ -78,3 +83,45 @@ def token_embedding(text_params, token_id: int) -> jax.Array:
   """A row of the text encoder's token table: [width] (e.g. the coarse word's embedding)."""
   table = text_params['embeddings']['token_embedding']['embedding']
   return jnp.asarray(table[token_id], jnp.float32)
+
+
+# ----------------------------------------------------------------------------- E4T modules, SD 1.x/2.x or XL
+def embedding_widths(modules) -> tuple[int, ...]:
+  """The token-embedding width of each text encoder (one entry, or two for SDXL)."""
+  encoders = (modules.text_encoder,) + ((modules.text_encoder_2,) if modules.text_encoder_2 is not None else ())
+  return tuple(encoder.config.hidden_size for encoder in encoders)
+
+
+def coarse_embedding(modules, params) -> jax.Array:
+  """w_coarse [sum of embedding_widths]: the coarse word's row of each text encoder's token table."""
+  rows = [token_embedding(params['text_encoder'], modules.coarse_token_id)]
+  if modules.text_encoder_2 is not None:
+    rows.append(token_embedding(params['text_encoder_2'], modules.coarse_token_id))
+  return jnp.concatenate(rows, axis=-1)
+
+
+def second_tokenizer_ids(modules, input_ids: jax.Array) -> jax.Array:
+  """SDXL's second tokenizer's ids of the same prompts: the first's, padded with its own pad id after the
+  end-of-text token. (Exact for prompts without the second tokenizer's pad token '!', which diffusers'
+  folder tokenizes as padding; E4T's prompts keep the first tokenizer's reading of it.)"""
+  eos = modules.tokenizer.eos_id
+  seen_eos = jnp.cumsum(input_ids == eos, axis=-1) - (input_ids == eos)  # >0 strictly after the first eos
+  return jnp.where(seen_eos > 0, modules.pad_id_2, input_ids).astype(input_ids.dtype)
+
+
+def text_condition(modules, params, input_ids: jax.Array, w_star: jax.Array | None = None):
+  """The U-Net's text conditioning of `input_ids` [batch, tokens] with w* ([batch, sum widths] or None)
+  at the placeholder: the last hidden state (SD 1.x/2.x), or an `SDXLContext` (SDXL, at the model's
+  image size, uncropped)."""
+  if modules.text_encoder_2 is None:
+    return encode_prompt(modules.text_encoder, params['text_encoder'], input_ids, placeholder_id=modules.placeholder_id,
+                         placeholder_embedding=w_star, substitute_id=modules.coarse_token_id)
+  widths = embedding_widths(modules)
+  split = None if w_star is None else (w_star[..., :widths[0]], w_star[..., widths[0]:])
+  states, pooled = encode_prompt_xl(
+      (modules.text_encoder, modules.text_encoder_2), (params['text_encoder'], params['text_encoder_2']),
+      (input_ids, second_tokenizer_ids(modules, input_ids)), placeholder_id=modules.placeholder_id,
+      placeholder_embeddings=split, substitute_id=modules.coarse_token_id)
+  size = modules.image_size
+  return unet_lib.SDXLContext(states=states, text_embeds=pooled,
+                              time_ids=unet_lib.sdxl_time_ids((size, size), batch=input_ids.shape[0]))

@@ -12,7 +12,8 @@ E4T's encoder reads those features from a frozen U-Net pass and never needs the 
 
 SDXL's extra conditioning (`addition_embed_type='text_time'`): the pooled text embedding and six
 size/crop values (`time_ids`) enter the time embedding through `add_embedding`, as in diffusers;
-pass them as `added_cond_kwargs={'text_embeds': ..., 'time_ids': ...}`.
+pass them as `added_cond_kwargs={'text_embeds': ..., 'time_ids': ...}`, or pass one `SDXLContext` (all
+three, a pytree) as `encoder_hidden_states`: code that carries "the context" around then needs no change.
 """
 from __future__ import annotations
 
@@ -547,6 +548,14 @@ class UpBlock2D(_BlockSettings):
 
 
 @struct.dataclass
+class SDXLContext:
+  """An SDXL U-Net's whole conditioning, one pytree whose leaves all lead with the batch axis."""
+  states: jax.Array       # [batch, tokens, cross_attention_dim]: both text encoders' states side by side
+  text_embeds: jax.Array  # [batch, text_embeds_dim]: the second encoder's projected pooled output
+  time_ids: jax.Array     # [batch, 6]: `sdxl_time_ids`
+
+
+@struct.dataclass
 class UNetFeatures:
   """Contracting-path activations, NHWC.
 
@@ -630,7 +639,8 @@ class UNet(nn.Module):
     Args:
       sample: [batch, h, w, in_channels] noisy latents.
       timesteps: [batch] or a scalar (broadcast over the batch).
-      encoder_hidden_states: [batch, text_tokens, cross_attention_dim] text encoder states.
+      encoder_hidden_states: [batch, text_tokens, cross_attention_dim] text encoder states (SDXL: or an
+        `SDXLContext`, which carries `added_cond_kwargs` too).
       added_cond_kwargs: SDXL ('text_time' U-Nets only): {'text_embeds': [batch, text_embeds_dim] pooled
         text embedding, 'time_ids': [batch, 6] original size, crop top-left, target size}.
       return_features: also return the contracting-path `UNetFeatures`.
@@ -641,6 +651,12 @@ class UNet(nn.Module):
     """
     cfg = self.config
     batch = sample.shape[0]
+    if isinstance(encoder_hidden_states, SDXLContext):
+      if added_cond_kwargs is not None:
+        raise ValueError('pass the SDXL conditioning once: an SDXLContext or added_cond_kwargs, not both.')
+      added_cond_kwargs = {'text_embeds': encoder_hidden_states.text_embeds,
+                           'time_ids': encoder_hidden_states.time_ids}
+      encoder_hidden_states = encoder_hidden_states.states
     heads = cfg.heads_per_block()
     layers_per_block = cfg.layers_per_block_list()
     transformer_layers = cfg.transformer_layers_list()
