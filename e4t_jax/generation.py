@@ -43,7 +43,7 @@ from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t import offsets as offsets_lib
 from e4t_jax.e4t.concept import Concept
 from e4t_jax.e4t.encoder import placeholder_embedding
-from e4t_jax.e4t.prompts import encode_prompt, token_embedding
+from e4t_jax.e4t import prompts as prompts_lib
 from e4t_jax.errors import ConfigError, DivergenceError, E4TWarning, InputError
 from e4t_jax.fileio import atomic_write_bytes
 from e4t_jax.limits import MAX_SEED
@@ -77,7 +77,8 @@ def _sampling_program(modules: model_lib.E4TModules, key: _ProgramKey, timesteps
   """The pure function `Generator` jits: token ids + concepts -> uint8 images.
 
   Args of the returned function:
-    unet_params, vae_params, text_params: the frozen Stable Diffusion params.
+    unet_params, vae_params, text_params: the frozen Stable Diffusion params (text_params:
+      `prompts.text_params_of`, both encoders' for SDXL).
     embeddings: [C, width] w* of each concept group (the coarse word's embedding for no concept).
     offsets: {kernel path: {'down': [C, in, r], 'up': [C, r, out]}} (zeros for a group without a concept).
     prompt_ids, negative_ids: [C, B, tokens] int32.
@@ -90,8 +91,9 @@ def _sampling_program(modules: model_lib.E4TModules, key: _ProgramKey, timesteps
   Returns:
     uint8 [C, B, H, W, 3].
   """
-  unet, vae, text_encoder = modules.unet, modules.vae, modules.text_encoder
+  unet, vae = modules.unet, modules.vae
   latent_shape = (key.latent_height, key.latent_width, unet.config.in_channels)
+  image_size = (key.latent_height * vae.config.downsample_factor, key.latent_width * vae.config.downsample_factor)
 
   def program(unet_params, vae_params, text_params, embeddings, offsets, prompt_ids, negative_ids, seeds,
               guidance_scale, eta, tuned=None):
@@ -100,13 +102,15 @@ def _sampling_program(modules: model_lib.E4TModules, key: _ProgramKey, timesteps
     # Text states for both CFG halves, with each group's w* at its placeholder positions.
     w_star = jnp.repeat(embeddings, group_size, axis=0)  # [C * B, width]
 
-    def encode(ids):  # [C, B, T] -> [C, B, T, D]
-      states = encode_prompt(text_encoder, text_params, ids.reshape(-1, num_tokens),
-                             placeholder_id=modules.placeholder_id, placeholder_embedding=w_star,
-                             substitute_id=modules.coarse_token_id)
-      return states.reshape(num_groups, group_size, *states.shape[1:])
+    def encode(ids, negative=False):  # [C, B, T] -> [C, B, T, D] (SDXL: an SDXLContext of [C, B, ...] leaves)
+      flat_ids = ids.reshape(-1, num_tokens)
+      context = prompts_lib.text_condition(modules, text_params, flat_ids, w_star, image_size)
+      if negative:
+        context = prompts_lib.zero_empty_negatives(modules, context, flat_ids)
+      return jax.tree.map(lambda x: x.reshape(num_groups, group_size, *x.shape[1:]), context)
 
-    cond_context, uncond_context = encode(prompt_ids), encode(negative_ids)
+    cond_context, uncond_context = encode(prompt_ids), encode(negative_ids, negative=True)
+    first = lambda tree: jax.tree.map(lambda x: x[0], tree)
 
     # Fold each group's offsets into its copies of the targeted kernels, once, outside the loop.
     flat_unet = traverse_util.flatten_dict(unet_params)
@@ -127,21 +131,20 @@ def _sampling_program(modules: model_lib.E4TModules, key: _ProgramKey, timesteps
     def per_step_context(x_t, t):  # x_t: [B, h, w, c] of the one group -> its text states with w*(t)
       batch = x_t.shape[0]
       timesteps = jnp.broadcast_to(jnp.asarray(t), (batch,))
-      coarse = jnp.broadcast_to(tuned.coarse_context, (batch,) + tuned.coarse_context.shape[1:])
+      coarse = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch,) + x.shape[1:]), tuned.coarse_context)
       pass1 = unet_params if tuned.unet is None else tuned.unet
       features = unet.apply({'params': pass1}, x_t, timesteps, coarse, features_only=True)
       clip_states = tuple(jnp.broadcast_to(h, (batch,) + h.shape[1:]) for h in tuned.clip_hidden_states)
       offset = modules.encoder.apply({'params': tuned.encoder}, clip_states, features)  # f(t): [B, width]
-      w_t = placeholder_embedding(token_embedding(text_params, modules.coarse_token_id), offset,
+      w_t = placeholder_embedding(prompts_lib.coarse_embedding(modules, text_params), offset,
                                   modules.config.embedding_scale)
-      return encode_prompt(text_encoder, text_params, prompt_ids[0], placeholder_id=modules.placeholder_id,
-                           placeholder_embedding=w_t, substitute_id=modules.coarse_token_id)
+      return prompts_lib.text_condition(modules, text_params, prompt_ids[0], w_t, image_size)
 
     def denoise(x_t, t):  # x_t: [C * B, h, w, c]
       grouped = x_t.reshape(num_groups, group_size, *x_t.shape[1:])
       if num_groups == 1:  # the common case (and always per_step's): no vmap, plain [B, ...] U-Net calls
-        cond = per_step_context(grouped[0], t) if key.per_step else cond_context[0]
-        out = group_denoise(jax.tree.map(lambda k: k[0], merged), grouped[0], t, cond, uncond_context[0])[None]
+        cond = per_step_context(grouped[0], t) if key.per_step else first(cond_context)
+        out = group_denoise(first(merged), grouped[0], t, cond, first(uncond_context))[None]
       else:
         out = jax.vmap(group_denoise, in_axes=(0, 0, None, 0, 0))(merged, grouped, t, cond_context, uncond_context)
       return out.reshape(x_t.shape)
@@ -172,7 +175,7 @@ def _tune_and_sample_program(modules: model_lib.E4TModules, tuning: Any, key: _P
   def program(params, image, rng, num_tuning_steps, tune_ids, prompt_ids, negative_ids, seeds, guidance_scale,
               eta, mask=None):
     w_star, offsets, _, _, healthy, *tuned = tune(params, image, rng, num_tuning_steps, tune_ids, mask)
-    images = sample(params['unet'], params['vae'], params['text_encoder'], w_star[None],
+    images = sample(params['unet'], params['vae'], prompts_lib.text_params_of(params), w_star[None],
                     jax.tree.map(lambda x: x[None], offsets), prompt_ids, negative_ids, seeds, guidance_scale, eta,
                     tuned[0] if tuned else None)
     return images, healthy
@@ -261,9 +264,11 @@ class Generator:
       self._programs[key] = program
     return program
 
-  def _on_device(self, params: dict, names: Sequence[str] = ('unet', 'vae', 'text_encoder')) -> dict:
-    """Those params as device arrays (default: Stable Diffusion's); host (numpy) params are copied once, not
-    per call."""
+  def _on_device(self, params: dict, names: Sequence[str] | None = None) -> dict:
+    """Those params as device arrays (default: Stable Diffusion's, both text encoders for SDXL); host (numpy)
+    params are copied once, not per call."""
+    if names is None:
+      names = ('unet', 'vae') + tuple(prompts_lib.text_params_of(params))
     needed = {name: params[name] for name in names}
     if all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(needed)):
       return needed
@@ -423,8 +428,7 @@ class Generator:
     prompt_ids = m.tokenize(prompts)
     negative_ids = m.tokenize(negative_prompts)
     slot_index = np.asarray(slots, np.int64)  # [C, B]
-    text_table = model.params['text_encoder']['embeddings']['token_embedding']['embedding']
-    coarse = np.asarray(text_table[m.coarse_token_id], np.float32)
+    coarse = np.asarray(prompts_lib.coarse_embedding(m, model.params), np.float32)
     embeddings = np.stack([coarse if c is None else np.asarray(c.embedding, np.float32) for c in group_concepts])
     # Groups without a concept get zero offsets shaped like the concepts' (or the model's own), so that
     # plain and personalized prompts share one program: W + 0 and W ⊙ (1 + 0) are both W.
@@ -440,7 +444,7 @@ class Generator:
     key = dataclasses.replace(settings['key'], offsets_mode=mode, per_step=per_step)
     program = self._program(key)
     params = self._on_device(model.params)
-    images = program(params['unet'], params['vae'], params['text_encoder'], embeddings,
+    images = program(params['unet'], params['vae'], prompts_lib.text_params_of(params), embeddings,
                      offsets, prompt_ids[slot_index], negative_ids[slot_index],
                      np.asarray(seeds, np.uint32)[slot_index], np.asarray(guidance_scale, np.float32),
                      np.asarray(eta, np.float32), concepts[0].tuned_encoder if per_step else None)

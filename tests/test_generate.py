@@ -223,6 +223,7 @@ def test_export_matches_diffusers_text_encoder_and_lora_unet(tiny, concept, tmp_
   diffusers = pytest.importorskip('diffusers')
   from e4t_jax.convert.pipeline import SD1_SCHEDULER_CONFIG, StableDiffusion, save_stable_diffusion
   from e4t_jax.models.tokenizer import CLIPTokenizer
+  import lora_by_hand
 
   m = tiny.modules
   # The base model without the placeholder: diffusers adds the exported token itself.
@@ -255,20 +256,7 @@ def test_export_matches_diffusers_text_encoder_and_lora_unet(tiny, concept, tmp_
   lora, _ = diffusers.StableDiffusionPipeline.lora_state_dict(str(exported.lora.parent),
                                                              weight_name=exported.lora.name)
   assert set(lora) == set(export_lib.lora_state_dict(concept, tiny.params['unet']))
-  try:
-    import peft  # noqa: F401
-    pipe.load_lora_weights(str(exported.lora.parent), weight_name=exported.lora.name)
-  except ImportError:  # no PEFT backend: apply W += lora_B @ lora_A (alpha = rank, scale 1) by hand
-    with torch.no_grad():
-      for key, lora_a in lora.items():
-        if key.endswith('.lora_A.weight'):
-          module = pipe.unet.get_submodule(key[len('unet.'):-len('.lora_A.weight')])
-          lora_b = lora[key.replace('lora_A', 'lora_B')]
-          if isinstance(module, torch.nn.Conv2d):  # PEFT's conv LoRA: a kh x kw conv to r, then a 1x1 conv
-            module.weight += torch.einsum('or,rihw->oihw', lora_b.float()[:, :, 0, 0], lora_a.float())
-          else:
-            assert isinstance(module, torch.nn.Linear) and lora_b.shape[0] == module.out_features
-            module.weight += lora_b.float() @ lora_a.float()
+  lora_by_hand.load_lora(torch, pipe, lora, str(exported.lora.parent), exported.lora.name)
   rng = np.random.default_rng(0)
   latents = rng.normal(size=(1, 16, 16, 4)).astype(np.float32)
   with torch.no_grad():

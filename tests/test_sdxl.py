@@ -152,11 +152,83 @@ def test_an_e4t_pretraining_step_trains_the_placeholder_in_both_encoders(tiny_xl
   assert moved[:32].max() > 0 and moved[32:].max() > 0
 
 
-def test_compile_once_personalization_on_a_tiny_sdxl(tiny_xl, random_image, compile_counter):
+@pytest.fixture(scope='module')
+def xl_personalize_fn(tiny_xl):
   from e4t_jax import personalize as personalize_lib
-  fn = personalize_lib.make_personalize_fn(tiny_xl, num_steps=2, tuning=personalize_lib.TuningConfig(learning_rate=1e-3))
+  return personalize_lib.make_personalize_fn(tiny_xl, num_steps=2,
+                                             tuning=personalize_lib.TuningConfig(learning_rate=1e-2))
+
+
+def test_compile_once_personalization_on_a_tiny_sdxl(tiny_xl, xl_personalize_fn, random_image, compile_counter):
+  fn = xl_personalize_fn
   with compile_counter as counter:
     concepts = [fn(tiny_xl.params, random_image(i), jax.random.key(i)) for i in range(5)]
   assert counter.count == 0, f'{counter.count} compilations for 5 concepts'
   assert all(c.embedding.shape == (80,) for c in concepts)  # w*: 32 (ViT-L part) + 48 (bigG part)
   assert len({np.asarray(c.embedding).tobytes() for c in concepts}) == 5
+
+
+def test_generation_on_a_tiny_sdxl_zeroes_empty_negatives_as_diffusers_does(tiny_xl, random_image):
+  from e4t_jax import generation
+  from e4t_jax.e4t import prompts as prompts_lib
+  m = tiny_xl.modules
+  ids = jnp.asarray(m.tokenize(['', 'a photo of a face']))
+  context = prompts_lib.zero_empty_negatives(m, prompts_lib.text_condition(m, tiny_xl.params, ids), ids)
+  assert not np.any(np.asarray(context.states[0])) and not np.any(np.asarray(context.text_embeds[0]))
+  assert np.all(np.asarray(context.states[1]).any(axis=-1)) and np.asarray(context.time_ids[0]).any()
+  # one program: personalize from an image, then sample with the concept in both encoders (and generate alone)
+  images = generation.personalize_and_generate(tiny_xl, random_image(0), ['a photo of *', 'a painting of *'],
+                                               num_tuning_steps=2, num_steps=2, seed=[0, 1])
+  assert images.shape == (2, m.image_size, m.image_size, 3) and images.dtype == np.uint8
+  assert not np.array_equal(images[0], images[1])
+
+
+def test_an_exported_sdxl_concept_loads_in_diffusers_and_matches_ours(tiny_xl, xl_personalize_fn, random_image,
+                                                                      tmp_path):
+  torch = pytest.importorskip('torch')
+  diffusers = pytest.importorskip('diffusers')
+  from safetensors.torch import load_file
+  import lora_by_hand
+  from e4t_jax.e4t import export as export_lib
+  from e4t_jax.e4t import offsets as offsets_lib
+  from e4t_jax.e4t import prompts as prompts_lib
+  m = tiny_xl.modules
+  concept = xl_personalize_fn(tiny_xl.params, random_image(7), jax.random.key(7))
+  # the base model without the placeholder (diffusers adds the exported token to both tokenizers itself)
+  base = StableDiffusion(m.unet, m.vae, m.text_encoder, CLIPTokenizer.default(), dict(m.scheduler_config),
+                         {name: tiny_xl.params[name] for name in ('unet', 'vae', 'text_encoder', 'text_encoder_2')},
+                         text_encoder_2=m.text_encoder_2, tokenizer_2=CLIPTokenizer.default().with_pad_token('!'))
+  root = save_stable_diffusion(tmp_path / 'sdxl', base)
+  exported = export_lib.export_concept_to_diffusers(concept, tiny_xl, tmp_path / 'concept')
+  state = load_file(str(exported.embedding))
+  assert {k: tuple(v.shape) for k, v in state.items()} == {'clip_l': (1, 32), 'clip_g': (1, 48)}
+  assert 'text_encoder=pipe.text_encoder_2' in exported.readme.read_text()
+
+  pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(root)
+  token = exported.token
+  pipe.load_textual_inversion(state['clip_l'], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+  pipe.load_textual_inversion(state['clip_g'], token=token, text_encoder=pipe.text_encoder_2,
+                              tokenizer=pipe.tokenizer_2)
+  with torch.no_grad():
+    their_states, _, their_pooled, _ = pipe.encode_prompt(f'a photo of {token} smiling', device='cpu',
+                                                          do_classifier_free_guidance=False)
+  ids = jnp.asarray(m.tokenize(['a photo of * smiling']))
+  ours = jax.jit(lambda p, i, w: prompts_lib.text_condition(m, p, i, w))(
+      prompts_lib.text_params_of(tiny_xl.params), ids, jnp.asarray(concept.embedding)[None])
+  np.testing.assert_allclose(np.asarray(ours.states), their_states.numpy(), rtol=0, atol=TOLERANCE)
+  np.testing.assert_allclose(np.asarray(ours.text_embeds), their_pooled.numpy(), rtol=0, atol=TOLERANCE)
+
+  lora, _ = diffusers.StableDiffusionXLPipeline.lora_state_dict(str(exported.lora.parent),
+                                                               weight_name=exported.lora.name)
+  lora_by_hand.load_lora(torch, pipe, lora, str(exported.lora.parent), exported.lora.name)
+  latents = np.random.default_rng(2).standard_normal((1, 16, 16, 4)).astype(np.float32)
+  with torch.no_grad():
+    theirs = pipe.unet(torch.from_numpy(latents.transpose(0, 3, 1, 2)), 500, encoder_hidden_states=their_states,
+                       added_cond_kwargs={'text_embeds': their_pooled,
+                                          'time_ids': torch.from_numpy(np.asarray(ours.time_ids))}).sample
+  unet_apply = jax.jit(lambda params: m.unet.apply({'params': params}, latents, np.array([500]), ours))
+  tuned = np.asarray(unet_apply(offsets_lib.merge_offsets(tiny_xl.params['unet'], concept.weight_offsets)))
+  plain = np.asarray(unet_apply(tiny_xl.params['unet']))
+  error = float(np.abs(tuned.transpose(0, 3, 1, 2) - theirs.numpy()).max())
+  assert np.abs(plain - tuned).max() > 10 * max(error, 1e-6)  # the LoRA matters at this tolerance
+  assert error <= TOLERANCE, error

@@ -448,7 +448,7 @@ def _abstract_bench(config_name: str, num_steps: int, compile_timeout_s: float, 
   result['trainable_parameters'] = model_lib.count_params(trainable)
   result['parameter_bytes_float32'] = 4 * model_lib.count_params(model.params)
   result['adam_state_bytes'] = 2 * 4 * result['trainable_parameters']  # mu and nu, float32
-  frozen_shapes = [leaf.shape for part in concept_lib.FROZEN_PARTS for leaf in jax.tree.leaves(model.params[part])]
+  frozen_shapes = [leaf.shape for part in concept_lib.frozen_parts(model) for leaf in jax.tree.leaves(model.params[part])]
   result['fingerprint'] = {'frozen_bytes_float32': 4 * sum(int(np.prod(s)) for s in frozen_shapes),
                            'seconds': concept_lib.fingerprint_seconds(frozen_shapes),
                            'threads': min(8, os.cpu_count() or 1)}

@@ -22,6 +22,7 @@ from flax import traverse_util
 
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t import offsets as offsets_lib
+from e4t_jax.e4t import prompts as prompts_lib
 from e4t_jax.models import clip as clip_lib
 from e4t_jax.errors import CheckpointError, E4TWarning, InputError, printable
 from e4t_jax.fileio import read_tagged_safetensors, write_tagged_safetensors
@@ -111,7 +112,7 @@ class Concept:
     bad = self.non_finite()
     if bad:
       raise CheckpointError(f'{source}: {bad} holds NaN or infinite values; personalize the image again.')
-    width = model.modules.text_encoder.config.hidden_size
+    width = sum(prompts_lib.embedding_widths(model.modules))  # SDXL: both encoders' parts of w*
     if tuple(np.shape(self.embedding)) != (width,):
       raise CheckpointError(f'{source}: embedding shape {tuple(np.shape(self.embedding))}, this model needs '
                             f'({width},); it was made for another model.')
@@ -185,6 +186,11 @@ def _structure_problem(tensors: dict, metadata: dict) -> str | None:
 # ----------------------------------------------------------------------------- fingerprints
 FINGERPRINT_SCHEME = 'frozen-sha256/2'  # every frozen tensor, as float32 bytes, with its path and shape
 FROZEN_PARTS = ('unet', 'vae', 'text_encoder', 'image_encoder')
+XL_PART = 'text_encoder_2'  # SDXL's second text encoder, fingerprinted where the model has one
+
+
+def frozen_parts(model: model_lib.E4TModel) -> tuple[str, ...]:
+  return FROZEN_PARTS + ((XL_PART,) if XL_PART in model.params else ())
 _FINGERPRINTS: dict[tuple, tuple[list, str]] = {}  # leaf ids -> (weak references, digest)
 _FINGERPRINTS_LOCK = threading.Lock()
 
@@ -192,7 +198,8 @@ _FINGERPRINTS_LOCK = threading.Lock()
 def _config_digest(model: model_lib.E4TModel):
   m = model.modules
   h = hashlib.sha256()
-  for cfg in (m.unet.config, m.text_encoder.config, m.vae.config, m.image_encoder.config):
+  configs = (m.unet.config, m.text_encoder.config, m.vae.config, m.image_encoder.config)
+  for cfg in configs + ((m.text_encoder_2.config,) if m.text_encoder_2 is not None else ()):
     h.update(repr(cfg).encode())
   h.update(repr((m.config.coarse_word, m.config.placeholder, m.config.offsets)).encode())
   return h
@@ -213,7 +220,7 @@ def _per_layer_names(name: str, leaf) -> list[str] | None:
   'text_encoder/encoder/layers_0/x', …), None for any other leaf: the fingerprint hashes the per-layer
   view, so it does not depend on whether the towers scan their layers."""
   part, *rest = name.split('/')
-  if part not in ('text_encoder', 'image_encoder'):
+  if part not in ('text_encoder', 'image_encoder', XL_PART):
     return None
   paths = clip_lib.per_layer_paths(tuple(rest), np.shape(leaf)[0] if np.ndim(leaf) else 0)
   return None if paths is None else ['/'.join((part,) + p) for p in paths]
@@ -242,7 +249,7 @@ def model_fingerprint(model: model_lib.E4TModel) -> str:
   loaded parameter arrays, so a model is hashed once per process however many concepts it serves.
   """
   flat = {}
-  for part in FROZEN_PARTS:
+  for part in frozen_parts(model):
     flat.update(traverse_util.flatten_dict({part: model.params[part]}, sep='/'))
   names = sorted(flat)
   leaves = [flat[n] for n in names]

@@ -8,7 +8,9 @@
 Textual inversion: diffusers' own format, one tensor {token: [1, width]} (`load_textual_inversion`
 takes a single-key file as token -> embedding). The token must not be in the CLIP vocabulary
 (diffusers refuses it), so the default placeholder '*' (vocab id 9) is exported as '<e4t-concept>';
-prompts in diffusers then read 'a photo of <e4t-concept>'.
+prompts in diffusers then read 'a photo of <e4t-concept>'. SDXL: the file holds w*'s two parts as
+{'clip_l': [1, 768], 'clip_g': [1, 1280]} (the layout SDXL textual-inversion files use), loaded with
+`load_textual_inversion` once per text encoder (the README says how).
 
 LoRA: the PEFT key layout `load_lora_weights` reads,
     unet.<module>.lora_A.weight  [r, in]      unet.<module>.lora_B.weight  [out, r]
@@ -32,12 +34,14 @@ from flax import traverse_util
 from e4t_jax.convert.common import torch_key
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t import offsets as offsets_lib
+from e4t_jax.e4t import prompts as prompts_lib
 from e4t_jax.e4t.concept import Concept
 from e4t_jax.errors import CheckpointError, InputError
 from e4t_jax.fileio import atomic_write_bytes, write_safetensors
 
 EMBEDDING_FILE = 'learned_embeds.safetensors'
 LORA_FILE = 'pytorch_lora_weights.safetensors'
+XL_KEYS = ('clip_l', 'clip_g')  # SDXL embedding file: the text_encoder and text_encoder_2 parts of w*
 README_FILE = 'README.txt'
 # The token used in diffusers when the model's placeholder is a CLIP vocabulary string (such as '*').
 DEFAULT_EXPORT_TOKEN = '<e4t-concept>'
@@ -96,17 +100,28 @@ def lora_state_dict(concept: Concept, unet_params) -> dict[str, np.ndarray]:
   return tensors
 
 
-def _readme(token: str, out_dir: Path, has_lora: bool, info: dict[str, str]) -> str:
+def _readme(token: str, out_dir: Path, has_lora: bool, info: dict[str, str], xl: bool = False) -> str:
+  pipeline = 'StableDiffusionXLPipeline' if xl else 'StableDiffusionPipeline'
   lines = [
       'An E4T concept exported for diffusers (made with e4t-jax).',
       '',
-      'Load it into a StableDiffusionPipeline of the SAME base model it was personalized with'
+      f'Load it into a {pipeline} of the SAME base model it was personalized with'
       + (f' (e4t base fingerprint {info["base_fingerprint"][:12]}):' if 'base_fingerprint' in info else ':'),
       '',
-      'from diffusers import StableDiffusionPipeline',
-      'pipe = StableDiffusionPipeline.from_pretrained("path/to/base-model")',
-      f'pipe.load_textual_inversion("{out_dir}/{EMBEDDING_FILE}", token="{token}")',
+      f'from diffusers import {pipeline}',
+      f'pipe = {pipeline}.from_pretrained("path/to/base-model")',
   ]
+  if xl:  # one vector per text encoder, the SDXL textual-inversion layout
+    lines += [
+        'from safetensors.torch import load_file',
+        f'state = load_file("{out_dir}/{EMBEDDING_FILE}")',
+        f'pipe.load_textual_inversion(state["{XL_KEYS[0]}"], token="{token}", text_encoder=pipe.text_encoder, '
+        'tokenizer=pipe.tokenizer)',
+        f'pipe.load_textual_inversion(state["{XL_KEYS[1]}"], token="{token}", text_encoder=pipe.text_encoder_2, '
+        'tokenizer=pipe.tokenizer_2)',
+    ]
+  else:
+    lines.append(f'pipe.load_textual_inversion("{out_dir}/{EMBEDDING_FILE}", token="{token}")')
   if has_lora:
     lines.append(f'pipe.load_lora_weights("{out_dir}", weight_name="{LORA_FILE}")  # needs `pip install peft`')
   lines += [
@@ -144,6 +159,9 @@ def export_concept_to_diffusers(concept: Concept, model: model_lib.E4TModel, out
                      'represent; personalize with offsets mode "additive" to export it to diffusers.')
   concept.check_compatible(model)  # finite, this model's fingerprint, shapes that fit
   embedding = np.asarray(concept.embedding, np.float32)
+  widths = prompts_lib.embedding_widths(modules)
+  if len(widths) == 2:  # SDXL: w*'s two parts, as diffusers' SDXL textual-inversion files hold them
+    tensors = {XL_KEYS[0]: embedding[None, :widths[0]], XL_KEYS[1]: embedding[None, widths[0]:]}
   token = export_token(modules, token)
   out_dir = Path(out_dir)
   if out_dir.exists() and not out_dir.is_dir():
@@ -152,7 +170,9 @@ def export_concept_to_diffusers(concept: Concept, model: model_lib.E4TModel, out
 
   metadata = {'format': 'pt', 'e4t': json.dumps(dict(info, token=token), sort_keys=True)}
   embedding_path = out_dir / EMBEDDING_FILE
-  write_safetensors(embedding_path, {token: embedding[None]}, metadata=metadata)  # [1, width]
+  if len(widths) == 1:
+    tensors = {token: embedding[None]}  # [1, width]
+  write_safetensors(embedding_path, tensors, metadata=metadata)
   lora_path = None
   if concept.weight_offsets:
     lora_path = out_dir / LORA_FILE
@@ -162,5 +182,5 @@ def export_concept_to_diffusers(concept: Concept, model: model_lib.E4TModel, out
                             'more was written.')
     write_safetensors(lora_path, lora, metadata=metadata)
   readme_path = out_dir / README_FILE
-  atomic_write_bytes(readme_path, [_readme(token, out_dir, lora_path is not None, info).encode()])
+  atomic_write_bytes(readme_path, [_readme(token, out_dir, lora_path is not None, info, xl=len(widths) == 2).encode()])
   return DiffusersExport(embedding=embedding_path, lora=lora_path, readme=readme_path, token=token)

@@ -109,10 +109,19 @@ def second_tokenizer_ids(modules, input_ids: jax.Array) -> jax.Array:
   return jnp.where(seen_eos > 0, modules.pad_id_2, input_ids).astype(input_ids.dtype)
 
 
-def text_condition(modules, params, input_ids: jax.Array, w_star: jax.Array | None = None):
+TEXT_PARAMS = ('text_encoder', 'text_encoder_2')
+
+
+def text_params_of(params) -> dict:
+  """The text encoders' part of a params tree (what `text_condition` reads)."""
+  return {name: params[name] for name in TEXT_PARAMS if name in params}
+
+
+def text_condition(modules, params, input_ids: jax.Array, w_star: jax.Array | None = None,
+                   image_size: tuple[int, int] | None = None):
   """The U-Net's text conditioning of `input_ids` [batch, tokens] with w* ([batch, sum widths] or None)
-  at the placeholder: the last hidden state (SD 1.x/2.x), or an `SDXLContext` (SDXL, at the model's
-  image size, uncropped)."""
+  at the placeholder: the last hidden state (SD 1.x/2.x), or an `SDXLContext` (SDXL: for images of
+  `image_size` (height, width), default the model's own, uncropped)."""
   if modules.text_encoder_2 is None:
     return encode_prompt(modules.text_encoder, params['text_encoder'], input_ids, placeholder_id=modules.placeholder_id,
                          placeholder_embedding=w_star, substitute_id=modules.coarse_token_id)
@@ -122,6 +131,16 @@ def text_condition(modules, params, input_ids: jax.Array, w_star: jax.Array | No
       (modules.text_encoder, modules.text_encoder_2), (params['text_encoder'], params['text_encoder_2']),
       (input_ids, second_tokenizer_ids(modules, input_ids)), placeholder_id=modules.placeholder_id,
       placeholder_embeddings=split, substitute_id=modules.coarse_token_id)
-  size = modules.image_size
+  size = image_size or (modules.image_size, modules.image_size)
   return unet_lib.SDXLContext(states=states, text_embeds=pooled,
-                              time_ids=unet_lib.sdxl_time_ids((size, size), batch=input_ids.shape[0]))
+                              time_ids=unet_lib.sdxl_time_ids(tuple(size), batch=input_ids.shape[0]))
+
+
+def zero_empty_negatives(modules, context, negative_ids: jax.Array):
+  """SDXL's unconditional context as diffusers' default (`force_zeros_for_empty_prompt`): zero text states
+  and pooled embedding for rows whose negative prompt is empty ([bos, eos, ...]); SD 1.x/2.x: unchanged."""
+  if modules.text_encoder_2 is None:
+    return context
+  empty = negative_ids[:, 1] == modules.tokenizer.eos_id  # [batch]
+  zero = lambda x: jnp.where(empty.reshape((-1,) + (1,) * (x.ndim - 1)), jnp.zeros_like(x), x)
+  return context.replace(states=zero(context.states), text_embeds=zero(context.text_embeds))
