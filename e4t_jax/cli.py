@@ -310,14 +310,11 @@ def _cmd_diffusers_to_e4t(args: argparse.Namespace) -> int:
 
 def _cmd_e4t_to_diffusers(args: argparse.Namespace) -> int:
   from e4t_jax.convert import save_image_encoder, save_stable_diffusion
-  from e4t_jax.convert.pipeline import StableDiffusion
   from e4t_jax.e4t import io
   fileio.check_output_dir(args.out, inputs=[args.model_dir])
   model = io.load_model(args.model_dir)
   m = model.modules
-  sd = StableDiffusion(m.unet, m.vae, m.text_encoder, m.base_tokenizer, dict(m.scheduler_config),
-                       {k: model.params[k] for k in ('unet', 'vae', 'text_encoder')})
-  save_stable_diffusion(args.out, sd)
+  save_stable_diffusion(args.out, model.base_pipeline())
   save_image_encoder(Path(args.out) / 'image_encoder', m.image_encoder.config, model.params['image_encoder'])
   print(f'{args.out}/: the base Stable Diffusion folder (diffusers) + image_encoder/ (transformers). '
         'Concepts carry the weight offsets: export them with `e4t convert concept-to-diffusers`.')

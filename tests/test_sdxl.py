@@ -232,3 +232,26 @@ def test_an_exported_sdxl_concept_loads_in_diffusers_and_matches_ours(tiny_xl, x
   error = float(np.abs(tuned.transpose(0, 3, 1, 2) - theirs.numpy()).max())
   assert np.abs(plain - tuned).max() > 10 * max(error, 1e-6)  # the LoRA matters at this tolerance
   assert error <= TOLERANCE, error
+
+
+def test_an_sdxl_e4t_model_saves_and_loads(tiny_xl, tmp_path):
+  from e4t_jax.e4t import io as model_io
+  model_io.save_model(tiny_xl, tmp_path / 'model')
+  assert (tmp_path / 'model' / 'base' / 'text_encoder_2').is_dir()
+  loaded = model_io.load_model(tmp_path / 'model')
+  m = loaded.modules
+  assert m.text_encoder_2 is not None and m.pad_id_2 == 0 and m.encoder.out_dim == 80
+  flat = lambda tree: traverse_util.flatten_dict(jax.tree.map(np.asarray, tree))
+  ours, theirs = flat(loaded.params), flat(tiny_xl.params)
+  assert ours.keys() == theirs.keys()
+  for path in ours:
+    np.testing.assert_array_equal(ours[path], theirs[path], err_msg=str(path))
+
+
+def test_textual_inversion_baseline_on_a_tiny_sdxl_tunes_both_parts(tiny_xl, random_image):
+  from e4t_jax.e4t import prompts as prompts_lib
+  from e4t_jax.lab import baselines
+  concept = baselines.make_textual_inversion_fn(tiny_xl, num_steps=2)(tiny_xl.params, random_image(3))
+  coarse = np.asarray(prompts_lib.coarse_embedding(tiny_xl.modules, tiny_xl.params))
+  moved = np.abs(np.asarray(concept.embedding) - coarse)
+  assert concept.embedding.shape == (80,) and moved[:32].max() > 0 and moved[32:].max() > 0

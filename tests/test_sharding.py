@@ -45,6 +45,7 @@ class ModelCase(NamedTuple):
   module: nn.Module
   abstract: Callable[[], Any]  # () -> boxed abstract params
   init_args: tuple  # smallest inputs that create every parameter
+  init_kwargs: dict = {}  # (SDXL's U-Net: its added conditioning)
 
 
 def _cases() -> dict[str, ModelCase]:
@@ -52,6 +53,14 @@ def _cases() -> dict[str, ModelCase]:
   vae = vae_lib.AutoencoderKL(vae_lib.VAEConfig.tiny())
   text = clip_lib.CLIPTextTransformer(clip_lib.CLIPTextConfig.tiny())
   vision = clip_lib.CLIPVisionTransformer(clip_lib.CLIPVisionConfig.tiny(), with_projection=True)
+  # SDXL's layout in miniature (attention-free first level, 1/2 transformer layers, text_time conditioning)
+  # and its bigG-style second text encoder with the projection
+  sdxl = unet_lib.UNet(unet_lib.UNetConfig(
+      sample_size=16, block_out_channels=(32, 64), down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
+      up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'), layers_per_block=1, transformer_layers_per_block=(1, 2),
+      norm_num_groups=8, cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
+      addition_embed_type='text_time', addition_time_embed_dim=8, projection_class_embeddings_input_dim=80))
+  text_2 = clip_lib.CLIPTextTransformer(clip_lib.CLIPTextConfig.tiny(hidden_act='gelu'), with_projection=True)
   side = vae.config.downsample_factor
   vision_size = vision.config.image_size
   return {
@@ -60,6 +69,9 @@ def _cases() -> dict[str, ModelCase]:
       'text_encoder': ModelCase(text, lambda: clip_lib.abstract_params(text), (jnp.zeros((1, 1), jnp.int32),)),
       'image_encoder': ModelCase(vision, lambda: clip_lib.abstract_params(vision),
                                  (jnp.zeros((1, vision_size, vision_size, 3)),)),
+      'sdxl_unet': ModelCase(sdxl, lambda: unet_lib.abstract_params(sdxl), unet_lib.init_inputs(sdxl.config),
+                             {'added_cond_kwargs': unet_lib.init_added_cond(sdxl.config)}),
+      'text_encoder_2': ModelCase(text_2, lambda: clip_lib.abstract_params(text_2), (jnp.zeros((1, 1), jnp.int32),)),
   }
 
 
@@ -128,8 +140,8 @@ def sharded_params(mesh):
   def get(model: str):
     if model not in cache:
       case = CASES[model]
-      params, _ = mesh_lib.sharded_init(lambda k: case.module.init(k, *case.init_args)['params'], mesh,
-                                        mesh_lib.DEFAULT_LOGICAL_AXIS_RULES, jax.random.key(0))
+      params, _ = mesh_lib.sharded_init(lambda k: case.module.init(k, *case.init_args, **case.init_kwargs)['params'],
+                                        mesh, mesh_lib.DEFAULT_LOGICAL_AXIS_RULES, jax.random.key(0))
       cache[model] = jax.block_until_ready(params)
     return cache[model]
 
@@ -218,11 +230,14 @@ def test_sharded_init_gives_the_same_values_as_an_unsharded_init(model, sharded_
 def _forward_inputs(model: str) -> tuple:
   rng = np.random.default_rng(0)
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  if model == 'unet':
-    config = CASES['unet'].module.config
-    return (normal(BATCH, 8, 8, config.in_channels), jnp.array([1, 250, 500, 999]),
-            normal(BATCH, 7, config.cross_attention_dims()[0]))
-  if model == 'text_encoder':
+  if model in ('unet', 'sdxl_unet'):
+    config = CASES[model].module.config
+    context = normal(BATCH, 7, config.cross_attention_dims()[0])
+    if model == 'sdxl_unet':  # the whole SDXL conditioning as one pytree argument
+      context = unet_lib.SDXLContext(states=context, text_embeds=normal(BATCH, config.text_embeds_dim),
+                                     time_ids=unet_lib.sdxl_time_ids((1024, 768), (16, 0), batch=BATCH))
+    return (normal(BATCH, 8, 8, config.in_channels), jnp.array([1, 250, 500, 999]), context)
+  if model in ('text_encoder', 'text_encoder_2'):
     prompts = ['a photo of a cat', 'a painting of a dog on the beach', 'an astronaut', 'sks face, close up']
     return (jnp.asarray(CLIPTokenizer.default()(prompts, max_length=16)),)
   if model == 'image_encoder':
@@ -232,9 +247,10 @@ def _forward_inputs(model: str) -> tuple:
 
 
 def _output_leaves(model: str, out: Any) -> dict[str, jax.Array]:
-  if model == 'unet':
+  if model in ('unet', 'sdxl_unet'):
     return {'sample': out}
-  fields = ('last_hidden_state', 'pooled_output') + (('image_embeds',) if model == 'image_encoder' else ())
+  fields = ('last_hidden_state', 'pooled_output') + {'image_encoder': ('image_embeds',),
+                                                     'text_encoder_2': ('text_embeds',)}.get(model, ())
   return {name: getattr(out, name) for name in fields}
 
 
@@ -245,7 +261,8 @@ def _check_forward(model: str, mesh, params, batch_axes) -> None:
   # Unsharded: host params, one device.
   reference = _output_leaves(model, jax.jit(apply)(jax.device_get(params), *inputs))
   # Sharded: params where sharded_init put them; the batch replicated or split over `batch_axes`.
-  placed = [jax.device_put(x, NamedSharding(mesh, P(batch_axes, *(None,) * (x.ndim - 1)))) for x in inputs]
+  placed = [jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P(batch_axes, *(None,) * (a.ndim - 1)))), x)
+            for x in inputs]
   with mesh_lib.activation_sharding(mesh):  # the models' activation constraints are live while tracing
     out = _output_leaves(model, jax.jit(apply)(params, *placed))
   for name, ref in reference.items():
@@ -256,7 +273,7 @@ def _check_forward(model: str, mesh, params, batch_axes) -> None:
     assert diff <= FORWARD_TOLERANCE, f'{model}.{name}: max |sharded - unsharded| = {diff}'
 
 
-@pytest.mark.parametrize('model', ['unet', 'text_encoder', 'image_encoder'])
+@pytest.mark.parametrize('model', ['unet', 'text_encoder', 'image_encoder', 'sdxl_unet', 'text_encoder_2'])
 def test_forward_with_sharded_params_equals_the_unsharded_forward(model, mesh, sharded_params):
   _check_forward(model, mesh, sharded_params(model), batch_axes=None)
 
@@ -275,7 +292,7 @@ _PARTITIONER_BUG = pytest.mark.xfail(
     'out-projection (jaxlib 0.10.2); the models work around it with activation constraints')
 
 
-@pytest.mark.parametrize('model', ['unet', 'text_encoder', 'image_encoder'])
+@pytest.mark.parametrize('model', ['unet', 'text_encoder', 'image_encoder', 'sdxl_unet', 'text_encoder_2'])
 def test_forward_with_sharded_params_and_batch_equals_the_unsharded_forward(model, mesh, sharded_params):
   _check_forward(model, mesh, sharded_params(model), batch_axes=('data', 'fsdp'))
 

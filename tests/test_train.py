@@ -219,7 +219,7 @@ def test_config_overrides_parse_and_check_types():
   run = config_lib.run_config(config)
   assert run.e4t.encoder.clip_layers == (-1, -3) and run.optimizer.learning_rate == 3e-4
   assert run.model.dtype == 'bfloat16' and run.data.path == '/data/x'
-  for name in ('faces', 'cats', 'art'):
+  for name in ('faces', 'cats', 'art', 'faces_sdxl'):
     assert config_lib.load_config(name).train.num_steps in (30_000, 60_000, 100_000)
   with pytest.raises(AttributeError):
     config.new_field = 1  # locked

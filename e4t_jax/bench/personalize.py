@@ -39,13 +39,14 @@ from e4t_jax import runtime
 from e4t_jax.bench import harness
 from e4t_jax.e4t import concept as concept_lib
 from e4t_jax.e4t import model as model_lib
+from e4t_jax.e4t import prompts as prompts_lib
 from e4t_jax.e4t.encoder import EncoderConfig, every_second_layer
 from e4t_jax.e4t.offsets import OffsetsConfig
 from e4t_jax.errors import ConfigError
 
 SCHEMA = 'e4t-bench-personalize/1'
 WORKER_MODULE = 'e4t_jax.bench.personalize'  # `python -m` runs its worker stages
-CONFIGS = ('tiny', 'sd15')
+CONFIGS = ('tiny', 'sd15', 'sdxl')
 BASELINES = (None, 'torch')
 # Variants of the abstract analysis: compute dtype, and '+remat' = the U-Net rematerialized per block
 # with the 'nothing_saveable' policy (memory for recompute). ABSTRACT_DTYPES run by default.
@@ -106,6 +107,10 @@ def build_abstract_model(config_name: str, dtype: Any = jnp.float32, scan_layers
   if config_name == 'tiny':
     return model_lib.abstract_model(tiny_e4t_config(), UNetConfig.tiny(), VAEConfig.tiny(), CLIPTextConfig.tiny(),
                                     CLIPVisionConfig.tiny(), dtype=dtype, scan_layers=scan_layers)
+  if config_name == 'sdxl':
+    unet, vae, text, text_2 = presets.sdxl()
+    return model_lib.abstract_model(full_size_e4t_config(), unet, vae, text, presets.clip_vit_h14(), dtype=dtype,
+                                    scan_layers=scan_layers, text_2=text_2)
   unet, vae, text = presets.sd15()
   return model_lib.abstract_model(full_size_e4t_config(), unet, vae, text, presets.clip_vit_h14(), dtype=dtype,
                                   scan_layers=scan_layers)
@@ -209,15 +214,16 @@ def _component_costs(modules: model_lib.E4TModules, params: dict, tuning: person
   latents = sds((batch, side, side, unet_cfg.in_channels), jnp.float32)
   timesteps = sds((batch,), jnp.int32)
   ids = sds((batch, modules.coarse_prompt_ids.shape[1]), jnp.int32)
-  context = sds((batch, modules.coarse_prompt_ids.shape[1], unet_cfg.cross_attention_dims()[0]), jnp.float32)
+  text_params = prompts_lib.text_params_of(params)
+  encode = lambda p, i: prompts_lib.text_condition(modules, p, i)  # SDXL: both encoders, an SDXLContext
+  context = jax.eval_shape(encode, text_params, ids)
   unet, vae = modules.unet, modules.vae
   programs = {
       'vae_encoder': (lambda p, x: vae.apply({'params': p}, x, method=AutoencoderKL.encode).mean,
                       params['vae'], images),
       'clip_vision': (lambda p, x: modules.image_encoder.apply({'params': p}, clip_preprocess(x, vision_size)),
                       params['image_encoder'], images),
-      'text_encoder': (lambda p, i: modules.text_encoder.apply({'params': p}, i).last_hidden_state,
-                       params['text_encoder'], ids),
+      'text_encoder': (encode, text_params, ids),
       'unet_contracting_path': (lambda p, x, t, c: unet.apply({'params': p}, x, t, c, features_only=True),
                                 params['unet'], latents, timesteps, context),
       'unet_forward': (lambda p, x, t, c: unet.apply({'params': p}, x, t, c), params['unet'], latents, timesteps,

@@ -1,1 +1,1 @@
-"""Packaged run configs (`get_config()` files): base (every field), faces, cats, art, tiny."""
+"""Packaged run configs (`get_config()` files): base (every field), faces, faces_sdxl, cats, art, tiny."""

@@ -21,11 +21,10 @@ from flax import traverse_util
 
 from e4t_jax.convert.clip import load_image_encoder, save_image_encoder
 from e4t_jax.fileio import atomic_write_bytes, read_json, read_safetensors, write_safetensors
-from e4t_jax.convert.pipeline import StableDiffusion, load_stable_diffusion, save_stable_diffusion
+from e4t_jax.convert.pipeline import load_stable_diffusion, save_stable_diffusion
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t.offsets import flatten_offsets, unflatten_offsets
 from e4t_jax.errors import CheckpointError, ConfigError, printable
-from e4t_jax.models.tokenizer import CLIPTokenizer
 
 MODEL_FORMAT = 'e4t-model/1'
 
@@ -80,10 +79,7 @@ def save_model(model: model_lib.E4TModel, model_dir: str | os.PathLike) -> Path:
   """Writes an E4T model folder (see module docstring)."""
   model_dir = Path(model_dir)
   m = model.modules
-  base_tokenizer = m.base_tokenizer or CLIPTokenizer.default()
-  sd = StableDiffusion(m.unet, m.vae, m.text_encoder, base_tokenizer, dict(m.scheduler_config),
-                       {k: model.params[k] for k in ('unet', 'vae', 'text_encoder')})
-  save_stable_diffusion(model_dir / 'base', sd)
+  save_stable_diffusion(model_dir / 'base', model.base_pipeline())
   save_image_encoder(model_dir / 'image_encoder', m.image_encoder.config, model.params['image_encoder'])
   flat = traverse_util.flatten_dict({'encoder': model.params['encoder']}, sep='/')
   flat.update(flatten_offsets(model.params['weight_offsets']))

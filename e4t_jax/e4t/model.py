@@ -84,9 +84,14 @@ class E4TModules:
   base_tokenizer: CLIPTokenizer | None = dataclasses.field(default=None, hash=False, compare=False)  # no placeholder
   # The base model's diffusers scheduler_config.json (samplers read their settings from it).
   scheduler_config: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
-  # SDXL: the second text encoder (with its projection) and its tokenizer's pad id; w* spans both encoders.
+  # SDXL: the second text encoder (with its projection) and its tokenizer (no placeholder); w* spans both encoders.
   text_encoder_2: CLIPTextTransformer | None = None
-  pad_id_2: int = 0
+  base_tokenizer_2: CLIPTokenizer | None = dataclasses.field(default=None, hash=False, compare=False)
+
+  @property
+  def pad_id_2(self) -> int:
+    """The second tokenizer's pad id (SDXL's folder: '!', id 0)."""
+    return self.base_tokenizer_2.pad_id
 
   @property
   def image_size(self) -> int:
@@ -104,6 +109,14 @@ class E4TModel:
   @property
   def config(self) -> E4TConfig:
     return self.modules.config
+
+  def base_pipeline(self) -> StableDiffusion:
+    """The frozen text-to-image model this E4T model sits on (tokenizers without the placeholder)."""
+    m = self.modules
+    names = ('unet', 'vae', 'text_encoder') + (('text_encoder_2',) if m.text_encoder_2 is not None else ())
+    return StableDiffusion(m.unet, m.vae, m.text_encoder, m.base_tokenizer or CLIPTokenizer.default(),
+                           dict(m.scheduler_config), {k: self.params[k] for k in names},
+                           text_encoder_2=m.text_encoder_2, tokenizer_2=m.base_tokenizer_2)
 
 
 def coarse_token_id(tokenizer: CLIPTokenizer, coarse_word: str) -> int:
@@ -130,7 +143,7 @@ def build_modules(config: E4TConfig, sd: StableDiffusion, image_encoder: CLIPVis
       scheduler_config=dict(sd.scheduler_config), base_tokenizer=sd.tokenizer,
       placeholder_id=placeholder_id, coarse_token_id=coarse_id,
       coarse_prompt_ids=np.asarray(tokenizer([coarse_prompt]), np.int32),
-      text_encoder_2=sd.text_encoder_2, pad_id_2=sd.tokenizer_2.pad_id if sd.is_xl else 0)
+      text_encoder_2=sd.text_encoder_2, base_tokenizer_2=sd.tokenizer_2)
 
 
 def encoder_init_inputs(modules: E4TModules, batch: int = 1) -> tuple[tuple[jax.Array, ...], UNetFeatures]:
@@ -258,10 +271,9 @@ def unrolled_clip(model: E4TModel) -> E4TModel:
   m = model.modules
   if not (m.text_encoder.scan_layers or m.image_encoder.scan_layers):
     return model
-  modules = dataclasses.replace(m, text_encoder=m.text_encoder.clone(scan_layers=False),
-                                image_encoder=m.image_encoder.clone(scan_layers=False))
-  params = dict(model.params, text_encoder=clip_lib.unstack_layers(model.params['text_encoder']),
-                image_encoder=clip_lib.unstack_layers(model.params['image_encoder']))
+  towers = ('text_encoder', 'image_encoder') + (('text_encoder_2',) if m.text_encoder_2 is not None else ())
+  modules = dataclasses.replace(m, **{name: getattr(m, name).clone(scan_layers=False) for name in towers})
+  params = dict(model.params, **{name: clip_lib.unstack_layers(model.params[name]) for name in towers})
   return E4TModel(modules, params)
 
 
@@ -285,10 +297,12 @@ def count_params(tree: Any) -> int:
 
 
 def abstract_model(config: E4TConfig, unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig,
-                   vision: CLIPVisionConfig, dtype: Any = jnp.float32, *, scan_layers: bool = True) -> E4TModel:
+                   vision: CLIPVisionConfig, dtype: Any = jnp.float32, *, scan_layers: bool = True,
+                   text_2: CLIPTextConfig | None = None) -> E4TModel:
   """An E4T model whose params are `jax.ShapeDtypeStruct`s: for parameter counts, AOT lowering and
   memory/FLOP analysis of full-size configs (e.g. `presets.sd15()` + `presets.clip_vit_h14()`) on a
-  CPU, without any weights. `scan_layers=False` unrolls the CLIP towers (compile-time comparisons)."""
+  CPU, without any weights. `scan_layers=False` unrolls the CLIP towers (compile-time comparisons);
+  `text_2`: SDXL's second text encoder (`presets.sdxl()`)."""
   from e4t_jax.convert.pipeline import SD1_SCHEDULER_CONFIG
   unet_module, vae_module = UNet(unet, dtype=dtype), AutoencoderKL(vae, dtype=dtype)
   text_module = CLIPTextTransformer(text, dtype=dtype, scan_layers=scan_layers)
@@ -303,8 +317,13 @@ def abstract_model(config: E4TConfig, unet: UNetConfig, vae: VAEConfig, text: CL
       'text_encoder': shapes(text_module, jnp.zeros((1, 1), jnp.int32)),
       'image_encoder': shapes(vision_module, jnp.zeros((1, vision.image_size, vision.image_size, 3))),
   }
+  text_module_2 = tokenizer_2 = None
+  if text_2 is not None:
+    text_module_2 = CLIPTextTransformer(text_2, dtype=dtype, scan_layers=scan_layers, with_projection=True)
+    params['text_encoder_2'] = shapes(text_module_2, jnp.zeros((1, 1), jnp.int32))
+    tokenizer_2 = CLIPTokenizer.default().with_pad_token('!')
   sd = StableDiffusion(unet_module, vae_module, text_module, CLIPTokenizer.default(), dict(SD1_SCHEDULER_CONFIG),
-                       params)
+                       params, text_encoder_2=text_module_2, tokenizer_2=tokenizer_2)
   modules = build_modules(config, sd, vision_module, dtype=dtype)
   params.update(jax.eval_shape(lambda k: init_trainable(k, modules, params['unet']), key))
   return E4TModel(modules, params)

@@ -44,7 +44,7 @@ from e4t_jax.diffusion import schedule as schedule_lib
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t import offsets as offsets_lib
 from e4t_jax.e4t.objective import masked_mse
-from e4t_jax.e4t.prompts import encode_prompt, token_embedding
+from e4t_jax.e4t import prompts as prompts_lib
 from e4t_jax.errors import CheckpointError, DivergenceError, InputError
 from e4t_jax.models.vae import AutoencoderKL, scale_latents
 from e4t_jax.e4t.concept import Concept, fingerprint_info, model_fingerprint
@@ -121,10 +121,10 @@ def denoising_loss(modules: model_lib.E4TModules, unet_params: Any, text_params:
   Args:
     modules: the model's static parts.
     unet_params: the U-Net params (offsets already folded in, if any).
-    text_params: the frozen text encoder's params.
+    text_params: the frozen text encoders' params (`prompts.text_params_of`: both for SDXL).
     mean, std: the image's VAE posterior, [1, h, w, c] (VAE latent space, before scaling).
     input_ids: [batch, tokens] int32 prompts containing the placeholder.
-    w_star: [width] the placeholder's embedding.
+    w_star: [width] the placeholder's embedding (SDXL: both encoders' parts, side by side).
     key: draws the VAE samples, the noise and (unless given) the timesteps, one per prompt row.
     timesteps: int32 [batch] fixed timesteps (evaluation), or None to sample them uniformly.
   Returns:
@@ -139,8 +139,7 @@ def denoising_loss(modules: model_lib.E4TModules, unet_params: Any, text_params:
   if timesteps is None:
     timesteps = schedule_lib.sample_timesteps(k_t, batch, modules.schedule)
   noisy = schedule_lib.add_noise(modules.schedule, latents, noise, timesteps)
-  context = encode_prompt(modules.text_encoder, text_params, input_ids, placeholder_id=modules.placeholder_id,
-                          placeholder_embedding=w_star, substitute_id=modules.coarse_token_id)
+  context = prompts_lib.text_condition(modules, text_params, input_ids, w_star)
   prediction = modules.unet.apply({'params': unet_params}, noisy, timesteps, context)
   return masked_mse(prediction, schedule_lib.training_target(modules.schedule, latents, noise, timesteps))
 
@@ -156,7 +155,7 @@ def _tuning_program(modules: model_lib.E4TModules, max_steps: int, optimizer: op
                     train_unet: bool) -> Callable:
   """The pure function compiled by `make_textual_inversion_fn` / `make_dreambooth_fn` (one concept).
 
-  Args of the returned function: params {'unet', 'vae', 'text_encoder'}, image [S, S, 3] in [0, 1],
+  Args of the returned function: params {'unet', 'vae', 'text_encoder'[, 'text_encoder_2']}, image [S, S, 3] in [0, 1],
   rng (a PRNG key), num_steps (int32 [], <= max_steps), prompt_ids [batch, tokens] int32.
   Returns: (trainable {'embedding'[, 'unet']}, losses [max_steps] (NaN where not run), steps run,
   healthy (False when a non-finite loss stopped tuning)).
@@ -164,13 +163,13 @@ def _tuning_program(modules: model_lib.E4TModules, max_steps: int, optimizer: op
 
   def program(params, image, rng, num_steps, prompt_ids):
     mean, std = _posterior(modules, params['vae'], image)  # once, outside the step loop
-    trainable = {'embedding': token_embedding(params['text_encoder'], modules.coarse_token_id)}
+    trainable = {'embedding': prompts_lib.coarse_embedding(modules, params)}
     if train_unet:
       trainable['unet'] = params['unet']
 
     def loss_fn(trainable, key):
       unet_params = trainable['unet'] if train_unet else params['unet']
-      return denoising_loss(modules, unet_params, params['text_encoder'], mean, std, prompt_ids,
+      return denoising_loss(modules, unet_params, prompts_lib.text_params_of(params), mean, std, prompt_ids,
                             trainable['embedding'], key)
 
     def run(state):
@@ -196,7 +195,7 @@ def _abstract(tree: Any) -> Any:
 
 
 def _sd_params(params: dict) -> dict:
-  return {name: params[name] for name in ('unet', 'vae', 'text_encoder')}
+  return {'unet': params['unet'], 'vae': params['vae'], **prompts_lib.text_params_of(params)}
 
 
 def _compile(model: model_lib.E4TModel, program: Callable, batch_size: int) -> Any:
@@ -402,7 +401,8 @@ def _eval_program(modules: model_lib.E4TModules) -> Any:
   def program(params, offsets, image, ids, w_star, key, timesteps):
     mean, std = _posterior(modules, params['vae'], image)
     unet_params = offsets_lib.merge_offsets(params['unet'], offsets, modules.config.offsets.mode)
-    return denoising_loss(modules, unet_params, params['text_encoder'], mean, std, ids, w_star, key, timesteps)
+    return denoising_loss(modules, unet_params, prompts_lib.text_params_of(params), mean, std, ids, w_star, key,
+                          timesteps)
 
   fn = jax.jit(program)
   if len(_EVAL_PROGRAMS) >= 4:

@@ -1,7 +1,7 @@
 """Architecture presets: the configs of well-known checkpoints, so full-size programs can be built,
 lowered and measured (`jax.eval_shape`, AOT compile) on a CPU without downloading any weights.
 
-Values are those of the public config.json files (Stable Diffusion 1.5 / 2.1, OpenCLIP ViT-H/14).
+Values are those of the public config.json files (Stable Diffusion 1.5 / 2.1 / XL base 1.0, OpenCLIP ViT-H/14).
 """
 from __future__ import annotations
 
@@ -28,6 +28,25 @@ def sd21() -> tuple[UNetConfig, VAEConfig, CLIPTextConfig]:
           VAEConfig(**dict(_SD_VAE, sample_size=768)),
           CLIPTextConfig(hidden_size=1024, intermediate_size=4096, projection_dim=512, num_hidden_layers=23,
                          num_attention_heads=16, hidden_act='gelu', eos_token_id=2))
+
+
+def sdxl() -> tuple[UNetConfig, VAEConfig, CLIPTextConfig, CLIPTextConfig]:
+  """Stable Diffusion XL base 1.0 at 1024 px: the 2.6B U-Net (no attention at the first level, 1/2/10
+  transformer layers, 64-wide heads, linear projections, text_time conditioning on the pooled text and 6
+  size/crop ids), the SD VAE (scaling 0.13025), CLIP ViT-L/14 text (768) and OpenCLIP bigG/14 text with its
+  projection (1280, 32 layers)."""
+  unet = UNetConfig(
+      sample_size=128, block_out_channels=(320, 640, 1280),
+      down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'),
+      up_block_types=('CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'UpBlock2D'),
+      transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+      use_linear_projection=True, addition_embed_type='text_time', addition_time_embed_dim=256,
+      projection_class_embeddings_input_dim=2816)
+  return (unet, VAEConfig(**dict(_SD_VAE, sample_size=1024, scaling_factor=0.13025)),
+          CLIPTextConfig(hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
+                         num_attention_heads=12, eos_token_id=2),
+          CLIPTextConfig(hidden_size=1280, intermediate_size=5120, projection_dim=1280, num_hidden_layers=32,
+                         num_attention_heads=20, hidden_act='gelu', eos_token_id=2))
 
 
 def clip_vit_h14() -> CLIPVisionConfig:
