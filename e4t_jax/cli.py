@@ -560,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
   bench_tpu.add_argument('--slices', type=_count, default=1,
                          help='multi-slice: this many copies of the topology over the data-center network '
                               '(the pretraining mesh\'s data axis spans them)')
-  bench_tpu.add_argument('--config', default='tiny', help="'tiny' or 'sd15'")
+  bench_tpu.add_argument('--config', default='tiny', help="'tiny', 'sd15' or 'sdxl'")
   bench_tpu.add_argument('--program', choices=('personalize', 'pretrain', 'all'), default='all')
   bench_tpu.add_argument('--dtype', choices=('bfloat16', 'float32'), default='bfloat16')
   for axis in ('data', 'fsdp', 'tensor'):
@@ -580,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
   bench_tpu.set_defaults(func=_cmd_bench_tpu)
   bench_full = bench_sub.add_parser(
       'full', help='full size on an accelerator: latency, memory, MFU, fused attention, PyTorch baseline')
-  bench_full.add_argument('--config', default='sd15', help="'sd15' (full size) or 'tiny' (a smoke run)")
+  bench_full.add_argument('--config', default='sd15', help="'sd15' or 'sdxl' (full size) or 'tiny' (a smoke run)")
   bench_full.add_argument('--deadline-s', type=_positive, default=480.0, help='stop measuring after this long')
   bench_full.add_argument('--parallel', type=_count, default=4, help='compile worker processes at a time')
   bench_full.add_argument('--concepts', type=_count, default=100, help='concepts timed one by one')

@@ -74,6 +74,10 @@ def test_random_like_fills_by_kind_and_shares_buffers_of_one_shape():
   assert made['b']['embedding'].dtype == jnp.bfloat16 and made['empty'] == {}
   assert 0 < float(jnp.std(made['a']['kernel'])) < 0.1
   assert made['a']['kernel'] is made['b']['kernel']  # one buffer per (shape, dtype, kind)
+  from e4t_jax.models.unet import SDXLContext  # a non-dict pytree inside (the SDXL U-Net step's inputs)
+  context = bench_full.random_like({'context': SDXLContext(sds((2, 7, 8), jnp.float32), sds((2, 4), jnp.float32),
+                                                           sds((2, 6), jnp.float32))})['context']
+  assert isinstance(context, SDXLContext) and context.states.shape == (2, 7, 8) and context.time_ids.shape == (2, 6)
 
 
 def test_unet_step_job_executes_and_counts_model_flops_from_the_lowering():

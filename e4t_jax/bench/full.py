@@ -63,6 +63,7 @@ from e4t_jax.bench import harness
 from e4t_jax.bench import personalize as bench
 from e4t_jax.bench import torch_reference
 from e4t_jax.e4t import model as model_lib
+from e4t_jax.models import unet as unet_lib
 from e4t_jax.errors import ConfigError, InputError
 
 SCHEMA = 'e4t-bench-full/1'
@@ -251,8 +252,12 @@ def _unet_step(model: model_lib.E4TModel, batch: int):
   unet_params = model.params['unet']
   state = {'params': unet_params, 'opt_state': jax.eval_shape(optimizer.init, unet_params),
            'step': sds((), jnp.int32)}
+  context = sds((batch, m.coarse_prompt_ids.shape[1], cfg.cross_attention_dims()[0]), jnp.float32)
+  if cfg.text_embeds_dim is not None:  # SDXL: the pooled embedding and size/crop ids too
+    context = unet_lib.SDXLContext(states=context, text_embeds=sds((batch, cfg.text_embeds_dim), jnp.float32),
+                                   time_ids=sds((batch, unet_lib.SDXL_TIME_IDS), jnp.float32))
   inputs = {'latents': sds((batch, cfg.sample_size, cfg.sample_size, cfg.in_channels), jnp.float32),
-            'context': sds((batch, m.coarse_prompt_ids.shape[1], cfg.cross_attention_dims()[0]), jnp.float32)}
+            'context': context}
 
   def step(state, inputs, rng):
     k_noise, k_t = jax.random.split(jax.random.fold_in(rng, state['step']))
@@ -284,11 +289,8 @@ def random_like(abstract: Any, seed: int = 0) -> Any:
   flat = traverse_util.flatten_dict(abstract, keep_empty_nodes=True)
   rng = np.random.default_rng(seed)
   made: dict[tuple, jax.Array] = {}
-  out = {}
-  for path, leaf in flat.items():
-    if not hasattr(leaf, 'shape'):
-      out[path] = leaf
-      continue
+
+  def fill(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
     kind = path[-1] if path[-1] in ('scale', 'bias') else 'normal'
     key = (tuple(leaf.shape), jnp.dtype(leaf.dtype).name, kind)
     if key not in made:
@@ -299,7 +301,16 @@ def random_like(abstract: Any, seed: int = 0) -> Any:
       else:
         value = 0.02 * rng.standard_normal(leaf.shape, np.float32)
       made[key] = jax.device_put(value.astype(leaf.dtype))
-    out[path] = made[key]
+    return made[key]
+
+  out = {}
+  for path, leaf in flat.items():
+    if hasattr(leaf, 'shape'):
+      out[path] = fill(path, leaf)
+    elif not jax.tree.leaves(leaf):  # an empty node: kept as it is (unflatten_dict matches it by identity)
+      out[path] = leaf
+    else:  # a pytree that is not a dict (an SDXLContext): its array leaves filled alike
+      out[path] = jax.tree.map(lambda x: fill(path, x) if hasattr(x, 'shape') else x, leaf)
   return traverse_util.unflatten_dict(out)
 
 

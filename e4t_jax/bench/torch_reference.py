@@ -358,7 +358,7 @@ def torch_unet_step(batch: int, config_name: str, steps: int, deadline: float) -
   from e4t_jax.models import presets
   from e4t_jax.models.unet import UNetConfig
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  cfg = presets.sd15()[0] if config_name == 'sd15' else UNetConfig.tiny()
+  cfg = {'sd15': lambda: presets.sd15()[0], 'sdxl': lambda: presets.sdxl()[0]}.get(config_name, UNetConfig.tiny)()
   torch.manual_seed(0)
   unet = UNet2DConditionModel(**_diffusers_unet_kwargs(cfg)).to(device)
   unet.train()
@@ -366,13 +366,17 @@ def torch_unet_step(batch: int, config_name: str, steps: int, deadline: float) -
   side, tokens = cfg.sample_size, 77
   latents = torch.randn(batch, cfg.in_channels, side, side, device=device)
   context = torch.randn(batch, tokens, cfg.cross_attention_dims()[0], device=device)
+  added = None  # SDXL: pooled text embedding + size/crop ids
+  if cfg.text_embeds_dim is not None:
+    added = {'text_embeds': torch.randn(batch, cfg.text_embeds_dim, device=device),
+             'time_ids': torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch, device=device)}
   autocast = torch.autocast(device_type=device, dtype=torch.bfloat16)
 
   def step():
     noise = torch.randn_like(latents)
     t = torch.randint(0, 1000, (batch,), device=device)
     with autocast:
-      prediction = unet(latents + noise, t, encoder_hidden_states=context).sample
+      prediction = unet(latents + noise, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
     loss = torch.nn.functional.mse_loss(prediction.float(), noise)
     loss.backward()
     optimizer.step()
