@@ -112,6 +112,12 @@ def test_abstract_flop_accounting_on_the_tiny_config():
       m.params, jax.ShapeDtypeStruct((size, size, 3), jnp.float32), jax.eval_shape(lambda: jax.random.key(0)),
       jax.ShapeDtypeStruct((), jnp.int32)))['flops']
   assert flops(model) < program == pytest.approx(flops(model_lib.unrolled_clip(model)), rel=1e-9)
+  # ... and so are the per-network costs: the CLIP vision tower's forward counts every layer
+  vision = model_lib.unrolled_clip(model).modules.image_encoder
+  clip_flops = runtime.cost_stats(jax.jit(lambda p, x: vision.apply({'params': p}, x)).lower(
+      model_lib.unrolled_clip(model).params['image_encoder'],
+      jax.ShapeDtypeStruct((1, vision.config.image_size, vision.config.image_size, 3), jnp.float32)))['flops']
+  assert lowered['lowered_components']['clip_vision']['flops'] >= clip_flops
 
 
 def test_variants_parse_strictly_and_pair_for_the_scan_ratio():

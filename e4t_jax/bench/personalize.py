@@ -188,7 +188,8 @@ def abstract_analysis(config_name: str, dtype_name: str, num_steps: int, compile
     estimate = program_cost['flops'] + (num_steps - 1) * one_step['flops']
   emit({'stage': 'lowered', 'lower_s': lower_s, 'lowered_program': program_cost, 'lowered_step': one_step,
         'stablehlo': runtime.program_size(lowered),
-         'flops_total_estimate': estimate, 'lowered_components': _component_costs(modules, params, tuning)})
+         'flops_total_estimate': estimate,
+         'lowered_components': _component_costs(counted.modules, counted.params, tuning)})
 
   if compile_program:
     t0 = time.perf_counter()
