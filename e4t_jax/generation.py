@@ -96,7 +96,7 @@ def _sampling_program(modules: model_lib.E4TModules, key: _ProgramKey, timesteps
   image_size = (key.latent_height * vae.config.downsample_factor, key.latent_width * vae.config.downsample_factor)
 
   def program(unet_params, vae_params, text_params, embeddings, offsets, prompt_ids, negative_ids, seeds,
-              guidance_scale, eta, tuned=None):
+              guidance_scale, eta, tuned=None, time_ids=None):
     num_groups, group_size, num_tokens = prompt_ids.shape
 
     # Text states for both CFG halves, with each group's w* at its placeholder positions.
@@ -104,7 +104,7 @@ def _sampling_program(modules: model_lib.E4TModules, key: _ProgramKey, timesteps
 
     def encode(ids, negative=False):  # [C, B, T] -> [C, B, T, D] (SDXL: an SDXLContext of [C, B, ...] leaves)
       flat_ids = ids.reshape(-1, num_tokens)
-      context = prompts_lib.text_condition(modules, text_params, flat_ids, w_star, image_size)
+      context = prompts_lib.text_condition(modules, text_params, flat_ids, w_star, image_size, time_ids)
       if negative:
         context = prompts_lib.zero_empty_negatives(modules, context, flat_ids)
       return jax.tree.map(lambda x: x.reshape(num_groups, group_size, *x.shape[1:]), context)
@@ -138,7 +138,7 @@ def _sampling_program(modules: model_lib.E4TModules, key: _ProgramKey, timesteps
       offset = modules.encoder.apply({'params': tuned.encoder}, clip_states, features)  # f(t): [B, width]
       w_t = placeholder_embedding(prompts_lib.coarse_embedding(modules, text_params), offset,
                                   modules.config.embedding_scale)
-      return prompts_lib.text_condition(modules, text_params, prompt_ids[0], w_t, image_size)
+      return prompts_lib.text_condition(modules, text_params, prompt_ids[0], w_t, image_size, time_ids)
 
     def denoise(x_t, t):  # x_t: [C * B, h, w, c]
       grouped = x_t.reshape(num_groups, group_size, *x_t.shape[1:])
@@ -173,11 +173,11 @@ def _tune_and_sample_program(modules: model_lib.E4TModules, tuning: Any, key: _P
   sample = _sampling_program(modules, key, timesteps)
 
   def program(params, image, rng, num_tuning_steps, tune_ids, prompt_ids, negative_ids, seeds, guidance_scale,
-              eta, mask=None):
+              eta, mask=None, time_ids=None):
     w_star, offsets, _, _, healthy, *tuned = tune(params, image, rng, num_tuning_steps, tune_ids, mask)
     images = sample(params['unet'], params['vae'], prompts_lib.text_params_of(params), w_star[None],
                     jax.tree.map(lambda x: x[None], offsets), prompt_ids, negative_ids, seeds, guidance_scale, eta,
-                    tuned[0] if tuned else None)
+                    tuned[0] if tuned else None, time_ids=time_ids)
     return images, healthy
 
   return program
@@ -284,7 +284,7 @@ class Generator:
                                encoder: str = 'averaged', rng: jax.Array | None = None, num_steps: int = 25,
                                guidance_scale: float = 7.5, sampler: str | samplers_lib.SamplerConfig = 'dpmpp_2m',
                                seed: int | Sequence[int] = 0, eta: float = 0.0, height: int | None = None,
-                               width: int | None = None, mask: Any = None) -> np.ndarray:
+                               width: int | None = None, mask: Any = None, **size_conditioning) -> np.ndarray:
     """See `personalize_and_generate` (module level)."""
     from e4t_jax import personalize as personalize_lib  # pylint: disable=g-import-not-at-top
     if model.modules is not self.modules:
@@ -298,7 +298,7 @@ class Generator:
                                  keep_encoder=encoder == 'per_step')
     settings = self.sampling_settings(prompts, negative_prompts, num_steps=num_steps,
                                       guidance_scale=guidance_scale, sampler=sampler, seed=seed, eta=eta,
-                                      height=height, width=width)
+                                      height=height, width=width, **size_conditioning)
     masked = personalize_lib.uses_loss_mask(m, tuning)
     if mask is not None and not masked:
       raise InputError('a mask was given but the tuning has no loss mask; pass tuning=TuningConfig(loss_mask=True).')
@@ -321,16 +321,18 @@ class Generator:
         self._on_device(model.params, tuple(model.params)), pixels, jax.random.key(0) if rng is None else rng,
         np.int32(num_tuning_steps), tune_ids, m.tokenize(settings['prompts'])[None],
         m.tokenize(settings['negative_prompts'])[None], np.asarray(settings['seeds'], np.uint32).reshape(1, count),
-        np.asarray(guidance_scale, np.float32), np.asarray(eta, np.float32), loss_mask)
+        np.asarray(guidance_scale, np.float32), np.asarray(eta, np.float32), loss_mask, time_ids=settings['time_ids'])
     if not bool(healthy):
       raise DivergenceError('tuning produced a non-finite loss (NaN/inf); lower the learning rate or check the model '
                        'weights.')
     return np.asarray(images)[0]
 
   def sampling_settings(self, prompts, negative_prompts, *, num_steps: int, guidance_scale: float, sampler,
-                        seed, eta: float, height: int | None, width: int | None) -> dict[str, Any]:
+                        seed, eta: float, height: int | None, width: int | None,
+                        **size_conditioning) -> dict[str, Any]:
     """Checks the per-call sampling arguments (before any work): prompts, negative prompts, seeds, size,
-    sampler, steps, guidance, eta. Returns them as lists, and the `_ProgramKey` (for no concept)."""
+    sampler, steps, guidance, eta, SDXL's size conditioning (`SIZE_CONDITIONING`). Returns them as lists,
+    the `_ProgramKey` (for no concept) and 'time_ids' (SDXL: float32 [6]; else None)."""
     m = self.modules
     prompts = _as_list(prompts, 'prompts')
     if not prompts:
@@ -362,21 +364,22 @@ class Generator:
       raise InputError(f'guidance_scale must be a finite number, got {guidance_scale}.')
     key = _ProgramKey(latent_height=height // factor, latent_width=width // factor, num_steps=int(num_steps),
                       sampler=sampler_config, stochastic=bool(eta), offsets_mode=m.config.offsets.mode)
-    return {'prompts': prompts, 'negative_prompts': negative_prompts, 'seeds': seeds, 'key': key}
+    return {'prompts': prompts, 'negative_prompts': negative_prompts, 'seeds': seeds, 'key': key,
+            'time_ids': _time_ids(m, height, width, size_conditioning)}
 
   def generate(self, model: model_lib.E4TModel, concept: Concept | Sequence[Concept | None] | None,
                prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None, *,
                num_steps: int = 25, guidance_scale: float = 7.5,
                sampler: str | samplers_lib.SamplerConfig = 'dpmpp_2m', seed: int | Sequence[int] = 0,
                eta: float = 0.0, height: int | None = None, width: int | None = None,
-               encoder: str = 'averaged') -> np.ndarray:
+               encoder: str = 'averaged', **size_conditioning) -> np.ndarray:
     """See `generate` (module level)."""
     if model.modules is not self.modules:
       raise ValueError('this Generator was built for another model; use generate() or a new Generator.')
     m = self.modules
     settings = self.sampling_settings(prompts, negative_prompts, num_steps=num_steps,
                                       guidance_scale=guidance_scale, sampler=sampler, seed=seed, eta=eta,
-                                      height=height, width=width)
+                                      height=height, width=width, **size_conditioning)
     prompts, negative_prompts, seeds = settings['prompts'], settings['negative_prompts'], settings['seeds']
     count = len(prompts)
     if concept is None or isinstance(concept, Concept):
@@ -447,7 +450,8 @@ class Generator:
     images = program(params['unet'], params['vae'], prompts_lib.text_params_of(params), embeddings,
                      offsets, prompt_ids[slot_index], negative_ids[slot_index],
                      np.asarray(seeds, np.uint32)[slot_index], np.asarray(guidance_scale, np.float32),
-                     np.asarray(eta, np.float32), concepts[0].tuned_encoder if per_step else None)
+                     np.asarray(eta, np.float32), concepts[0].tuned_encoder if per_step else None,
+                     time_ids=settings['time_ids'])
     images = np.asarray(images)  # [C, B, H, W, 3]
     out = np.empty((count,) + images.shape[2:], np.uint8)
     for group, members in enumerate(groups.values()):
@@ -479,7 +483,9 @@ def generate(model: model_lib.E4TModel, concept: Concept | Sequence[Concept | No
              num_steps: int = 25, guidance_scale: float = 7.5,
              sampler: str | samplers_lib.SamplerConfig = 'dpmpp_2m', seed: int | Sequence[int] = 0,
              eta: float = 0.0, height: int | None = None, width: int | None = None,
-             scheduler_config: Mapping[str, Any] | None = None, encoder: str = 'averaged') -> np.ndarray:
+             scheduler_config: Mapping[str, Any] | None = None, encoder: str = 'averaged',
+             original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] | None = None,
+             target_size: tuple[int, int] | None = None) -> np.ndarray:
   """Generates one image per prompt.
 
   Args:
@@ -500,6 +506,9 @@ def generate(model: model_lib.E4TModel, concept: Concept | Sequence[Concept | No
     encoder: 'averaged' (default): the concept's stored w*, one vector for every step; 'per_step' (the
       paper's): the tuned encoder re-reads the concept at every denoising step from the current noisy
       latents (one concept for all prompts, tuned with `TuningConfig(keep_encoder=True)`).
+    original_size, crops_coords_top_left, target_size: SDXL's size conditioning, (height, width) /
+      (top, left) pixels as diffusers' pipeline takes them; default (height, width), (0, 0), (height, width).
+      An array argument: changing it never recompiles. SD 1.x/2.x models refuse them.
   Returns:
     uint8 [len(prompts), height, width, 3].
   Raises:
@@ -513,7 +522,8 @@ def generate(model: model_lib.E4TModel, concept: Concept | Sequence[Concept | No
   """
   return get_generator(model.modules, scheduler_config).generate(
       model, concept, prompts, negative_prompts, num_steps=num_steps, guidance_scale=guidance_scale,
-      sampler=sampler, seed=seed, eta=eta, height=height, width=width, encoder=encoder)
+      sampler=sampler, seed=seed, eta=eta, height=height, width=width, encoder=encoder,
+      **_given(original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size))
 
 
 def personalize_and_generate(model: model_lib.E4TModel, image: Any, prompts: str | Sequence[str],
@@ -522,7 +532,10 @@ def personalize_and_generate(model: model_lib.E4TModel, image: Any, prompts: str
                              rng: jax.Array | None = None, num_steps: int = 25, guidance_scale: float = 7.5,
                              sampler: str | samplers_lib.SamplerConfig = 'dpmpp_2m', seed: int | Sequence[int] = 0,
                              eta: float = 0.0, height: int | None = None, width: int | None = None,
-                             scheduler_config: Mapping[str, Any] | None = None, mask: Any = None) -> np.ndarray:
+                             scheduler_config: Mapping[str, Any] | None = None, mask: Any = None,
+                             original_size: tuple[int, int] | None = None,
+                             crops_coords_top_left: tuple[int, int] | None = None,
+                             target_size: tuple[int, int] | None = None) -> np.ndarray:
   """Personalizes the model to `image` and renders `prompts` with the concept, in ONE compiled program (the
   paper's "no model saved per concept"): nothing is written and nothing leaves the device in between.
 
@@ -530,12 +543,44 @@ def personalize_and_generate(model: model_lib.E4TModel, image: Any, prompts: str
   `make_personalize_fn` / `personalize_fn`; `encoder` and the sampling arguments those of `generate`. The
   image, the key, the step count, the prompts, seeds and guidance are array arguments: a new image or prompt
   of the same shapes never compiles again. `mask` (with `TuningConfig(loss_mask=True)`): where the subject
-  is, as `personalize_fn` takes it. Returns uint8 [len(prompts), height, width, 3].
+  is, as `personalize_fn` takes it. `original_size`, `crops_coords_top_left`, `target_size`: SDXL's size
+  conditioning, as for `generate`. Returns uint8 [len(prompts), height, width, 3].
   """
   return get_generator(model.modules, scheduler_config).personalize_and_generate(
       model, image, prompts, negative_prompts, tuning=tuning, num_tuning_steps=num_tuning_steps,
       tuning_prompt=tuning_prompt, encoder=encoder, rng=rng, num_steps=num_steps, guidance_scale=guidance_scale,
-      sampler=sampler, seed=seed, eta=eta, height=height, width=width, mask=mask)
+      sampler=sampler, seed=seed, eta=eta, height=height, width=width, mask=mask,
+      **_given(original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size))
+
+
+SIZE_CONDITIONING = ('original_size', 'crops_coords_top_left', 'target_size')
+
+
+def _given(**values) -> dict:
+  return {k: v for k, v in values.items() if v is not None}
+
+
+def _time_ids(modules: model_lib.E4TModules, height: int, width: int, given: Mapping[str, Any]) -> np.ndarray | None:
+  """SDXL's six size/crop values for `sampling_settings` (float32 [6]), checked; None for SD 1.x/2.x."""
+  unknown = sorted(set(given) - set(SIZE_CONDITIONING))
+  if unknown:
+    raise TypeError(f'unexpected keyword argument(s) {unknown}; the size conditioning is {SIZE_CONDITIONING}.')
+  if modules.text_encoder_2 is None:
+    if given:
+      raise InputError(f'{sorted(given)}: SDXL\'s size conditioning; this model is Stable Diffusion 1.x/2.x, '
+                       'whose U-Net takes none.')
+    return None
+  values = {'original_size': (height, width), 'crops_coords_top_left': (0, 0), 'target_size': (height, width),
+            **given}
+  flat = []
+  for name in SIZE_CONDITIONING:
+    pair = values[name]
+    ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 1 << 16 for v in pair)
+    if not ok:
+      raise InputError(f'{name} must be two integers in [0, 65536] (pixels), got {pair!r}.')
+    flat += [int(v) for v in pair]
+  return np.asarray(flat, np.float32)
 
 
 # ----------------------------------------------------------------------------- files

@@ -183,6 +183,22 @@ def test_generation_on_a_tiny_sdxl_zeroes_empty_negatives_as_diffusers_does(tiny
   assert not np.array_equal(images[0], images[1])
 
 
+
+def test_sdxl_size_conditioning_is_an_array_argument(tiny_xl, tiny_e4t, compile_counter):
+  from e4t_jax import generation
+  from e4t_jax.errors import InputError
+  plain = generation.generate(tiny_xl, None, ['a photo of a face'], num_steps=2, guidance_scale=3.0)
+  with compile_counter as counter:
+    cropped = generation.generate(tiny_xl, None, ['a photo of a face'], num_steps=2, guidance_scale=3.0,
+                                  original_size=(2048, 1536), crops_coords_top_left=(128, 64))
+  assert counter.count == 0  # the six values are an argument of the one program
+  assert not np.array_equal(plain, cropped)
+  with pytest.raises(InputError, match='crops_coords_top_left must be two integers'):
+    generation.generate(tiny_xl, None, ['a face'], num_steps=2, crops_coords_top_left=(1.5, 0))
+  with pytest.raises(InputError, match="SDXL's size conditioning; this model is Stable Diffusion 1.x/2.x"):
+    generation.generate(tiny_e4t, None, ['a face'], num_steps=2, original_size=(512, 512))
+
+
 def test_an_exported_sdxl_concept_loads_in_diffusers_and_matches_ours(tiny_xl, xl_personalize_fn, random_image,
                                                                       tmp_path):
   torch = pytest.importorskip('torch')

@@ -118,10 +118,11 @@ def text_params_of(params) -> dict:
 
 
 def text_condition(modules, params, input_ids: jax.Array, w_star: jax.Array | None = None,
-                   image_size: tuple[int, int] | None = None):
+                   image_size: tuple[int, int] | None = None, time_ids: jax.Array | None = None):
   """The U-Net's text conditioning of `input_ids` [batch, tokens] with w* ([batch, sum widths] or None)
-  at the placeholder: the last hidden state (SD 1.x/2.x), or an `SDXLContext` (SDXL: for images of
-  `image_size` (height, width), default the model's own, uncropped)."""
+  at the placeholder: the last hidden state (SD 1.x/2.x), or an `SDXLContext` (SDXL: size/crop ids
+  `time_ids` [6], default those of images of `image_size` (height, width), the model's own by default,
+  uncropped)."""
   if modules.text_encoder_2 is None:
     return encode_prompt(modules.text_encoder, params['text_encoder'], input_ids, placeholder_id=modules.placeholder_id,
                          placeholder_embedding=w_star, substitute_id=modules.coarse_token_id)
@@ -131,9 +132,12 @@ def text_condition(modules, params, input_ids: jax.Array, w_star: jax.Array | No
       (modules.text_encoder, modules.text_encoder_2), (params['text_encoder'], params['text_encoder_2']),
       (input_ids, second_tokenizer_ids(modules, input_ids)), placeholder_id=modules.placeholder_id,
       placeholder_embeddings=split, substitute_id=modules.coarse_token_id)
-  size = image_size or (modules.image_size, modules.image_size)
-  return unet_lib.SDXLContext(states=states, text_embeds=pooled,
-                              time_ids=unet_lib.sdxl_time_ids(tuple(size), batch=input_ids.shape[0]))
+  batch = input_ids.shape[0]
+  if time_ids is None:
+    time_ids = unet_lib.sdxl_time_ids(tuple(image_size or (modules.image_size, modules.image_size)), batch=batch)
+  else:
+    time_ids = jnp.broadcast_to(jnp.asarray(time_ids, jnp.float32), (batch, unet_lib.SDXL_TIME_IDS))
+  return unet_lib.SDXLContext(states=states, text_embeds=pooled, time_ids=time_ids)
 
 
 def zero_empty_negatives(modules, context, negative_ids: jax.Array):
