@@ -168,28 +168,24 @@ def test_compile_once_personalization_on_a_tiny_sdxl(tiny_xl, xl_personalize_fn,
   assert len({np.asarray(c.embedding).tobytes() for c in concepts}) == 5
 
 
-def test_generation_on_a_tiny_sdxl_zeroes_empty_negatives_as_diffusers_does(tiny_xl, random_image):
+def test_sdxl_generation_zeroes_empty_negatives_and_takes_the_size_conditioning_as_an_argument(
+    tiny_xl, tiny_e4t, xl_personalize_fn, random_image, compile_counter):
   from e4t_jax import generation
   from e4t_jax.e4t import prompts as prompts_lib
+  from e4t_jax.errors import InputError
   m = tiny_xl.modules
   ids = jnp.asarray(m.tokenize(['', 'a photo of a face']))
   context = prompts_lib.zero_empty_negatives(m, prompts_lib.text_condition(m, tiny_xl.params, ids), ids)
   assert not np.any(np.asarray(context.states[0])) and not np.any(np.asarray(context.text_embeds[0]))
   assert np.all(np.asarray(context.states[1]).any(axis=-1)) and np.asarray(context.time_ids[0]).any()
-  # one program: personalize from an image, then sample with the concept in both encoders (and generate alone)
-  images = generation.personalize_and_generate(tiny_xl, random_image(0), ['a photo of *', 'a painting of *'],
-                                               num_tuning_steps=2, num_steps=2, seed=[0, 1])
-  assert images.shape == (2, m.image_size, m.image_size, 3) and images.dtype == np.uint8
-  assert not np.array_equal(images[0], images[1])
-
-
-
-def test_sdxl_size_conditioning_is_an_array_argument(tiny_xl, tiny_e4t, compile_counter):
-  from e4t_jax import generation
-  from e4t_jax.errors import InputError
-  plain = generation.generate(tiny_xl, None, ['a photo of a face'], num_steps=2, guidance_scale=3.0)
+  # a concept's w* in both encoders, one program for every call below
+  concept = xl_personalize_fn(tiny_xl.params, random_image(0), jax.random.key(0))
+  prompts = ['a photo of *', 'a painting of *']
+  plain = generation.generate(tiny_xl, concept, prompts, num_steps=2, guidance_scale=3.0, seed=[0, 1])
+  assert plain.shape == (2, m.image_size, m.image_size, 3) and plain.dtype == np.uint8
+  assert not np.array_equal(plain[0], plain[1])
   with compile_counter as counter:
-    cropped = generation.generate(tiny_xl, None, ['a photo of a face'], num_steps=2, guidance_scale=3.0,
+    cropped = generation.generate(tiny_xl, concept, prompts, num_steps=2, guidance_scale=3.0, seed=[0, 1],
                                   original_size=(2048, 1536), crops_coords_top_left=(128, 64))
   assert counter.count == 0  # the six values are an argument of the one program
   assert not np.array_equal(plain, cropped)
