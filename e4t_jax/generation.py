@@ -47,6 +47,7 @@ from e4t_jax.e4t import prompts as prompts_lib
 from e4t_jax.errors import ConfigError, DivergenceError, E4TWarning, InputError
 from e4t_jax.fileio import atomic_write_bytes
 from e4t_jax.limits import MAX_SEED
+from e4t_jax.models import unet as unet_lib
 from e4t_jax.models.vae import decode_latents
 
 # Generators kept alive per (modules, scheduler config); each holds its compiled programs.
@@ -572,15 +573,13 @@ def _time_ids(modules: model_lib.E4TModules, height: int, width: int, given: Map
     return None
   values = {'original_size': (height, width), 'crops_coords_top_left': (0, 0), 'target_size': (height, width),
             **given}
-  flat = []
   for name in SIZE_CONDITIONING:
     pair = values[name]
     ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
         isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 1 << 16 for v in pair)
     if not ok:
       raise InputError(f'{name} must be two integers in [0, 65536] (pixels), got {pair!r}.')
-    flat += [int(v) for v in pair]
-  return np.asarray(flat, np.float32)
+  return unet_lib.sdxl_time_ids(*(tuple(int(v) for v in values[name]) for name in SIZE_CONDITIONING))[0]
 
 
 # ----------------------------------------------------------------------------- files

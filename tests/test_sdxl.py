@@ -40,6 +40,15 @@ TEXT_2 = CLIPTextConfig.tiny(hidden_size=48, intermediate_size=96, num_attention
                              projection_dim=POOLED, num_hidden_layers=3)  # OpenCLIP bigG style
 
 
+def _assert_same_params(ours, theirs) -> None:
+  """The same leaves at the same paths, bit for bit."""
+  flat = lambda tree: traverse_util.flatten_dict(jax.tree.map(np.asarray, tree))
+  ours, theirs = flat(ours), flat(theirs)
+  assert ours.keys() == theirs.keys()
+  for path in ours:
+    np.testing.assert_array_equal(ours[path], theirs[path], err_msg=str(path))
+
+
 @pytest.fixture(scope='module')
 def sdxl() -> StableDiffusion:
   sd = init_stable_diffusion(jax.random.key(0), UNET, VAEConfig.tiny(), TEXT, text_config_2=TEXT_2)
@@ -59,11 +68,7 @@ def test_load_gives_back_the_saved_pipeline(sdxl, saved):
   assert loaded.is_xl and loaded.text_encoder_2.with_projection
   assert loaded.tokenizer_2.special_tokens['pad_token'] == '!' and loaded.tokenizer.special_tokens['pad_token'] != '!'
   assert set(loaded.params) == {'unet', 'vae', 'text_encoder', 'text_encoder_2'}
-  flat = lambda tree: traverse_util.flatten_dict(jax.tree.map(np.asarray, tree))
-  ours, theirs = flat(loaded.params), flat(sdxl.params)
-  assert ours.keys() == theirs.keys()
-  for path in ours:
-    np.testing.assert_array_equal(ours[path], theirs[path], err_msg=str(path))
+  _assert_same_params(loaded.params, sdxl.params)
 
 
 def test_parts_that_do_not_fit_are_named(saved, tmp_path):
@@ -253,11 +258,7 @@ def test_an_sdxl_e4t_model_saves_and_loads(tiny_xl, tmp_path):
   loaded = model_io.load_model(tmp_path / 'model')
   m = loaded.modules
   assert m.text_encoder_2 is not None and m.pad_id_2 == 0 and m.encoder.out_dim == 80
-  flat = lambda tree: traverse_util.flatten_dict(jax.tree.map(np.asarray, tree))
-  ours, theirs = flat(loaded.params), flat(tiny_xl.params)
-  assert ours.keys() == theirs.keys()
-  for path in ours:
-    np.testing.assert_array_equal(ours[path], theirs[path], err_msg=str(path))
+  _assert_same_params(loaded.params, tiny_xl.params)
 
 
 def test_textual_inversion_baseline_on_a_tiny_sdxl_tunes_both_parts(tiny_xl, random_image):

@@ -72,13 +72,6 @@ class StableDiffusion:
     return self.text_encoder_2 is not None
 
 
-def not_xl(sd: StableDiffusion, what: str) -> None:
-  """ConfigError for code paths that take SD 1.x/2.x only (`what` names the path) given an SDXL pipeline."""
-  if sd.is_xl:
-    raise ConfigError(f'{what} supports Stable Diffusion 1.x/2.x base models; this one is SDXL (two text '
-                      'encoders), which only the U-Net, text encoders and pipeline conversion support so far.')
-
-
 def _incompatibilities(unet_config: UNetConfig, vae_config: VAEConfig, text_config: CLIPTextConfig,
                        tokenizer: CLIPTokenizer | None, text_config_2: CLIPTextConfig | None = None,
                        tokenizer_2: CLIPTokenizer | None = None) -> list[str]:

@@ -727,14 +727,15 @@ def init_inputs(config: UNetConfig, batch: int = 1) -> tuple[jax.Array, jax.Arra
 
 
 def sdxl_time_ids(original_size: tuple[int, int], crops_coords_top_left: tuple[int, int] = (0, 0),
-                  target_size: tuple[int, int] | None = None, batch: int = 1) -> jax.Array:
-  """SDXL's six conditioning values, [batch, 6] float32: original (height, width), crop (top, left),
-  target (height, width), as diffusers' `_get_add_time_ids`; `target_size` defaults to `original_size`."""
+                  target_size: tuple[int, int] | None = None, batch: int = 1) -> np.ndarray:
+  """SDXL's six conditioning values, [batch, 6] float32 (host numpy: static values): original (height,
+  width), crop (top, left), target (height, width), as diffusers' `_get_add_time_ids`; `target_size`
+  defaults to `original_size`."""
   target_size = original_size if target_size is None else target_size
   values = tuple(original_size) + tuple(crops_coords_top_left) + tuple(target_size)
   if len(values) != SDXL_TIME_IDS:
     raise ValueError(f'sizes and crop must be (height, width) / (top, left) pairs, got {values}.')
-  return jnp.broadcast_to(jnp.asarray(values, jnp.float32), (batch, SDXL_TIME_IDS))
+  return np.tile(np.asarray(values, np.float32), (batch, 1))
 
 
 def init_added_cond(config: UNetConfig, batch: int = 1) -> dict[str, jax.Array] | None:
