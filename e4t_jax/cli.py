@@ -338,6 +338,21 @@ def _cmd_bench_full(args: argparse.Namespace) -> int:
   return 0
 
 
+# The names of `e4t_jax.bench.demo_train.VARIANTS` (listed here so that --help imports no JAX).
+_DEMO_TRAIN_VARIANTS = ('baseline', 'batch48', 'batch96', 'bfloat16', '2-devices', 'xla-deferred', 'eigen-convs', 'no-xnnpack',
+                        'onednn-dots', 'fast-math', 'wider', 'profile')
+
+
+def _cmd_bench_demo_train(args: argparse.Namespace) -> int:
+  from e4t_jax.bench import demo_train as bench_demo
+  _check_json_out(args.json)
+  variants = bench_demo.parse_variants(args.variants)  # before any work
+  result = bench_demo.run_demo_train_bench(variants, seconds=args.seconds, smoke=args.smoke, json_out=args.json,
+                                           log=lambda line: print(line, file=sys.stderr, flush=True))
+  print(bench_demo.format_table(result))
+  return 0 if not result['errors'] else 1
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
   from e4t_jax.bench import personalize as bench
   _check_json_out(args.json)
@@ -591,6 +606,14 @@ def build_parser() -> argparse.ArgumentParser:
                           help='only the headline programs (no remat/float32/attention variants): a short lease')
   bench_full.add_argument('--json', default=None, help='write the results here (rewritten as they come)')
   bench_full.set_defaults(func=_cmd_bench_full)
+  bench_demo = bench_sub.add_parser(
+      'demo-train', help="the demo model's CPU training step: variants (batch, dtype, XLA:CPU flags, devices) and a profile")
+  bench_demo.add_argument('--variants', default=None,
+                          help='comma-separated, from: ' + ', '.join(_DEMO_TRAIN_VARIANTS) + ' (default: all)')
+  bench_demo.add_argument('--seconds', type=_positive, default=30.0, help='time each variant for this long')
+  bench_demo.add_argument('--smoke', action='store_true', help="the smoke run's tiny sizes (a test)")
+  bench_demo.add_argument('--json', default=None, help='write the results here')
+  bench_demo.set_defaults(func=_cmd_bench_demo_train)
 
   convert = sub.add_parser('convert', help='convert / check model weights, export concepts')
   convert_sub = convert.add_subparsers(dest='convert_command', required=True, metavar='WHAT')
