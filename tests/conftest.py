@@ -3,13 +3,33 @@ import os
 
 # Must happen before jax is imported anywhere.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-# The `e4t` command caches compiles in ~/.cache by default; tests do not (tests/test_cli.py checks the cache).
-os.environ['E4T_CACHE_DIR'] = 'off'
+# One persistent XLA compilation cache for the whole test session, shared by the xdist workers and every
+# `e4t` subprocess (many tests compile the same tiny programs; a hit loads the executable instead). It lives
+# in a temp folder the controller makes and removes; never ~/.cache. E4T_TEST_XLA_CACHE=off: no cache.
+if os.environ.get('E4T_TEST_XLA_CACHE', '').lower() == 'off':
+  os.environ['E4T_CACHE_DIR'] = 'off'
+elif 'E4T_TEST_SESSION_CACHE' not in os.environ:  # the controller (or a plain pytest): make the folder
+  import tempfile
+  os.environ['E4T_TEST_SESSION_CACHE'] = tempfile.mkdtemp(prefix='e4t-test-xla-')
+  os.environ['E4T_TEST_SESSION_CACHE_OWNER'] = str(os.getpid())
+  os.environ['E4T_CACHE_DIR'] = os.environ['E4T_TEST_SESSION_CACHE']
 _flags = os.environ.get('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in _flags:
   os.environ['XLA_FLAGS'] = (_flags + ' --xla_force_host_platform_device_count=8').strip()
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+  if os.environ.get('E4T_CACHE_DIR', 'off') != 'off':
+    from e4t_jax import runtime
+    runtime.enable_compilation_cache(os.environ['E4T_CACHE_DIR'])
+
+
+def pytest_unconfigure(config):
+  if os.environ.get('E4T_TEST_SESSION_CACHE_OWNER') == str(os.getpid()):
+    import shutil
+    shutil.rmtree(os.environ['E4T_TEST_SESSION_CACHE'], ignore_errors=True)
 
 
 def _random_image(seed: int, size: int = 40):

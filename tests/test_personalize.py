@@ -129,11 +129,8 @@ def test_non_finite_loss_stops_tuning_with_a_clear_error(random_image, tiny, per
 
 
 def test_persistent_compilation_cache_directory_is_populated(tiny, tmp_path):
-  import jax
-  try:
+  from e4t_jax.bench import harness
+  # scoped: later tests in this process go back to the session's cache, not into a deleted temp dir
+  with harness.scoped_persistent_cache(tmp_path / 'unused'):
     personalize_lib.make_personalize_fn(tiny, num_steps=1, cache_dir=tmp_path / 'xla-cache')
     assert any((tmp_path / 'xla-cache').iterdir()), 'the compiled program was not written to the cache'
-  finally:  # later tests in this process must not write into a deleted temp dir
-    from jax.experimental.compilation_cache import compilation_cache
-    jax.config.update('jax_compilation_cache_dir', None)
-    compilation_cache.reset_cache()
