@@ -340,7 +340,7 @@ def _cmd_bench_full(args: argparse.Namespace) -> int:
 
 # The names of `e4t_jax.bench.demo_train.VARIANTS` (listed here so that --help imports no JAX).
 _DEMO_TRAIN_VARIANTS = ('baseline', 'batch48', 'batch96', 'bfloat16', '2-devices', 'xla-deferred', 'eigen-convs', 'no-xnnpack',
-                        'onednn-dots', 'fast-math', 'wider', 'profile')
+                        'onednn-dots', 'fast-math', 'wider', 'combined', 'profile')
 
 
 def _cmd_bench_demo_train(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ another's):
   fast-math     `--xla_cpu_enable_fast_math=true`.
   wider         "fewer but wider": U-Net channels (64, 128) instead of (48, 96): how the achieved
                 FLOP rate scales with the width (a different model, so its step time is not a ratio).
+  combined      xla-deferred + 2-devices + eigen-convs together.
   profile       the baseline step under the profiler (`--xla_cpu_enable_xprof_traceme=true`): the time
                 of every XLA:CPU thunk, summed over threads, in categories: convolution forward /
                 input gradient / weight gradient, matrix multiplications, element-wise and reduction
@@ -82,6 +83,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant('onednn-dots', xla_flags='--xla_cpu_experimental_onednn_fusion_type=dot'),
     Variant('fast-math', xla_flags='--xla_cpu_enable_fast_math=true'),
     Variant('wider', channels=(64, 128)),
+    Variant('combined', attention='xla_deferred', devices=2,
+            xla_flags='--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'),
     Variant('profile', xla_flags='--xla_cpu_enable_xprof_traceme=true', profile=True),
 )}
 DEFAULT_VARIANTS = tuple(VARIANTS)
