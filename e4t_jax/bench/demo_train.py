@@ -41,13 +41,11 @@ import collections
 import dataclasses
 import datetime
 import glob
-import json
 import os
 import re
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -341,11 +339,7 @@ def run_demo_train_bench(variants: Sequence[str] = DEFAULT_VARIANTS, *, seconds:
                                    if base and entry.get('gflops_per_s') and base.get('gflops_per_s') else None)
   result['load_average_end'] = harness.load_average()
   if json_out is not None:
-    path = Path(json_out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + '.tmp')
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + '\n')
-    os.replace(tmp, path)
+    harness.write_json(json_out, result)
   return result
 
 

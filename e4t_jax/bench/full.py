@@ -49,7 +49,6 @@ import sys
 import tempfile
 import time
 from concurrent import futures
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -578,11 +577,7 @@ def run_full_bench(config_name: str = 'sd15', *, json_out: str | os.PathLike | N
   def save():
     result['elapsed_s'] = time.time() - start
     if json_out is not None:
-      path = Path(json_out)
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.with_suffix(path.suffix + '.tmp')
-      tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + '\n')
-      os.replace(tmp, path)
+      harness.write_json(json_out, result)
 
   with tempfile.TemporaryDirectory(prefix='e4t-bench-full-') as cache_dir:
     # Phase 1: compile everything in parallel (CPU-bound; the persistent cache carries the executables).

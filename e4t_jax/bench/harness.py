@@ -215,6 +215,14 @@ def proc_rss(pid: int) -> tuple[int, int]:
     return 0, 0
 
 
+def write_json(path: str | os.PathLike, result: dict) -> None:
+  """A benchmark's result as indented, key-sorted JSON, written atomically (parent folders made)."""
+  from e4t_jax.fileio import atomic_write_bytes  # pylint: disable=g-import-not-at-top
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  atomic_write_bytes(path, [(json.dumps(result, indent=2, sort_keys=True) + '\n').encode()])
+
+
 def emit(record: dict) -> None:
   record['peak_rss_bytes'] = peak_rss_bytes()
   print(json.dumps(record), flush=True)
