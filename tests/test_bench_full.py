@@ -12,11 +12,15 @@ from e4t_jax.errors import ConfigError
 from e4t_jax.models import layers
 
 
-def test_auto_attention_is_the_reference_attention_off_a_gpu():
+def test_auto_attention_off_a_gpu_is_an_xla_attention_never_a_fused_kernel():
   q, k, v = (jax.random.normal(key, (2, 64, 4, 8)) for key in jax.random.split(jax.random.key(0), 3))
+  # on CPU 'auto' is the deferred-softmax XLA attention (tests/test_cpu_attention.py), or the reference when pinned
+  deferred = layers.dot_product_attention(q, k, v, implementation='xla_deferred')
   reference = layers.dot_product_attention(q, k, v, implementation='xla')
   for implementation in (None, 'auto'):
-    np.testing.assert_array_equal(layers.dot_product_attention(q, k, v, implementation=implementation), reference)
+    np.testing.assert_array_equal(layers.dot_product_attention(q, k, v, implementation=implementation), deferred)
+    with layers.auto_cpu_attention('xla'):
+      np.testing.assert_array_equal(layers.dot_product_attention(q, k, v, implementation=implementation), reference)
   with pytest.raises(ValueError, match='not one of'):
     layers.dot_product_attention(q, k, v, implementation='flash')
 
