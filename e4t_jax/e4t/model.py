@@ -28,6 +28,7 @@ from e4t_jax.errors import ConfigError
 from e4t_jax.models import clip as clip_lib
 from e4t_jax.models import unet as unet_lib
 from e4t_jax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
+from e4t_jax.models import layers
 from e4t_jax.models.layers import host_init
 from e4t_jax.models.unet import UNet, UNetConfig, UNetFeatures
 from e4t_jax.models.vae import AutoencoderKL, VAEConfig
@@ -147,20 +148,25 @@ def build_modules(config: E4TConfig, sd: StableDiffusion, image_encoder: CLIPVis
 
 
 def encoder_init_inputs(modules: E4TModules, batch: int = 1) -> tuple[tuple[jax.Array, ...], UNetFeatures]:
-  """Abstract-shaped example inputs of the E4T encoder (CLIP hidden states, U-Net features)."""
-  vision = modules.image_encoder.config
-  pixels = jnp.zeros((batch, vision.image_size, vision.image_size, 3))
-  image_encoder = modules.image_encoder
-  clip_out = jax.eval_shape(lambda: image_encoder.apply(image_encoder.init(jax.random.key(0), pixels), pixels))
-  unet_cfg = modules.unet.config
-  latents = jnp.zeros((batch, unet_cfg.sample_size, unet_cfg.sample_size, unet_cfg.in_channels))
-  t, context = jnp.zeros((batch,)), jnp.zeros((batch, 1, unet_cfg.cross_attention_dims()[0]))
-  added = unet_lib.init_added_cond(unet_cfg, batch)
-  unet = modules.unet
-  features = jax.eval_shape(lambda: unet.apply(unet_lib.init_variables(unet, jax.random.key(0), batch),
-                                               latents, t, context, added_cond_kwargs=added, features_only=True))
+  """Example inputs of the E4T encoder (zeros shaped as CLIP's hidden states and the U-Net's features);
+  the shapes are traced once per image encoder, U-Net and batch (`layers.memoized_shapes`)."""
+  image_encoder, unet = modules.image_encoder, modules.unet
+
+  def shapes():
+    vision = image_encoder.config
+    pixels = jnp.zeros((batch, vision.image_size, vision.image_size, 3))
+    clip_out = jax.eval_shape(lambda: image_encoder.apply(image_encoder.init(jax.random.key(0), pixels), pixels))
+    unet_cfg = unet.config
+    latents = jnp.zeros((batch, unet_cfg.sample_size, unet_cfg.sample_size, unet_cfg.in_channels))
+    t, context = jnp.zeros((batch,)), jnp.zeros((batch, 1, unet_cfg.cross_attention_dims()[0]))
+    added = unet_lib.init_added_cond(unet_cfg, batch)
+    features = jax.eval_shape(lambda: unet.apply(unet_lib.init_variables(unet, jax.random.key(0), batch),
+                                                 latents, t, context, added_cond_kwargs=added, features_only=True))
+    return clip_out.hidden_states, features
+
+  clip_states, features = layers.memoized_shapes(('encoder inputs', image_encoder, unet, batch), shapes)
   as_zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
-  return as_zeros(clip_out.hidden_states), as_zeros(features)
+  return as_zeros(clip_states), as_zeros(features)
 
 
 def init_trainable(key: jax.Array, modules: E4TModules, unet_params: Any, boxed: bool = False) -> dict:
@@ -199,7 +205,7 @@ def init_tiny(key: jax.Array, config: E4TConfig = E4TConfig(), *, unet: UNetConf
   per_layer = CLIPVisionTransformer(vision, with_projection=False, scan_layers=False)
   pixels = jnp.zeros((1, vision.image_size, vision.image_size, 3))
   # Drawn per layer (init_e4t stacks them where the layers scan): the values do not depend on the layout.
-  vision_params = host_init(jax.eval_shape(per_layer.init, k_vision, pixels)['params'],
+  vision_params = host_init(layers.abstract_init(per_layer, pixels)['params'],
                             seed=int(jax.random.randint(k_vision, (), 0, 2**31 - 1)))
   return init_e4t(k_e4t, config, sd, per_layer, vision_params)
 
@@ -310,7 +316,7 @@ def abstract_model(config: E4TConfig, unet: UNetConfig, vae: VAEConfig, text: CL
                                         scan_layers=scan_layers and image_encoder_scans(config, vision))
   key = jax.random.key(0)
   side = vae.downsample_factor
-  shapes = lambda module, *inputs: nn.meta.unbox(jax.eval_shape(module.init, key, *inputs)['params'])
+  shapes = lambda module, *inputs: nn.meta.unbox(layers.abstract_init(module, *inputs)['params'])
   params = {
       'unet': nn.meta.unbox(unet_lib.abstract_params(unet_module)),
       'vae': shapes(vae_module, jnp.zeros((1, side, side, vae.in_channels))),

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from e4t_jax.errors import ConfigError, InputError
+from e4t_jax.models import layers
 from e4t_jax.models.layers import Attention, conv, dense, embed, layer_norm
 
 Dtype = Any
@@ -537,7 +538,7 @@ def abstract_params(model: CLIPTextTransformer | CLIPVisionTransformer) -> Any:
     dummy = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
   else:
     raise TypeError(f'not a CLIP transformer: {type(model).__name__}')
-  return jax.eval_shape(model.init, jax.random.key(0), dummy)['params']
+  return layers.abstract_init(model, dummy)['params']
 
 
 # ----------------------------------------------------------------------------- preprocessing

@@ -17,7 +17,8 @@ written `_N` (e.g. `to_out_0`), so one generic converter (`convert.common`) maps
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import collections
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -234,6 +235,46 @@ class Attention(nn.Module):
     out = out.reshape(out.shape[:-2] + (inner,))
     out_features = self.out_features or hidden.shape[-1]
     return dense(out_features, ('heads', 'embed'), name=out_name, use_bias=self.out_bias, **kw)(out)
+
+
+# ----------------------------------------------------------------------------- abstract shapes, memoized
+# Tracing a model's init for its parameter shapes costs seconds (a U-Net: ~1 s on CPU, even tiny), and a
+# start-up asks for the same shapes several times (random init, shardings, the trainable split, the
+# encoder's example inputs). Shapes depend on the module's fields and the inputs' shapes only.
+_SHAPES: collections.OrderedDict = collections.OrderedDict()
+_SHAPES_SIZE = 256
+
+
+def memoized_shapes(cache_key: Any, compute: Callable[[], Any]) -> Any:
+  """`compute()` (a tree of `jax.ShapeDtypeStruct`s) once per hashable `cache_key`; each call gets its own
+  copy of the tree's containers. An unhashable key (a module holding an array) just computes."""
+  try:
+    key = (cache_key, jax.config.jax_enable_x64)
+    hash(key)
+  except TypeError:
+    return compute()
+  if key in _SHAPES:
+    _SHAPES.move_to_end(key)
+  else:
+    _SHAPES[key] = compute()
+    while len(_SHAPES) > _SHAPES_SIZE:
+      _SHAPES.popitem(last=False)
+  return jax.tree.map(lambda leaf: leaf, _SHAPES[key])
+
+
+def shape_key(tree: Any) -> Any:
+  """A hashable stand-in for `tree` by its structure and its arrays' shapes and dtypes (other leaves as they are)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((tuple(x.shape), str(x.dtype)) if hasattr(x, 'shape') and hasattr(x, 'dtype') else x
+                        for x in leaves)
+
+
+def abstract_init(module: nn.Module, *inputs: Any, **kwargs: Any) -> Any:
+  """`jax.eval_shape(module.init, key, *inputs, **kwargs)`: the variables as ShapeDtypeStructs (boxed with
+  their logical axes), traced once per module and input shapes (`memoized_shapes`). `inputs` may be
+  arrays or ShapeDtypeStructs; `kwargs` are passed as they are (concrete)."""
+  return memoized_shapes(('init', module, shape_key((inputs, kwargs))),
+                         lambda: jax.eval_shape(lambda *x: module.init(jax.random.key(0), *x, **kwargs), *inputs))
 
 
 def host_init(abstract_params: Any, seed: int = 0) -> Any:

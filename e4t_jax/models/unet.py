@@ -753,4 +753,4 @@ def init_variables(model: UNet, key: jax.Array, batch: int = 1) -> Any:
 
 def abstract_params(model: UNet) -> Any:
   """The model's params as boxed `ShapeDtypeStruct`s (logical axes kept), without allocating weights."""
-  return jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))['params']
+  return layers.abstract_init(model, *init_inputs(model.config), added_cond_kwargs=init_added_cond(model.config))['params']
