@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -314,9 +313,7 @@ def run_personalize_bench(config_name: str = 'tiny', *, num_steps: int = 5, num_
                              micro_batch=micro_batch)
   result['machine']['load_average_end'] = harness.load_average()
   if json_out is not None:
-    path = Path(json_out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, sort_keys=True) + '\n')
+    harness.write_json(json_out, result)  # atomic: an interrupted run never leaves half a file
   return result
 
 
