@@ -383,3 +383,19 @@ def test_odd_sizes_upsample_like_torch(torch_lib):
   out = jax.eval_shape(model.apply, {'params': nn.meta.unbox(abstract_params(model))},
                        jnp.zeros((1, 9, 10, 4)), jnp.zeros(()), jnp.zeros((1, 3, 24)))
   assert out.shape == (1, 9, 10, 4)
+
+
+def test_abstract_params_are_traced_once_per_module_and_copied_per_call(monkeypatch):
+  import dataclasses
+  traces = []
+  real = jax.eval_shape
+  monkeypatch.setattr(jax, 'eval_shape', lambda *a, **k: traces.append(1) or real(*a, **k))
+  config = dataclasses.replace(UNetConfig.tiny(), block_out_channels=(16, 48))  # an entry no other test made
+  first = abstract_params(UNet(config))
+  second = abstract_params(UNet(config))  # an equal module: the memo, no trace
+  assert len(traces) == 1
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), first) == jax.tree.map(lambda x: (x.shape, x.dtype), second)
+  assert first is not second and first['conv_in'] is not second['conv_in']  # callers may edit their copy
+  wider = abstract_params(UNet(dataclasses.replace(config, block_out_channels=(16, 64))))
+  assert len(traces) == 2 and nn.meta.unbox(wider)['conv_out']['kernel'].shape[2] == 16
+  assert nn.meta.unbox(wider)['down_blocks_1']['resnets_0']['conv1']['kernel'].shape[-1] == 64
