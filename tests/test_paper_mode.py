@@ -67,7 +67,9 @@ def test_paper_mode_tunes_unet_kernels_and_lite_mode_only_the_offsets(random_ima
     assert np.abs(np.asarray(offsets_lib.offset_matrix(pair))).max() > 1e-6, path
   assert paper_concept.info['tuning_mode'] == 'paper' and paper_concept.info['offsets_mode'] == 'additive'
   # Lite mode: the offsets' own targets only; the U-Net's weights are not part of the concept.
-  lite = personalize_lib.make_personalize_fn(tiny, num_steps=1)(tiny.params, random_image(0))
+  # (tests/test_personalize.py's settings: one program for both files through the session's XLA cache)
+  lite = personalize_lib.make_personalize_fn(tiny, num_steps=3, tuning=personalize_lib.TuningConfig(
+      learning_rate=1e-3))(tiny.params, random_image(0), num_steps=1)
   assert set(lite.weight_offsets) == set(tiny.params['weight_offsets'])
   assert lite.info['tuning_mode'] == 'lite'
 
