@@ -38,8 +38,7 @@ from e4t_jax.convert.vae import load_vae, save_vae
 from e4t_jax.errors import ConfigError, ConversionError, InputError, printable
 from e4t_jax.models import unet as unet_lib
 from e4t_jax.models.clip import CLIPTextConfig, CLIPTextTransformer, to_layout
-from e4t_jax.models import layers
-from e4t_jax.models.layers import host_init
+from e4t_jax.models.layers import abstract_init, host_init
 from e4t_jax.models.unet import UNet, UNetConfig
 from e4t_jax.models.vae import AutoencoderKL, VAEConfig
 from e4t_jax.models.tokenizer import CLIPTokenizer
@@ -258,7 +257,7 @@ def init_stable_diffusion(key: jax.Array, unet_config: UNetConfig, vae_config: V
   ids = jnp.zeros((1, 1), jnp.int32)
   seed = lambda k: int(jax.random.randint(k, (), 0, 2**31 - 1))
   random_params = lambda module, k, *inputs: jax.device_put(
-      host_init(layers.abstract_init(module, *inputs)['params'], seed=seed(k)))
+      host_init(abstract_init(module, *inputs)['params'], seed=seed(k)))
   params = {
       'unet': jax.device_put(host_init(unet_lib.abstract_params(unet), seed=seed(k_unet))),
       'vae': random_params(vae, k_vae, images),

@@ -28,8 +28,7 @@ from e4t_jax.errors import ConfigError
 from e4t_jax.models import clip as clip_lib
 from e4t_jax.models import unet as unet_lib
 from e4t_jax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
-from e4t_jax.models import layers
-from e4t_jax.models.layers import host_init
+from e4t_jax.models.layers import abstract_init, host_init, memoized_shapes
 from e4t_jax.models.unet import UNet, UNetConfig, UNetFeatures
 from e4t_jax.models.vae import AutoencoderKL, VAEConfig
 from e4t_jax.models.clip import CLIPTextConfig, CLIPTextTransformer
@@ -149,7 +148,7 @@ def build_modules(config: E4TConfig, sd: StableDiffusion, image_encoder: CLIPVis
 
 def encoder_init_inputs(modules: E4TModules, batch: int = 1) -> tuple[tuple[jax.Array, ...], UNetFeatures]:
   """Example inputs of the E4T encoder (zeros shaped as CLIP's hidden states and the U-Net's features);
-  the shapes are traced once per image encoder, U-Net and batch (`layers.memoized_shapes`)."""
+  the shapes are traced once per image encoder, U-Net and batch (`memoized_shapes`)."""
   image_encoder, unet = modules.image_encoder, modules.unet
 
   def shapes():
@@ -164,7 +163,7 @@ def encoder_init_inputs(modules: E4TModules, batch: int = 1) -> tuple[tuple[jax.
                                                  latents, t, context, added_cond_kwargs=added, features_only=True))
     return clip_out.hidden_states, features
 
-  clip_states, features = layers.memoized_shapes(('encoder inputs', image_encoder, unet, batch), shapes)
+  clip_states, features = memoized_shapes(('encoder inputs', image_encoder, unet, batch), shapes)
   as_zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
   return as_zeros(clip_states), as_zeros(features)
 
@@ -205,7 +204,7 @@ def init_tiny(key: jax.Array, config: E4TConfig = E4TConfig(), *, unet: UNetConf
   per_layer = CLIPVisionTransformer(vision, with_projection=False, scan_layers=False)
   pixels = jnp.zeros((1, vision.image_size, vision.image_size, 3))
   # Drawn per layer (init_e4t stacks them where the layers scan): the values do not depend on the layout.
-  vision_params = host_init(layers.abstract_init(per_layer, pixels)['params'],
+  vision_params = host_init(abstract_init(per_layer, pixels)['params'],
                             seed=int(jax.random.randint(k_vision, (), 0, 2**31 - 1)))
   return init_e4t(k_e4t, config, sd, per_layer, vision_params)
 
@@ -316,7 +315,7 @@ def abstract_model(config: E4TConfig, unet: UNetConfig, vae: VAEConfig, text: CL
                                         scan_layers=scan_layers and image_encoder_scans(config, vision))
   key = jax.random.key(0)
   side = vae.downsample_factor
-  shapes = lambda module, *inputs: nn.meta.unbox(layers.abstract_init(module, *inputs)['params'])
+  shapes = lambda module, *inputs: nn.meta.unbox(abstract_init(module, *inputs)['params'])
   params = {
       'unet': nn.meta.unbox(unet_lib.abstract_params(unet_module)),
       'vae': shapes(vae_module, jnp.zeros((1, side, side, vae.in_channels))),

@@ -37,8 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from e4t_jax.errors import ConfigError, InputError
-from e4t_jax.models import layers
-from e4t_jax.models.layers import Attention, conv, dense, embed, layer_norm
+from e4t_jax.models.layers import Attention, abstract_init, conv, dense, embed, layer_norm
 
 Dtype = Any
 
@@ -538,7 +537,7 @@ def abstract_params(model: CLIPTextTransformer | CLIPVisionTransformer) -> Any:
     dummy = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
   else:
     raise TypeError(f'not a CLIP transformer: {type(model).__name__}')
-  return layers.abstract_init(model, dummy)['params']
+  return abstract_init(model, dummy)['params']
 
 
 # ----------------------------------------------------------------------------- preprocessing

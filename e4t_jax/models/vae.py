@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from e4t_jax.errors import ConfigError, InputError
-from e4t_jax.models import layers
-from e4t_jax.models.layers import Attention, conv, group_norm
+from e4t_jax.models.layers import Attention, abstract_init, conv, group_norm
 
 Dtype = Any
 
@@ -429,4 +428,4 @@ def abstract_params(vae: AutoencoderKL) -> Any:
   """The params tree as ShapeDtypeStructs, still boxed with logical axis names; allocates nothing."""
   side = vae.config.downsample_factor  # smallest image that survives every downsampling
   images = jax.ShapeDtypeStruct((1, side, side, vae.config.in_channels), jnp.float32)
-  return layers.abstract_init(vae, images)['params']
+  return abstract_init(vae, images)['params']
