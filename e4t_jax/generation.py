@@ -174,8 +174,8 @@ def _tune_and_sample_program(modules: model_lib.E4TModules, tuning: Any, key: _P
   sample = _sampling_program(modules, key, timesteps)
 
   def program(params, image, rng, num_tuning_steps, tune_ids, prompt_ids, negative_ids, seeds, guidance_scale,
-              eta, mask=None, time_ids=None):
-    w_star, offsets, _, _, healthy, *tuned = tune(params, image, rng, num_tuning_steps, tune_ids, mask)
+              eta, mask=None, time_ids=None, rates=None):
+    w_star, offsets, _, _, healthy, *tuned = tune(params, image, rng, num_tuning_steps, tune_ids, mask, rates)
     images = sample(params['unet'], params['vae'], prompts_lib.text_params_of(params), w_star[None],
                     jax.tree.map(lambda x: x[None], offsets), prompt_ids, negative_ids, seeds, guidance_scale, eta,
                     tuned[0] if tuned else None, time_ids=time_ids)
@@ -312,17 +312,19 @@ class Generator:
       warnings.warn(line, GenerationWarning, stacklevel=3)
     mode = 'additive' if tuning.mode == 'paper' else m.config.offsets.mode
     key = dataclasses.replace(settings['key'], offsets_mode=mode, per_step=encoder == 'per_step')
-    program = self._tune_and_sample_programs.get((tuning, key))
+    program_key = (personalize_lib.compile_key(tuning), key)  # the learning rates are arguments
+    program = self._tune_and_sample_programs.get(program_key)
     if program is None:
-      program = jax.jit(_tune_and_sample_program(m, tuning, key, samplers_lib.make_timesteps(
+      program = jax.jit(_tune_and_sample_program(m, program_key[0], key, samplers_lib.make_timesteps(
           m.schedule, key.num_steps, key.sampler)))
-      self._tune_and_sample_programs[(tuning, key)] = program
+      self._tune_and_sample_programs[program_key] = program
     count = len(settings['prompts'])
     images, healthy = program(
         self._on_device(model.params, tuple(model.params)), pixels, jax.random.key(0) if rng is None else rng,
         np.int32(num_tuning_steps), tune_ids, m.tokenize(settings['prompts'])[None],
         m.tokenize(settings['negative_prompts'])[None], np.asarray(settings['seeds'], np.uint32).reshape(1, count),
-        np.asarray(guidance_scale, np.float32), np.asarray(eta, np.float32), loss_mask, time_ids=settings['time_ids'])
+        np.asarray(guidance_scale, np.float32), np.asarray(eta, np.float32), loss_mask, time_ids=settings['time_ids'],
+        rates=personalize_lib.tuning_rates(tuning))
     if not bool(healthy):
       raise DivergenceError('tuning produced a non-finite loss (NaN/inf); lower the learning rate or check the model '
                        'weights.')

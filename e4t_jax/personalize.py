@@ -114,6 +114,29 @@ def uses_loss_mask(modules: model_lib.E4TModules, tuning: TuningConfig) -> bool:
   return bool(modules.config.use_loss_mask if tuning.loss_mask is None else tuning.loss_mask)
 
 
+RATE_FIELDS = ('learning_rate', 'unet_learning_rate')
+
+
+def tuning_rates(tuning: TuningConfig, **overrides: float | None) -> dict[str, np.ndarray]:
+  """The `rates` argument of the tuning program: the learning rates (`RATE_FIELDS`; `overrides` replace
+  the config's where not None) as float32 scalars. They are run-time values: every rate runs on one
+  executable, so a learning-rate sweep compiles once. Raises InputError for a non-finite rate."""
+  unknown = set(overrides) - set(RATE_FIELDS)
+  if unknown:
+    raise TypeError(f'unknown learning rates {sorted(unknown)}; the tuning program takes {list(RATE_FIELDS)}.')
+  rates = {name: getattr(tuning, name) if overrides.get(name) is None else overrides[name] for name in RATE_FIELDS}
+  bad = {name: rate for name, rate in rates.items() if not np.isfinite(float(rate))}
+  if bad:
+    raise InputError(f'tuning learning rates must be finite numbers, got {bad}.')
+  return {name: np.float32(rate) for name, rate in rates.items()}
+
+
+def compile_key(tuning: TuningConfig) -> TuningConfig:
+  """`tuning` less what the tuning program takes at run time (the learning rates): configs with equal keys
+  compile to the same program, so caches of compiled programs key on this."""
+  return dataclasses.replace(tuning, **{name: getattr(TuningConfig, name) for name in RATE_FIELDS})
+
+
 def tuned_unet_kernels(unet_params: Any, tuning: TuningConfig) -> list[str]:
   """Module paths of the U-Net kernels paper mode tunes (none in lite mode), in a stable order."""
   if tuning.mode != 'paper':
@@ -174,21 +197,25 @@ def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig, unroll: 
   config = modules.config
   paper = tuning.mode == 'paper'
   prompt_ids = modules.tokenize([c.replace('{}', config.placeholder) for c in tuning_captions(modules, tuning)])
-  if paper:
-    # One optimizer, a learning rate per group: the U-Net's own kernels, and everything else.
-    label = lambda tree: {name: jax.tree.map(lambda _, n=name: 'unet' if n == 'unet' else 'e4t', sub)
-                          for name, sub in tree.items()}
-    optimizer = optax.multi_transform({'e4t': optax.adam(tuning.learning_rate),
-                                       'unet': optax.adam(tuning.unet_learning_rate)}, label)
-  else:
-    optimizer = optax.adam(tuning.learning_rate)
+  # One optimizer, a learning rate per group in paper mode: the U-Net's own kernels, and everything else.
+  label = lambda tree: {name: jax.tree.map(lambda _, n=name: 'unet' if n == 'unet' else 'e4t', sub)
+                        for name, sub in tree.items()}
+
+  def make_optimizer(rates):  # the rates are traced arguments: one executable serves every rate
+    if paper:
+      return optax.multi_transform({'e4t': optax.adam(rates['learning_rate']),
+                                    'unet': optax.adam(rates['unet_learning_rate'])}, label)
+    return optax.adam(rates['learning_rate'])
+
   readout_t = np.asarray(tuning.readout_timesteps, np.int32)
   masked = uses_loss_mask(modules, tuning)
 
-  def program(params, image, rng, num_steps, input_ids=None, mask=None):
+  def program(params, image, rng, num_steps, input_ids=None, mask=None, rates=None):
     # image: [S, S, 3] float32 in [0, 1] (already at the model resolution); input_ids: [rows, tokens]
     # int32, the tuning captions with the placeholder (1 row in lite mode, one per view in paper mode;
-    # None: the config's, baked in); mask: [S, S] float32 in [0, 1] when `masked` (None: all ones).
+    # None: the config's, baked in); mask: [S, S] float32 in [0, 1] when `masked` (None: all ones);
+    # rates: `tuning_rates(...)`, the learning rates as float32 scalars (None: the config's, baked in).
+    optimizer = make_optimizer(tuning_rates(tuning) if rates is None else rates)
     trainable, frozen = model_lib.split_params(params, config.trainable_patterns)
     tuned_kernels = tuned_unet_kernels(params['unet'], tuning)
     if paper:  # the selected U-Net kernels move to the trainable side
@@ -442,11 +469,15 @@ class PersonalizeFn:
     self._metadata = concept_metadata(model, tuning, fingerprint)
 
   def __call__(self, params: Any, image: Any, rng: jax.Array | None = None, num_steps: int | None = None,
-               prompt: str | None = None, mask: Any = None) -> Concept:
+               prompt: str | None = None, mask: Any = None, learning_rate: float | None = None,
+               unet_learning_rate: float | None = None) -> Concept:
     """Tunes on one image. `prompt` describes the image, '{}' = the concept (e.g. 'a {} on a red
     background'; default: the tuning config's, else the model's); every prompt runs on one executable.
     `mask`: where the subject is (HxW, 1 = subject; a path, uint8 0..255, bool or float in [0, 1]), for a
-    function made with a loss mask (`TuningConfig.loss_mask`); None there weights the whole image."""
+    function made with a loss mask (`TuningConfig.loss_mask`); None there weights the whole image.
+    `learning_rate` / `unet_learning_rate` (paper mode): replace the tuning config's for this call, on
+    the same executable (a sweep compiles nothing); the concept's metadata records the rates used."""
+    rates = tuning_rates(self.tuning, learning_rate=learning_rate, unet_learning_rate=unet_learning_rate)
     steps = self.tuning.num_steps if num_steps is None else int(num_steps)
     if not 0 <= steps <= self.tuning.num_steps:
       raise InputError(f'num_steps={steps}: this function was compiled for at most {self.tuning.num_steps} steps.')
@@ -462,14 +493,19 @@ class PersonalizeFn:
     pixels = prepare_image(image, size, source)
     key = self._default_key if rng is None else rng
     ids = tuning_ids(self.model.modules, self.tuning, prompt)
-    extra = (prepare_mask(mask, size, image),) if masked else ()
+    loss_mask = prepare_mask(mask, size, image) if masked else None
     w_star, offsets, losses, steps_run, healthy, *tuned = self.compiled(params, pixels, key, np.int32(steps), ids,
-                                                                        *extra)
+                                                                        loss_mask, rates)
     if not bool(healthy):
       raise DivergenceError('tuning produced a non-finite loss (NaN/inf); lower the learning rate or check the '
                        'model weights. The concept was not saved.')
+    metadata = self._metadata
+    if learning_rate is not None or unet_learning_rate is not None:
+      used = {name: value for name, value in (('learning_rate', learning_rate),
+                                              ('unet_learning_rate', unet_learning_rate)) if value is not None}
+      metadata = concept_metadata(self.model, dataclasses.replace(self.tuning, **used), self.fingerprint)
     return Concept(embedding=w_star, weight_offsets=offsets, loss_trace=losses, steps=steps_run,
-                   metadata=self._metadata + (('steps', str(steps)),), tuned_encoder=tuned[0] if tuned else None)
+                   metadata=metadata + (('steps', str(steps)),), tuned_encoder=tuned[0] if tuned else None)
 
   def cost_analysis(self) -> dict:
     """FLOPs and bytes of the compiled program (`e4t_jax.runtime.cost_stats`)."""
@@ -501,28 +537,37 @@ def lower_personalize_program(modules: model_lib.E4TModules, abstract_params: An
   what `make_personalize_fn` compiles; `e4t_jax.bench.full` compiles the same lowering ahead of time."""
   size = modules.image_size
   ids = tuning_ids(modules, tuning)
-  mask = (jax.ShapeDtypeStruct((size, size), jnp.float32),) if uses_loss_mask(modules, tuning) else ()
+  mask = jax.ShapeDtypeStruct((size, size), jnp.float32) if uses_loss_mask(modules, tuning) else None
   return jax.jit(tuning_program(modules, tuning)).lower(
       abstract_params, jax.ShapeDtypeStruct((size, size, 3), jnp.float32),
       jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.int32),
-      jax.ShapeDtypeStruct(ids.shape, jnp.int32), *mask)
+      jax.ShapeDtypeStruct(ids.shape, jnp.int32), mask, abstract_rates())
+
+
+def abstract_rates() -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes of `tuning_rates(...)`, for lowering the tuning program."""
+  return {name: jax.ShapeDtypeStruct((), jnp.float32) for name in RATE_FIELDS}
 
 
 _BATCHED_PROGRAMS: dict[tuple, tuple[Any, Any]] = {}
 
 
 def batched_program(modules: model_lib.E4TModules, tuning: TuningConfig, mesh) -> Callable:
-  """The vmapped tuning program, jitted once per (modules, tuning, mesh) and reused across calls."""
+  """The vmapped tuning program, jitted once per (modules, `compile_key(tuning)`, mesh) and reused across
+  calls (the learning rates are arguments)."""
   from jax.sharding import NamedSharding, PartitionSpec as P
+  tuning = compile_key(tuning)
   key = (id(modules), tuning, None if mesh is None else (id(mesh), tuple(mesh.shape.items())))
   cached = _BATCHED_PROGRAMS.get(key)
   if cached is not None and cached[0] is modules:  # the entry keeps `modules` alive: ids cannot be reused
     return cached[1]
-  per_concept = 5 if uses_loss_mask(modules, tuning) else 4  # image, key, steps, ids (, mask)
-  batched = jax.vmap(tuning_program(modules, tuning), in_axes=(None,) + (0,) * per_concept)
+  # Arguments: params (shared), image, key, steps, ids, mask (None without a loss mask), one per concept;
+  # rates (`tuning_rates`, shared).
+  batched = jax.vmap(tuning_program(modules, tuning), in_axes=(None, 0, 0, 0, 0, 0, None))
   if mesh is not None:
     over_data, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
-    batched = jax.jit(batched, in_shardings=(replicated,) + (over_data,) * per_concept, out_shardings=over_data)
+    batched = jax.jit(batched, in_shardings=(replicated,) + (over_data,) * 5 + (replicated,),
+                      out_shardings=over_data)
   else:
     batched = jax.jit(batched)
   if len(_BATCHED_PROGRAMS) >= 4:
@@ -535,8 +580,9 @@ _SEQUENTIAL_FNS: dict[tuple, tuple[Any, 'PersonalizeFn']] = {}
 
 
 def _sequential_fn(model: model_lib.E4TModel, tuning: TuningConfig) -> 'PersonalizeFn':
-  """`make_personalize_fn(model, tuning)`, compiled once per (modules, tuning) and reused."""
-  key = (id(model.modules), tuning)
+  """`make_personalize_fn(model, tuning)`, compiled once per (modules, `compile_key(tuning)`) and reused;
+  call it with `tuning`'s learning rates (`PersonalizeFn.__call__`'s overrides)."""
+  key = (id(model.modules), compile_key(tuning))
   cached = _SEQUENTIAL_FNS.get(key)
   if cached is not None and cached[0] is model.modules:
     return cached[1]
@@ -582,14 +628,16 @@ def personalize_many(model: model_lib.E4TModel, images: Sequence[Any], *, num_st
     # (every thread idle, the result never ready; docs/performance.md). On CPU, vmapping gains little
     # anyway: tune one concept at a time on one executable, with the keys the batched program would use.
     fn = _sequential_fn(model, tuning)
-    return [fn(model.params, images[i], keys[i], num_steps, prompts[i], mask=masks[i] if masked else None)
+    rates = {name: getattr(tuning, name) for name in RATE_FIELDS}
+    return [fn(model.params, images[i], keys[i], num_steps, prompts[i], mask=masks[i] if masked else None, **rates)
             for i in range(count)]
   batched = batched_program(model.modules, tuning, mesh)
-  extra = ()
+  stacked = None
   if masked:
     stacked = np.stack([prepare_mask(m, size, image, f'mask {i}') for i, (m, image) in enumerate(zip(masks, images))])
-    extra = (np.concatenate([stacked, np.repeat(stacked[:1], padded - count, axis=0)]),)
-  w_star, offsets, losses, steps_run, healthy, *tuned = batched(model.params, pixels, keys, steps, ids, *extra)
+    stacked = np.concatenate([stacked, np.repeat(stacked[:1], padded - count, axis=0)])
+  w_star, offsets, losses, steps_run, healthy, *tuned = batched(model.params, pixels, keys, steps, ids, stacked,
+                                                                tuning_rates(tuning))
   fingerprint = model_fingerprint(model)
   metadata = concept_metadata(model, tuning, fingerprint) + (('steps', str(num_steps)),)
   concepts = []

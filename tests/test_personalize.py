@@ -30,6 +30,30 @@ def test_personalize_compiles_once(random_image, tiny, personalize_fn, compile_c
   assert all(int(c.steps) == 3 for c in concepts)
 
 
+def test_a_learning_rate_sweep_runs_on_one_executable(random_image, tiny, personalize_fn, compile_counter):
+  image, key = random_image(4), jax.random.key(4)
+  with compile_counter as counter:
+    default = personalize_fn(tiny.params, image, key)
+    same = personalize_fn(tiny.params, image, key, learning_rate=1e-3)
+    sweep = {lr: personalize_fn(tiny.params, image, key, learning_rate=lr) for lr in (1e-4, 1e-2)}
+  assert counter.count == 0, f'{counter.count} compilations for a learning-rate sweep'
+  np.testing.assert_array_equal(same.embedding, default.embedding)  # the config's rate, passed explicitly
+  moved = {lr: float(np.abs(np.asarray(c.embedding) - np.asarray(default.embedding)).max()) for lr, c in sweep.items()}
+  assert all(m > 0 for m in moved.values()), moved
+  assert sweep[1e-2].info['learning_rate'] == '0.01' and default.info['learning_rate'] == '0.001'
+  with pytest.raises(InputError, match='finite'):
+    personalize_fn(tiny.params, image, key, learning_rate=float('nan'))
+
+
+def test_configs_that_differ_only_in_learning_rates_share_compiled_programs():
+  key = personalize_lib.compile_key
+  lite = personalize_lib.TuningConfig(learning_rate=1e-3)
+  assert key(lite) == key(personalize_lib.TuningConfig(learning_rate=3e-2, unet_learning_rate=1.0))
+  assert key(lite) != key(personalize_lib.TuningConfig(learning_rate=1e-3, num_steps=4))
+  assert personalize_lib.tuning_rates(lite, unet_learning_rate=2e-5) == {
+      'learning_rate': np.float32(1e-3), 'unet_learning_rate': np.float32(2e-5)}
+
+
 def test_tuning_moves_the_encoder_prediction_and_offsets(random_image, tiny, personalize_fn):
   concept = personalize_fn(tiny.params, random_image(0))
   coarse = np.asarray(tiny.params['text_encoder']['embeddings']['token_embedding']['embedding'][tiny.modules.coarse_token_id])

@@ -206,7 +206,7 @@ def lower_job(model: model_lib.E4TModel, job: Job, num_steps: int = 5):
     ids = personalize_lib.tuning_ids(m, tuning)
     b = job.batch
     args = (params, sds((b, size, size, 3), jnp.float32), jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b)),
-            sds((b,), jnp.int32), sds((b,) + ids.shape, jnp.int32))
+            sds((b,), jnp.int32), sds((b,) + ids.shape, jnp.int32), None, personalize_lib.abstract_rates())
     return personalize_lib.batched_program(m, tuning, None).lower(*args), args
   if job.kind == 'pretrain':
     step_fn, state, frozen = _pretrain_step(model)
@@ -451,8 +451,9 @@ def _time_batched(compiled, model: model_lib.E4TModel, args: Sequence[Any], batc
   steps = jnp.full((batch,), 5, jnp.int32)
   ids = personalize_lib.tuning_ids(m, personalize_lib.TuningConfig())
   ids = jnp.asarray(np.broadcast_to(ids, args[4].shape))
-  jax.block_until_ready(compiled(params, pixels, keys, steps, ids))  # untimed first execution
-  seconds, _, _ = harness.timed_calls(compiled, [(params, pixels, keys, steps, ids)] * 5,
+  call = (params, pixels, keys, steps, ids, None, personalize_lib.tuning_rates(personalize_lib.TuningConfig()))
+  jax.block_until_ready(compiled(*call))  # untimed first execution
+  seconds, _, _ = harness.timed_calls(compiled, [call] * 5,
                                      stop=lambda: time.time() > deadline - 5)
   if not seconds:
     return {}

@@ -75,7 +75,8 @@ def _program(config_name: str, program: str, devices: list, mesh_shape: dict[str
     m, tuning = model.modules, tuning or personalize_lib.TuningConfig(num_steps=5)
     ids, size, key = personalize_lib.tuning_ids(m, tuning), m.image_size, jax.eval_shape(lambda: jax.random.key(0))
     args = (on(model.params), sds((size, size, 3), jnp.float32, sharding=one), sds(key.shape, key.dtype, sharding=one),
-            sds((), jnp.int32, sharding=one), sds(ids.shape, jnp.int32, sharding=one))
+            sds((), jnp.int32, sharding=one), sds(ids.shape, jnp.int32, sharding=one), None,
+            on(personalize_lib.abstract_rates()))
     return jax.jit(personalize_lib.tuning_program(m, tuning)).lower(*args)
   import optax
   from e4t_jax.parallel import mesh as mesh_lib

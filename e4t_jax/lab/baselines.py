@@ -151,17 +151,20 @@ def _posterior(modules: model_lib.E4TModules, vae_params: Any, image: jax.Array)
 
 
 # ----------------------------------------------------------------------------- the tuning program
-def _tuning_program(modules: model_lib.E4TModules, max_steps: int, optimizer: optax.GradientTransformation,
-                    train_unet: bool) -> Callable:
+def _tuning_program(modules: model_lib.E4TModules, max_steps: int,
+                    make_optimizer: Callable[[dict], optax.GradientTransformation], train_unet: bool) -> Callable:
   """The pure function compiled by `make_textual_inversion_fn` / `make_dreambooth_fn` (one concept).
 
   Args of the returned function: params {'unet', 'vae', 'text_encoder'[, 'text_encoder_2']}, image [S, S, 3] in [0, 1],
-  rng (a PRNG key), num_steps (int32 [], <= max_steps), prompt_ids [batch, tokens] int32.
+  rng (a PRNG key), num_steps (int32 [], <= max_steps), prompt_ids [batch, tokens] int32, rates (the
+  optimizer's hyperparameters as float32 scalars, `make_optimizer`'s argument: run-time values, so every
+  learning rate runs on one executable).
   Returns: (trainable {'embedding'[, 'unet']}, losses [max_steps] (NaN where not run), steps run,
   healthy (False when a non-finite loss stopped tuning)).
   """
 
-  def program(params, image, rng, num_steps, prompt_ids):
+  def program(params, image, rng, num_steps, prompt_ids, rates):
+    optimizer = make_optimizer(rates)
     mean, std = _posterior(modules, params['vae'], image)  # once, outside the step loop
     trainable = {'embedding': prompts_lib.coarse_embedding(modules, params)}
     if train_unet:
@@ -198,13 +201,19 @@ def _sd_params(params: dict) -> dict:
   return {'unet': params['unet'], 'vae': params['vae'], **prompts_lib.text_params_of(params)}
 
 
-def _compile(model: model_lib.E4TModel, program: Callable, batch_size: int) -> Any:
+def _rates(config: Any, fields: Sequence[str]) -> dict[str, np.ndarray]:
+  """The program's `rates` argument: `config`'s optimizer hyperparameters `fields` as float32 scalars."""
+  return {name: np.float32(getattr(config, name)) for name in fields}
+
+
+def _compile(model: model_lib.E4TModel, program: Callable, batch_size: int, rate_fields: Sequence[str]) -> Any:
   size = model.modules.image_size
   tokens = model.modules.tokenize(['']).shape[1]
   return jax.jit(program).lower(
       _abstract(_sd_params(model.params)), jax.ShapeDtypeStruct((size, size, 3), jnp.float32),
       jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.int32),
-      jax.ShapeDtypeStruct((batch_size, tokens), jnp.int32)).compile()
+      jax.ShapeDtypeStruct((batch_size, tokens), jnp.int32),
+      {name: jax.ShapeDtypeStruct((), jnp.float32) for name in rate_fields}).compile()
 
 
 # ----------------------------------------------------------------------------- host side
@@ -249,6 +258,7 @@ def concept_bytes(method: str, model: model_lib.E4TModel) -> int:
 class _BaselineFn:
   """The shared host side of a compiled baseline (see `make_textual_inversion_fn`)."""
   method = ''
+  rate_fields: tuple[str, ...] = ()  # the config's optimizer hyperparameters, passed at run time
 
   def __init__(self, model: model_lib.E4TModel, config: Any, compiled: Any):
     self.model, self.config, self.compiled = model, config, compiled
@@ -266,7 +276,8 @@ class _BaselineFn:
     ids = tuning_prompt_ids(self.model.modules, prompt, self.config.batch_size)
     pixels = prepare_image(image, self.model.modules.image_size)
     key = self._default_key if rng is None else rng
-    trainable, losses, steps_run, healthy = self.compiled(_sd_params(params), pixels, key, np.int32(steps), ids)
+    trainable, losses, steps_run, healthy = self.compiled(_sd_params(params), pixels, key, np.int32(steps), ids,
+                                                          _rates(self.config, self.rate_fields))
     if not bool(healthy):
       raise DivergenceError(f'{self.method} produced a non-finite loss (NaN/inf); lower the learning rate or check '
                        'the model weights. The concept was not saved.')
@@ -292,6 +303,7 @@ class _BaselineFn:
 class TextualInversionFn(_BaselineFn):
   """The compiled textual inversion (see `make_textual_inversion_fn`)."""
   method = 'textual_inversion'
+  rate_fields = ('learning_rate', 'weight_decay')
 
   def __call__(self, params: Any, image: Any, rng: jax.Array | None = None, num_steps: int | None = None,
                prompt: str | Sequence[str] | None = None) -> Concept:
@@ -316,6 +328,7 @@ class TextualInversionFn(_BaselineFn):
 class DreamBoothFn(_BaselineFn):
   """The compiled DreamBooth-like fine-tuning (see `make_dreambooth_fn`)."""
   method = 'dreambooth'
+  rate_fields = ('learning_rate', 'embedding_learning_rate')
 
   def __call__(self, params: Any, image: Any, rng: jax.Array | None = None, num_steps: int | None = None,
                prompt: str | Sequence[str] | None = None) -> tuple[dict, Concept]:
@@ -352,9 +365,9 @@ def make_textual_inversion_fn(model: model_lib.E4TModel, num_steps: int | None =
     counts and captions never compile again.
   """
   config = _prepare(config or TextualInversionConfig(), num_steps, cache_dir)
-  optimizer = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
-  program = _tuning_program(model.modules, config.num_steps, optimizer, train_unet=False)
-  return TextualInversionFn(model, config, _compile(model, program, config.batch_size))
+  program = _tuning_program(model.modules, config.num_steps,
+                            lambda r: optax.adamw(r['learning_rate'], weight_decay=r['weight_decay']), train_unet=False)
+  return TextualInversionFn(model, config, _compile(model, program, config.batch_size, TextualInversionFn.rate_fields))
 
 
 def _prepare(config, num_steps: int | None, cache_dir: str | os.PathLike | None):
@@ -382,11 +395,10 @@ def make_dreambooth_fn(model: model_lib.E4TModel, num_steps: int | None = None, 
     images, keys, step counts and captions never compile again.
   """
   config = _prepare(config or DreamBoothConfig(), num_steps, cache_dir)
-  optimizer = optax.multi_transform(
-      {'embedding': optax.adam(config.embedding_learning_rate), 'unet': optax.adam(config.learning_rate)},
-      {'embedding': 'embedding', 'unet': 'unet'})
-  program = _tuning_program(model.modules, config.num_steps, optimizer, train_unet=True)
-  return DreamBoothFn(model, config, _compile(model, program, config.batch_size))
+  program = _tuning_program(model.modules, config.num_steps, lambda r: optax.multi_transform(
+      {'embedding': optax.adam(r['embedding_learning_rate']), 'unet': optax.adam(r['learning_rate'])},
+      {'embedding': 'embedding', 'unet': 'unet'}), train_unet=True)
+  return DreamBoothFn(model, config, _compile(model, program, config.batch_size, DreamBoothFn.rate_fields))
 
 
 # ----------------------------------------------------------------------------- evaluation
