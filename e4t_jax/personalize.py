@@ -336,11 +336,11 @@ def unet_delta_factors(original_unet: Any, tuned_unet: Any, weight_offsets: dict
   and the LoRA export apply as W + down @ up."""
   final = traverse_util.flatten_dict(offsets_lib.merge_offsets(tuned_unet, weight_offsets, offsets_mode))
   original = traverse_util.flatten_dict(dict(original_unet))
-  factors = {}
+  deltas = {}
   for path in sorted(set(tuned_kernels) | set(weight_offsets)):
     key = tuple(path.split('/')) + ('kernel',)
-    factors[path] = offsets_lib.low_rank_factors(final[key] - original[key], rank)
-  return factors
+    deltas[path] = final[key] - original[key]
+  return offsets_lib.low_rank_factors_many(deltas, rank)
 
 
 def tuning_prompt(modules: model_lib.E4TModules, tuning: TuningConfig) -> str:
