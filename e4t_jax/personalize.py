@@ -477,7 +477,8 @@ class PersonalizeFn:
     function made with a loss mask (`TuningConfig.loss_mask`); None there weights the whole image.
     `learning_rate` / `unet_learning_rate` (paper mode): replace the tuning config's for this call, on
     the same executable (a sweep compiles nothing); the concept's metadata records the rates used."""
-    rates = tuning_rates(self.tuning, learning_rate=learning_rate, unet_learning_rate=unet_learning_rate)
+    overrides = {'learning_rate': learning_rate, 'unet_learning_rate': unet_learning_rate}
+    rates = tuning_rates(self.tuning, **overrides)
     steps = self.tuning.num_steps if num_steps is None else int(num_steps)
     if not 0 <= steps <= self.tuning.num_steps:
       raise InputError(f'num_steps={steps}: this function was compiled for at most {self.tuning.num_steps} steps.')
@@ -499,11 +500,9 @@ class PersonalizeFn:
     if not bool(healthy):
       raise DivergenceError('tuning produced a non-finite loss (NaN/inf); lower the learning rate or check the '
                        'model weights. The concept was not saved.')
-    metadata = self._metadata
-    if learning_rate is not None or unet_learning_rate is not None:
-      used = {name: value for name, value in (('learning_rate', learning_rate),
-                                              ('unet_learning_rate', unet_learning_rate)) if value is not None}
-      metadata = concept_metadata(self.model, dataclasses.replace(self.tuning, **used), self.fingerprint)
+    used = {name: value for name, value in overrides.items() if value is not None}
+    metadata = self._metadata if not used else concept_metadata(
+        self.model, dataclasses.replace(self.tuning, **used), self.fingerprint)
     return Concept(embedding=w_star, weight_offsets=offsets, loss_trace=losses, steps=steps_run,
                    metadata=metadata + (('steps', str(steps)),), tuned_encoder=tuned[0] if tuned else None)
 

@@ -85,7 +85,8 @@ CASES = [
         'base/unet/diffusion_pytorch_model.safetensors': with_tensor_shape([-4, 2])})],
          r'diffusion_pytorch_model\.safetensors: tensor .* do not hold shape', stage='load'),
     # Tuning that diverges: the concept is checked before it is saved.
-    # Two steps, as test_cli's and test_demo_model's tuning: the learning rate is an argument, one compile serves all.
+    # Two steps, as test_cli's and test_demo_model's tuning: the learning rate is an argument, so the session's
+    # compilation cache can serve all three with one compile.
     Case('tuning-diverges', lambda a: P + [ok(a), '--out', 'out', '--learning-rate', '1e30', '--steps', '2'],
          r'ok\.png: tuning diverged .*nothing was saved .*lower --learning-rate', stage='work'),
 ]

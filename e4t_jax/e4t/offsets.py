@@ -108,7 +108,7 @@ def low_rank_factors(delta: jax.Array, rank: int) -> dict[str, jax.Array]:
 
 def low_rank_factors_many(deltas: Mapping[str, jax.Array], rank: int) -> dict[str, dict[str, jax.Array]]:
   """`low_rank_factors` of every delta, with ONE batched SVD per distinct matrix shape: SD 1.5's 282 tuned
-  kernels are 36 shapes. On TPU each SVD op expands into its own Jacobi loop at compile time, so this cuts
+  kernels are 36 shapes. On TPU each SVD op expands into its own QDWH + eigh program at compile time, so this cuts
   the paper-mode program's compile time and host memory (docs/performance.md); the factors are the same."""
   groups: dict[tuple[int, int], list[str]] = {}
   for path, delta in deltas.items():
