@@ -18,6 +18,7 @@ methods already there).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -38,8 +39,9 @@ METHOD_KINDS = ('e4t', 'e4t_paper', 'textual_inversion', 'dreambooth')  # e4t: l
 # the coarse word instead of a concept (the domain model alone: no personalization at all),
 # 'described' renders them with the identity put into words instead ("a small round lilac face with green
 # dot eyes, ... on a blue background"): what the base model draws when told who it is, the ceiling of a
-# concept that lives in one word embedding.
-REFERENCE_KINDS = ('truth', 'described', 'coarse')
+# concept that lives in one word embedding; 'reconstructed' scores the model's VAE round trip (encode, posterior
+# mean, decode) of the 'truth' renders: the ceiling of anything drawn through this latent space.
+REFERENCE_KINDS = ('truth', 'reconstructed', 'described', 'coarse')
 _ALIASES = {'ti': 'textual_inversion', 'db': 'dreambooth', 'paper': 'e4t_paper', 'e4t_lite': 'e4t'}
 DEFAULT_METHODS = ('e4t:0', 'e4t:5', 'e4t:15', 'textual_inversion:5', 'textual_inversion:500', 'dreambooth:5',
                    'dreambooth:200')
@@ -126,6 +128,21 @@ def concept_float32_bytes(concept) -> int:
   return 4 * sum(int(np.size(x)) for x in jax.tree.leaves((concept.embedding, concept.weight_offsets)))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _vae_round_trip(vae, params, images):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from e4t_jax.models.vae import AutoencoderKL
+  posterior = vae.apply({'params': params}, images.astype(jnp.float32) / 127.5 - 1.0, method=AutoencoderKL.encode)
+  decoded = vae.apply({'params': params}, posterior.mean, method=AutoencoderKL.decode)
+  return jnp.round(jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
+def vae_round_trip(model, images: np.ndarray) -> np.ndarray:
+  """uint8 images [N, S, S, 3] through the model's VAE (encode, the posterior mean, decode) back to uint8
+  (compiled once per VAE and batch shape)."""
+  return np.asarray(_vae_round_trip(model.modules.vae, model.params['vae'], images))
+
+
 def _reference_prompt(kind: str, model, identity: synthetic.Identity, context: synthetic.Context) -> str:
   """The prompt of a 'coarse' or 'described' reference image (no concept)."""
   coarse = model.config.coarse_word
@@ -170,9 +187,10 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
     prompts = [c.template().format(placeholder) for c in case.contexts]
     identities += [case.identity] * len(prompts)
     contexts += list(case.contexts)
-    if kind == 'truth':
+    if kind in ('truth', 'reconstructed'):
       flush()
-      images.append(np.stack([synthetic.render(case.identity, c) for c in case.contexts]))
+      renders = np.stack([synthetic.render(case.identity, c) for c in case.contexts])
+      images.append(vae_round_trip(model, renders) if kind == 'reconstructed' else renders)
     elif kind in ('coarse', 'described'):
       pending.append((model, None, [_reference_prompt(kind, model, case.identity, c) for c in case.contexts]))
     elif tuned_model is model and not per_step:
@@ -202,7 +220,8 @@ def evaluate_method(model, readout, kind: str, steps: int, cases: Sequence[Case]
       labels.append('input')
       tiles += list(images[i * PROMPTS_PER_IDENTITY:(i + 1) * PROMPTS_PER_IDENTITY])
       labels += [_reference_prompt(kind, model, cases[i].identity, c) if kind in ('coarse', 'described') else
-                 ('truth: ' if kind == 'truth' else '') + c.caption(placeholder) for c in cases[i].contexts]
+                 (f'{kind}: ' if kind in ('truth', 'reconstructed') else '') + c.caption(placeholder)
+                 for c in cases[i].contexts]
     from e4t_jax.data.images import encode_png  # pylint: disable=g-import-not-at-top
     grid = generate_lib.make_grid(np.stack(tiles), labels, columns=1 + PROMPTS_PER_IDENTITY)
     atomic_write_bytes(grid_path, [encode_png(grid)])
