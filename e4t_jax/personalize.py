@@ -72,6 +72,10 @@ class TuningConfig:
   unet_patterns: Sequence[str] = ('',)
   templates: Sequence[str] | None = None
   delta_rank: int = 16
+  # How paper mode factors each delta (offsets.low_rank_factors_many): 'svd' (exact), 'randomized' (a
+  # randomized range finder, within ~1% of the exact truncation's error), or 'auto': randomized when tracing
+  # for a TPU (where an SVD op's compile grows with the matrix: SD 1.5's did not compile), else svd.
+  factorization: str = 'auto'
   augment: bool | None = None         # random flip + zoom views; None: on in paper mode, off in lite
   # Rows (views / draws) per gradient pass; None: the whole batch in one pass. Smaller trades time for
   # memory: a step accumulates the gradient over batch_size / micro_batch passes (a lax.scan), which
@@ -99,6 +103,9 @@ class TuningConfig:
       object.__setattr__(self, 'templates', tuple(self.templates))
       if not self.templates:
         raise InputError('tuning templates must list at least one caption (or be None).')
+    if self.factorization not in ('auto',) + offsets_lib.FACTORIZATIONS:
+      raise InputError(f"tuning factorization {self.factorization!r} is not 'auto' or one of "
+                       f'{offsets_lib.FACTORIZATIONS}.')
     if self.batch_size < 1 or self.delta_rank < 1:
       raise InputError(f'tuning batch_size and delta_rank must be >= 1, got {self.batch_size}, {self.delta_rank}.')
     if self.micro_batch is not None and (not 1 <= self.micro_batch <= self.batch_size
@@ -297,7 +304,8 @@ def tuning_program(modules: model_lib.E4TModules, tuning: TuningConfig, unroll: 
     concept_offsets = trainable['weight_offsets']
     if paper:
       concept_offsets = unet_delta_factors(params['unet'], merged['unet'], trainable['weight_offsets'],
-                                           config.offsets.mode, tuned_kernels, tuning.delta_rank)
+                                           config.offsets.mode, tuned_kernels, tuning.delta_rank,
+                                           delta_factorization(tuning))
     outputs = (w_star, concept_offsets, losses, jnp.minimum(num_steps, tuning.num_steps), healthy)
     if tuning.keep_encoder:
       outputs += (TunedEncoder(encoder=trainable['encoder'], unet=merged['unet'] if paper else None,
@@ -329,8 +337,19 @@ def accumulated_value_and_grad(loss_of: Callable, trainable: Any, rows: Any, mic
   return jax.tree.map(lambda x: x / passes, total)
 
 
+def delta_factorization(tuning: TuningConfig) -> str:
+  """The factorization paper mode traces: `tuning.factorization`, with 'auto' read at trace time as
+  'randomized' for a TPU (the platform `tpu_attention.platform()` traces for: the default backend, or
+  `target_platform`'s for an AOT compile from another host) and 'svd' elsewhere."""
+  if tuning.factorization != 'auto':
+    return tuning.factorization
+  from e4t_jax.models import tpu_attention  # pylint: disable=g-import-not-at-top
+  return 'randomized' if tpu_attention.platform() == 'tpu' else 'svd'
+
+
 def unet_delta_factors(original_unet: Any, tuned_unet: Any, weight_offsets: dict, offsets_mode: str,
-                       tuned_kernels: Sequence[str], rank: int) -> dict[str, dict[str, jax.Array]]:
+                       tuned_kernels: Sequence[str], rank: int,
+                       factorization: str = 'svd') -> dict[str, dict[str, jax.Array]]:
   """Per changed kernel (the tuned ones and the offsets' targets), the rank-`rank` additive pair of
   (tuned U-Net with its offsets merged) - original: what a paper-mode concept stores, and what generation
   and the LoRA export apply as W + down @ up."""
@@ -340,7 +359,7 @@ def unet_delta_factors(original_unet: Any, tuned_unet: Any, weight_offsets: dict
   for path in sorted(set(tuned_kernels) | set(weight_offsets)):
     key = tuple(path.split('/')) + ('kernel',)
     deltas[path] = final[key] - original[key]
-  return offsets_lib.low_rank_factors_many(deltas, rank)
+  return offsets_lib.low_rank_factors_many(deltas, rank, factorization)
 
 
 def tuning_prompt(modules: model_lib.E4TModules, tuning: TuningConfig) -> str:
@@ -452,7 +471,7 @@ def concept_metadata(model: model_lib.E4TModel, tuning: TuningConfig, fingerprin
           'tuning_mode': tuning.mode}
   if tuning.mode == 'paper':  # the stored offsets are additive SVD pairs of the whole tuned delta
     info.update(offsets_mode='additive', delta_rank=str(tuning.delta_rank), views=str(tuning.batch_size),
-                unet_learning_rate=repr(tuning.unet_learning_rate))
+                unet_learning_rate=repr(tuning.unet_learning_rate), factorization=delta_factorization(tuning))
   if uses_loss_mask(m, tuning):
     info['loss_mask'] = 'true'
   if tuning.micro_batch not in (None, tuning.batch_size):

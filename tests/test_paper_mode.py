@@ -13,7 +13,7 @@ from e4t_jax import personalize as personalize_lib
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t import offsets as offsets_lib
 from e4t_jax.e4t.concept import Concept, fingerprint_info
-from e4t_jax.errors import InputError
+from e4t_jax.errors import ConfigError, InputError
 
 # Attention kernels and the first conv: enough to cover Dense and conv deltas, quick to compile.
 PATTERNS = (r'attn[12]/to_', r'^conv_in$')
@@ -107,6 +107,49 @@ def test_low_rank_factors_are_exact_at_full_rank_and_the_svd_optimum_below():
     cut = offsets_lib.truncate_factors({'k': full}, 2)['k']  # a stored full-rank pair cut to rank 2
     np.testing.assert_allclose(np.asarray(offsets_lib.offset_matrix(cut)), np.asarray(offsets_lib.offset_matrix(low)),
                                atol=1e-5)
+
+
+def _spectrum_matrix(rng, m, n, singular_values):
+  u, _ = np.linalg.qr(rng.normal(size=(m, len(singular_values))))
+  v, _ = np.linalg.qr(rng.normal(size=(n, len(singular_values))))
+  return ((u * singular_values) @ v.T).astype(np.float32)
+
+
+def test_randomized_factors_are_near_the_svd_optimum_and_exact_at_low_rank():
+  rng = np.random.default_rng(0)
+  m, n, k = 128, 96, np.arange(1, 97)
+  cases = {'flat (gaussian)': rng.normal(size=(m, n)).astype(np.float32),
+           'power law 1/i': _spectrum_matrix(rng, m, n, 1.0 / k),
+           'power law 1/sqrt(i)': _spectrum_matrix(rng, m, n, k ** -0.5),
+           'rank 6': _spectrum_matrix(rng, m, n, np.linspace(2.0, 0.5, 6)),
+           'zero': np.zeros((m, n), np.float32)}
+  down, up = jax.jit(offsets_lib.randomized_factors, static_argnums=1)(jnp.asarray(np.stack(list(cases.values()))), 8)
+  assert down.shape == (len(cases), m, 8) and up.shape == (len(cases), 8, n)
+  down, up = np.asarray(down, np.float64), np.asarray(up, np.float64)
+  for i, (name, a) in enumerate(cases.items()):
+    singular = np.linalg.svd(a.astype(np.float64), compute_uv=False)
+    for rank in (8, 4):  # SVD-ordered: the first 4 components are (near) the best rank-4 pair too
+      optimum = np.sqrt(np.sum(singular[rank:] ** 2))  # Eckart-Young
+      residual = np.linalg.norm(a - down[i, :, :rank] @ up[i, :rank])
+      if name in ('rank 6', 'zero') and rank == 8:  # within rank + oversample: exact; zero: zero factors
+        assert residual <= 1e-5 * max(1.0, singular[0]), name
+      else:
+        assert optimum * (1 - 1e-5) <= residual <= 1.02 * optimum, (name, rank)
+  assert np.all(down[-1] == 0) and np.all(up[-1] == 0)  # no NaN from the zero matrix's zero eigenvalues
+  with pytest.raises(ConfigError, match='factorization'):
+    offsets_lib.low_rank_factors(jnp.asarray(cases['rank 6']), rank=8, method='qr')
+
+
+def test_auto_factorization_is_randomized_only_when_tracing_for_a_tpu():
+  from e4t_jax.models import tpu_attention
+  tuning = personalize_lib.TuningConfig(mode='paper')
+  assert personalize_lib.delta_factorization(tuning) == 'svd'  # this CPU
+  with tpu_attention.target_platform('tpu'):
+    assert personalize_lib.delta_factorization(tuning) == 'randomized'
+    assert personalize_lib.delta_factorization(dataclasses.replace(tuning, factorization='svd')) == 'svd'
+  assert personalize_lib.delta_factorization(dataclasses.replace(tuning, factorization='randomized')) == 'randomized'
+  with pytest.raises(InputError, match='factorization'):
+    personalize_lib.TuningConfig(mode='paper', factorization='qr')
 
 
 def test_compressed_delta_renders_match_exact_delta_renders(tiny):

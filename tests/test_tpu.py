@@ -63,7 +63,8 @@ def test_paper_mode_with_micro_batches_and_a_chosen_pretraining_batch():
   from e4t_jax.errors import ConfigError
   tuning = personalize_lib.TuningConfig(num_steps=2, mode='paper', batch_size=4, micro_batch=2)
   paper = tpu.compile_report('tiny', 'personalize', 'v5e:2x2', tuning=tuning, remat='nothing_saveable')
-  assert paper['tuning'] == {'mode': 'paper', 'num_steps': 2, 'batch_size': 4, 'micro_batch': 2}
+  assert paper['tuning'] == {'mode': 'paper', 'num_steps': 2, 'batch_size': 4, 'micro_batch': 2,
+                             'factorization': 'randomized'}  # 'auto' on a TPU: no SVD op to expand
   assert paper['remat'] == 'nothing_saveable' and paper['fits'] is True
   pretrain = tpu.compile_report('tiny', 'pretrain', 'v5e:2x2', {'data': 2, 'fsdp': 2, 'tensor': 1}, batch=8)
   assert pretrain['global_batch'] == 8 and pretrain['fits'] is True

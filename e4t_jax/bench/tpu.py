@@ -136,6 +136,10 @@ def compile_report(config_name: str, program: str, topology: str, mesh_shape: di
   start = time.perf_counter()
   with tpu_attention.target_platform('tpu'):
     lowered = _program(config_name, program, devices, mesh_shape, dtype, tuning, remat, batch, attention, scan_clip)
+    factorization = None
+    if program == 'personalize' and tuning is not None and tuning.mode == 'paper':
+      from e4t_jax import personalize as personalize_lib  # pylint: disable=g-import-not-at-top
+      factorization = personalize_lib.delta_factorization(tuning)  # how the stored delta factors were traced
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()
@@ -160,7 +164,7 @@ def compile_report(config_name: str, program: str, topology: str, mesh_shape: di
           'global_batch': (batch or shards * 2) if program == 'pretrain' else None,
           'tuning': None if program != 'personalize' or tuning is None else {
               'mode': tuning.mode, 'num_steps': tuning.num_steps, 'batch_size': tuning.batch_size,
-              'micro_batch': tuning.micro_batch},
+              'micro_batch': tuning.micro_batch, 'factorization': factorization},
           'memory_per_chip': memory, 'peak_bytes_per_chip': peak, 'hbm_bytes': hbm,
           'fits': None if hbm is None or peak is None else bool(peak <= hbm),
           'flops': flops,
