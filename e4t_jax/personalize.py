@@ -73,7 +73,7 @@ class TuningConfig:
   templates: Sequence[str] | None = None
   delta_rank: int = 16
   # How paper mode factors each delta (offsets.low_rank_factors_many): 'svd' (exact), 'randomized' (a
-  # randomized range finder, within ~1.5% of the exact truncation's error), or 'auto': randomized when tracing
+  # randomized range finder, within ~0.6% of the exact truncation's error), or 'auto': randomized when tracing
   # for a TPU (where an SVD op's compile grows with the matrix: SD 1.5's did not compile), else svd.
   factorization: str = 'auto'
   augment: bool | None = None         # random flip + zoom views; None: on in paper mode, off in lite

@@ -126,8 +126,9 @@ def low_rank_factors_many(deltas: Mapping[str, jax.Array], rank: int,
     'randomized'  a randomized range finder with subspace iteration, then the exact SVD of the small
                   projected matrix, from matmuls and eighs of (rank + oversample)-sized Gram matrices only
                   (`randomized_factors`): seconds of TPU compile per shape; its residual ||A - down @ up||_F
-                  measured within 1.5% of the optimum (Eckart-Young) on flat, power-law and low-rank spectra,
-                  and exact when the matrix's rank is at most rank + oversample.
+                  measured within 0.6% of the optimum (Eckart-Young) at rank 16 on flat, power-law,
+                  exponential and low-rank-plus-noise spectra, and exact when the matrix's rank is at most
+                  rank + oversample.
   """
   if method not in FACTORIZATIONS:
     raise ConfigError(f'factorization {method!r} is not one of {FACTORIZATIONS}.')
@@ -155,11 +156,12 @@ def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def _orthonormal_columns(y: jax.Array) -> jax.Array:
   """An orthonormal basis of the columns of y [..., m, k] (k small) from the eigh of its k x k Gram matrix,
-  done twice for orthogonality in float32 (as CholeskyQR2); directions the matrix lacks come out as zero
-  columns, so Q Q^T is still the projector onto its range."""
+  done twice for orthogonality in float32 (as CholeskyQR2); directions below the Gram's float32 resolution
+  (eigenvalue < 16 eps x the largest) come out as zero columns, so Q Q^T is still a projector. (A cut scaled by
+  m, as rank-revealing tests use, dropped real directions of steep spectra: 3.3x the optimal residual on 1/i^2.)"""
   for _ in range(2):
     lam, v = jnp.linalg.eigh(_matmul(jnp.swapaxes(y, -1, -2), y))
-    kept = lam > jnp.finfo(y.dtype).eps * y.shape[-2] * lam[..., -1:]
+    kept = lam > 16 * jnp.finfo(y.dtype).eps * lam[..., -1:]
     y = _matmul(y, v) * jnp.where(kept, jax.lax.rsqrt(jnp.where(kept, lam, 1.0)), 0.0)[..., None, :]
   return y
 
