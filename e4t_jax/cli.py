@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -13,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from e4t_jax import __version__, fileio, interrupts
-from e4t_jax.errors import ConfigError, E4TError, printable
+from e4t_jax.errors import ConfigError, E4TError, InputError, printable
 from e4t_jax.limits import MAX_SEED, MAX_STEPS, MAX_VIEWS
 
 EXAMPLES = """examples:
@@ -404,13 +405,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_demo_train(args: argparse.Namespace) -> int:
   import e4t_jax
   from e4t_jax.lab import demo_train
-  config = demo_train.DemoTrainConfig.smoke(seed=args.seed) if args.smoke else demo_train.DemoTrainConfig(
-      seed=args.seed)
+  if args.preset == 'accelerator':
+    config = demo_train.DemoTrainConfig.accelerator(smoke=args.smoke, seed=args.seed)
+  else:
+    config = demo_train.DemoTrainConfig.smoke(seed=args.seed) if args.smoke else demo_train.DemoTrainConfig(
+        seed=args.seed)
+  if args.t2i_steps is not None:
+    config = dataclasses.replace(config, t2i_steps=args.t2i_steps)
   if args.install and args.ablation:
     raise ConfigError('--install ships the main model only; train an ablation without --install.')
+  if args.reserve is not None and args.time_limit is None:
+    raise ConfigError('--reserve is the part of --time-limit kept for the E4T stage: give --time-limit too.')
+  if args.readout_from is not None and not Path(args.readout_from).is_file():
+    raise InputError(f'--readout-from {args.readout_from}: no such file (a readout.safetensors, e.g. '
+                     f'{e4t_jax.DEMO_MODEL_DIR / "readout.safetensors"}).')
   fileio.check_output_dir(args.workdir, flag='--workdir', inputs=_model_inputs(None))
-  demo_train.run(args.workdir, config, install_to=e4t_jax.DEMO_MODEL_DIR if args.install else None,
-                 ablation=args.ablation)
+  try:
+    demo_train.run(args.workdir, config, install_to=e4t_jax.DEMO_MODEL_DIR if args.install else None,
+                   ablation=args.ablation, render_workers=args.render_workers, time_limit_s=args.time_limit,
+                   reserve_s=args.reserve or 0.0, readout_from=args.readout_from)
+  except demo_train.DeadlineReached as e:
+    print(f'e4t: {printable(e)}; run the same command again to resume.', file=sys.stderr)
+    return 3
   return 0
 
 
@@ -538,6 +554,20 @@ def build_parser() -> argparse.ArgumentParser:
   demo_train.add_argument('--workdir', required=True, help='stage outputs; a rerun resumes after the last finished stage')
   demo_train.add_argument('--install', action='store_true', help='copy the result into the package (load_demo)')
   demo_train.add_argument('--smoke', action='store_true', help='a seconds-long run of every stage (testing)')
+  demo_train.add_argument('--preset', choices=('cpu', 'accelerator'), default='cpu',
+                          help="sizes: 'cpu' (the shipped model's) or 'accelerator' (one GPU: launch/demo_train_gpu.sh)")
+  demo_train.add_argument('--t2i-steps', type=lambda t: _bounded_int(t, 1, 10**7), default=None,
+                          help="text-to-image steps (the 'accelerator' preset's maximum; training.json records what ran)")
+  demo_train.add_argument('--time-limit', type=_positive, default=None, metavar='SECONDS',
+                          help='stop (checkpointed, exit 3) once this many seconds have passed; a rerun resumes')
+  demo_train.add_argument('--reserve', type=_positive, default=None, metavar='SECONDS',
+                          help="with --time-limit and the 'accelerator' preset: end the text-to-image stage this "
+                               'long before the limit, as finished, leaving the time to the E4T stage')
+  demo_train.add_argument('--render-workers', type=lambda t: _bounded_int(t, 0, 256), default=0,
+                          help='processes rendering the data pool (the same pool for any number)')
+  demo_train.add_argument('--readout-from', default=None, metavar='READOUT',
+                          help="use this trained judge (e.g. the shipped model's readout.safetensors) instead of "
+                               'training one: scores stay comparable across models')
   demo_train.add_argument('--seed', type=_seed, default=0)
   demo_train.add_argument('--ablation', default='',
                           choices=['', 'no_offsets', 'no_embedding_reg', 'weak_embedding_reg'],

@@ -31,18 +31,20 @@ def test_demo_train_smoke_every_stage_resume_and_ablation(tmp_path, capsys):
   assert {v.dtype for v in unet_file.values()} == {np.dtype(np.float16)}
   assert {v.dtype for v in read_safetensors(model_dir / 'trainable.safetensors').values()} == {np.dtype(np.float32)}
 
-  # A rerun skips every finished stage.
+  # A rerun skips every finished stage (and, the E4T stage's model being saved, loads none of them).
   capsys.readouterr()
   assert cli.main(['demo-train', '--workdir', str(workdir), '--smoke']) == 0
   err = capsys.readouterr().err
-  for stage in ('vae', 'vision', 't2i'):
-    assert f'{stage}: done before' in err
+  assert 'done before' not in err and 'render pool' not in err and 'model folder' in err
   seconds = json.loads((model_dir / 'training.json').read_text())['stage_seconds']
   assert set(seconds) == set(demo_train.STAGES), seconds  # the earlier invocation's timings are kept
   assert not list((workdir / 'stages').glob('*.state.npz'))  # mid-stage checkpoints go when a stage ends
 
   # The ablation retrains only the E4T stage, without weight offsets.
   assert cli.main(['demo-train', '--workdir', str(workdir), '--smoke', '--ablation', 'no_offsets']) == 0
+  err = capsys.readouterr().err
+  for stage in ('vae', 'vision', 't2i'):
+    assert f'{stage}: done before' in err
   ablated = e4t_jax.load(workdir / 'model-no_offsets')
   assert ablated.params['weight_offsets'] == {}
   assert ablated.modules.config.offsets.targets == ()
@@ -103,3 +105,107 @@ def test_an_interrupted_stage_resumes_bit_equal_from_its_checkpoint(tmp_path):
   np.testing.assert_array_equal(np.asarray(resumed['w']), np.asarray(expected['w']))
   assert losses == expected_losses
   assert not np.array_equal(np.asarray(expected['w']), np.zeros((3, 4)))
+
+
+def _quadratic_problem():
+  import jax
+  import jax.numpy as jnp
+  target = np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(3, 4)
+
+  def loss_fn(params, batch, key):
+    noise = 0.1 * jax.random.normal(key, (batch['x'].shape[0], 4))
+    return jnp.mean((batch['x'] @ params['w'] + noise - batch['x'] @ target) ** 2)
+
+  batches = lambda step: {'x': np.random.default_rng(step).normal(size=(8, 3)).astype(np.float32)}
+  return loss_fn, batches
+
+
+def test_a_passed_deadline_checkpoints_the_stage_and_a_rerun_resumes_bit_equal(tmp_path):
+  loss_fn, batches = _quadratic_problem()
+  run = lambda checkpoint=None, deadline=None: demo_train.fit(
+      loss_fn, {'w': np.zeros((3, 4), np.float32)}, batches, steps=6, lr=0.1, seed=0, desc='t', ema_decay=0.9,
+      checkpoint=checkpoint, checkpoint_every=100, deadline=deadline)
+  expected, expected_losses = run()
+  path = tmp_path / 'stage.state.npz'
+  with pytest.raises(demo_train.DeadlineReached, match='at step 1 of 6'):
+    run(path, deadline=0.0)  # long passed: the first step's end stops the run
+  with np.load(path) as stored:
+    assert int(stored['step']) == 1  # saved although checkpoint_every is 100
+  resumed, losses = run(path)
+  np.testing.assert_array_equal(np.asarray(resumed['w']), np.asarray(expected['w']))
+  assert losses == expected_losses
+
+
+def test_a_time_boxed_constant_schedule_run_is_the_run_of_the_steps_it_ran():
+  from e4t_jax.errors import ConfigError
+  loss_fn, batches = _quadratic_problem()
+  run = lambda steps, **kw: demo_train.fit(loss_fn, {'w': np.zeros((3, 4), np.float32)}, batches, steps=steps, lr=0.1,
+                                           seed=0, desc='t', ema_decay=0.9, **kw)
+  cut, losses = run(50, schedule='constant', stop_at=0.0)  # passed: ends after the first step
+  assert losses[-1][0] + 1 == 1
+  whole, _ = run(1, schedule='constant')
+  np.testing.assert_array_equal(np.asarray(cut['w']), np.asarray(whole['w']))
+  longer, _ = run(50, schedule='constant')
+  assert not np.array_equal(np.asarray(longer['w']), np.asarray(whole['w']))
+  with pytest.raises(ConfigError, match="schedule='constant'"):
+    run(50, stop_at=0.0)  # a cosine schedule depends on the step count
+
+
+def test_accelerator_preset_and_bad_settings():
+  from e4t_jax.errors import ConfigError
+  gpu = demo_train.DemoTrainConfig.accelerator()
+  assert gpu.t2i_schedule == 'constant' and gpu.t2i_dtype == 'bfloat16' and gpu.pool_size > demo_train.DemoTrainConfig().pool_size
+  assert demo_train.architecture(gpu) == demo_train.architecture(demo_train.DemoTrainConfig())  # the same networks
+  for field, value in (('t2i_schedule', 'linear'), ('t2i_dtype', 'float16'), ('checkpoint_every', 0)):
+    with pytest.raises(ConfigError, match=field):
+      demo_train.DemoTrainConfig.smoke(**{field: value}).validate()
+
+
+def test_the_gpu_launch_script_at_smoke_size_stops_resumes_packs_and_unpacks(tmp_path, capsys):
+  """launch/demo_train_gpu.sh on CPU (SMOKE=1): a run stopped by its limit comes back as parts that a
+  second run resumes from; the finished run's parts are few and small enough for the device tool, and
+  unpacked here they give the model folder without training anything."""
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+  root = Path(__file__).resolve().parents[1]
+
+  def script(out, work, **env):
+    env = dict(os.environ, SMOKE='1', PYTHON=sys.executable, OUT=str(out), WORK=str(work), **env)
+    done = subprocess.run(['bash', str(root / 'launch' / 'demo_train_gpu.sh')], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    return done.returncode, done.stdout + done.stderr
+
+  first, second = tmp_path / 'out1', tmp_path / 'out2'
+  code, log = script(first, tmp_path / 'work1', LIMIT='1')  # the VAE stage's first step is past it
+  assert code == 3, log[-3000:]
+  assert 'run the same command again to resume' in log and (first / 'rc.txt').read_text().strip() == '3'
+  # The second run: a fresh machine (a new work folder), the parts carried; the text-to-image stage is
+  # time-boxed (a constant schedule: it ends after its first step, the reserve being all of the limit).
+  code, log = script(second, tmp_path / 'work2', RESUME=str(first), LIMIT='600', RESERVE='599', T2I_STEPS='1000')
+  assert code == 0, log[-3000:]
+  assert 'vae: resuming at step 1' in log
+  assert 'the time limit ends the run at step 1 of 1000' in log
+  files = sorted(p for p in second.iterdir())
+  assert len(files) <= 8 and all(p.stat().st_size <= 16 * 2**20 for p in files), [(p.name, p.stat().st_size) for p in files]
+  summary = json.loads((tmp_path / 'work2' / 'model' / 'training.json').read_text())
+  assert summary['config']['t2i_steps'] == 1 and summary['config']['t2i_schedule'] == 'constant'
+  assert summary['stage_platform']['t2i'].startswith('cpu') and 'copied from' in summary['stage_platform']['readout']
+
+  # Here: the parts unpacked, the same command builds the model folder and trains nothing.
+  work3 = tmp_path / 'work3'
+  work3.mkdir()
+  parts = b''.join(p.read_bytes() for p in sorted(second.glob('workdir.tar.gz.*')))
+  subprocess.run(['tar', 'xzf', '-', '-C', str(work3)], input=parts, check=True)
+  assert not (work3 / 'stages' / 'pool.npz').exists() and not (work3 / 'e4t' / 'checkpoints').exists()
+  capsys.readouterr()
+  assert cli.main(['demo-train', '--workdir', str(work3), '--preset', 'accelerator', '--smoke']) == 0
+  err = capsys.readouterr().err
+  assert 'render pool' not in err and 'done before' not in err and 'e4t pretrain' not in err
+  rebuilt = json.loads((work3 / 'model' / 'training.json').read_text())
+  assert rebuilt['config'] == summary['config'] and rebuilt['stage_platform'] == summary['stage_platform']
+  from e4t_jax.fileio import read_safetensors
+  for name in ('trainable.safetensors', 'base/unet/diffusion_pytorch_model.safetensors'):
+    ours, theirs = read_safetensors(work3 / 'model' / name), read_safetensors(tmp_path / 'work2' / 'model' / name)
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)

@@ -141,6 +141,14 @@ def test_render_all_matches_the_records():
     assert np.array_equal(arrays['images'][i], record['image'])
     assert np.array_equal(arrays['identity'][i], record['identity'])
     assert np.array_equal(arrays['context'][i], record['context'])
+  # Rendered by worker processes (in chunks), the arrays are the same.
+  masked = SyntheticFaces(7, size=32, seed=9, with_mask=True)
+  serial, parallel = masked.render_all(), masked.render_all(workers=2)
+  assert serial.keys() == parallel.keys() == {'images', 'identity', 'context', 'masks'}
+  assert all(np.array_equal(serial[k], parallel[k]) for k in serial)
+  assert np.array_equal(parallel['images'][:6], arrays['images'])  # the same records, mask or not
+  with pytest.raises(InputError, match='workers'):
+    source.render_all(workers=-1)
 
 
 def test_pretraining_reads_face_masks_when_the_loss_mask_is_on():

@@ -371,27 +371,56 @@ class SyntheticFaces:
       record['mask'] = mask
     return record
 
-  def render_all(self, progress: str | None = None) -> dict[str, np.ndarray]:
+  def render_all(self, progress: str | None = None, workers: int = 0) -> dict[str, np.ndarray]:
     """Every record as arrays: 'images' uint8 [n, size, size, 3], 'identity' int32 [n, 9],
     'context' int32 [n, 3] (and 'masks' float32 [n, size, size] with `with_mask`).
 
     progress: a bar label on stderr (None: silent).
+    workers: render in this many processes (0 or 1: in this one). A record depends on its index only,
+      so the arrays are the same for every worker count.
     """
     from e4t_jax.progress import progress_bar  # pylint: disable=g-import-not-at-top
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
+      raise InputError(f'workers must be a non-negative integer, got {workers!r}.')
     n = self.num_records
+    arrays = self._empty(n)
+    with progress_bar(n, progress or '', 'img', enabled=progress is not None) as bar:
+      if workers > 1 and n > 1:
+        import concurrent.futures  # pylint: disable=g-import-not-at-top
+        import multiprocessing  # pylint: disable=g-import-not-at-top
+        chunk = max(1, min(1024, -(-n // (4 * workers))))
+        # 'spawn': the parent may hold JAX's threads, which a forked child must not inherit.
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
+          for start, part in zip(range(0, n, chunk),
+                                 pool.map(self._render_range, [(a, min(a + chunk, n)) for a in range(0, n, chunk)])):
+            for name, values in part.items():
+              arrays[name][start:start + len(values)] = values
+            bar.update(len(part['images']))
+      else:
+        for i in range(n):
+          self._fill(arrays, i, self[i])
+          bar.update(1)
+    return arrays
+
+  def _fill(self, arrays: dict[str, np.ndarray], i: int, record: dict[str, np.ndarray]) -> None:
+    arrays['images'][i], arrays['identity'][i], arrays['context'][i] = (
+        record['image'], record['identity'], record['context'])
+    if self.with_mask:
+      arrays['masks'][i] = record['mask']
+
+  def _empty(self, n: int) -> dict[str, np.ndarray]:
     arrays = {'images': np.empty((n, self.size, self.size, 3), np.uint8),
               'identity': np.empty((n, len(IDENTITY_ATTRIBUTES)), np.int32),
               'context': np.empty((n, len(CONTEXT_ATTRIBUTES)), np.int32)}
     if self.with_mask:
       arrays['masks'] = np.empty((n, self.size, self.size), np.float32)
-    with progress_bar(n, progress or '', 'img', enabled=progress is not None) as bar:
-      for i in range(n):
-        record = self[i]
-        arrays['images'][i], arrays['identity'][i], arrays['context'][i] = (
-            record['image'], record['identity'], record['context'])
-        if self.with_mask:
-          arrays['masks'][i] = record['mask']
-        bar.update(1)
+    return arrays
+
+  def _render_range(self, bounds: tuple[int, int]) -> dict[str, np.ndarray]:
+    start, stop = bounds
+    arrays = self._empty(stop - start)
+    for i in range(start, stop):
+      self._fill(arrays, i - start, self[i])
     return arrays
 
   def __repr__(self) -> str:

@@ -50,7 +50,7 @@ from e4t_jax.diffusion import schedule as schedule_lib
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t.encoder import EncoderConfig
 from e4t_jax.e4t.offsets import OffsetsConfig
-from e4t_jax.errors import ConfigError
+from e4t_jax.errors import ConfigError, E4TError
 from e4t_jax.models import clip as clip_lib
 from e4t_jax.models import layers
 from e4t_jax.models import unet as unet_lib
@@ -63,6 +63,7 @@ from e4t_jax.progress import progress_bar
 from e4t_jax.models.tokenizer import CLIPTokenizer
 
 STAGES = ('pool', 'vae', 'vision', 't2i', 'e4t', 'readout')
+SCHEDULES = ('cosine', 'constant')
 TEXT_LENGTH = 40  # tokens; the longest caption (identity in words + context) is 33 with bos/eos
 
 
@@ -83,15 +84,22 @@ class DemoTrainConfig:
   t2i_steps: int = 4_000
   t2i_batch: int = 24
   t2i_lr: float = 5e-4
+  # 'cosine': warm-up, then cosine decay over t2i_steps (the shipped model). 'constant': warm-up, then
+  # the peak rate (with the EMA): the schedule does not depend on the step count, so a time limit
+  # (`run(time_limit_s=...)`) may end the stage early as a finished stage, with the steps it ran recorded.
+  t2i_schedule: str = 'cosine'
+  t2i_dtype: str = 'float32'  # the U-Net's compute dtype in this stage (params and loss stay float32)
   caption_dropout: float = 0.1
   identity_caption_rate: float = 0.75  # base captions that also put the identity into words
   ema_decay: float = 0.998
   e4t_steps: int = 700
   e4t_batch: int = 16
   e4t_lr: float = 1e-3
+  e4t_data_workers: int = 0  # grain processes rendering the E4T stage's records (0: in the training process)
   readout_steps: int = 3_000
   readout_pool: int = 16_000
   unet_channels: tuple[int, ...] = (48, 96)
+  checkpoint_every: int = 250  # steps between mid-stage checkpoints
   # What attention 'auto' runs on CPU (`layers.auto_cpu_attention`): 'xla', jax.nn's reference, is what the
   # shipped model was trained with (so that a run reproduces it); 'xla_deferred' trains the text-to-image
   # stage ~1.5x faster on XLA:CPU (`e4t bench demo-train`), for the next model.
@@ -104,6 +112,30 @@ class DemoTrainConfig:
                   e4t_steps=2, e4t_batch=2, readout_steps=3, readout_pool=32, unet_channels=(16, 32))
     values.update(overrides)
     return cls(**values)
+
+  @classmethod
+  def accelerator(cls, *, smoke: bool = False, **overrides) -> 'DemoTrainConfig':
+    """One GPU's sizes (`launch/demo_train_gpu.sh`, issue 17): the same stages and code, a 5x larger
+    pool, larger batches, the U-Net in bfloat16, and a text-to-image stage with a constant rate after
+    warm-up, run for as many steps as the time limit leaves (up to t2i_steps; the count it ran is
+    recorded). smoke: the smoke sizes with the accelerator's schedule and dtype (tests, CPU)."""
+    values = dict(t2i_schedule='constant', t2i_dtype='bfloat16', ema_decay=0.999, e4t_data_workers=2)
+    if not smoke:
+      values.update(pool_size=64_000, vae_steps=6_000, vae_batch=64, vision_steps=3_000, vision_batch=128,
+                    t2i_steps=200_000, t2i_batch=256, e4t_steps=1_000, e4t_batch=32, e4t_data_workers=8,
+                    checkpoint_every=2_000)
+    values.update(overrides)
+    return cls.smoke(**values) if smoke else cls(**values)
+
+  def validate(self) -> None:
+    if self.cpu_attention not in ('xla', 'xla_deferred'):
+      raise ConfigError(f"cpu_attention must be 'xla' or 'xla_deferred', got {self.cpu_attention!r}.")
+    if self.t2i_schedule not in SCHEDULES:
+      raise ConfigError(f't2i_schedule must be one of {SCHEDULES}, got {self.t2i_schedule!r}.')
+    if self.t2i_dtype not in ('float32', 'bfloat16'):
+      raise ConfigError(f"t2i_dtype must be 'float32' or 'bfloat16', got {self.t2i_dtype!r}.")
+    if self.checkpoint_every < 1:
+      raise ConfigError(f'checkpoint_every must be >= 1, got {self.checkpoint_every}.')
 
 
 def architecture(config: DemoTrainConfig) -> tuple[UNetConfig, VAEConfig, CLIPTextConfig, CLIPVisionConfig]:
@@ -160,9 +192,22 @@ def _init(module: nn.Module, seed: int, *inputs) -> dict:
   return nn.meta.unbox(host_init(shapes, seed=seed))
 
 
-def _adamw(lr: float, steps: int, warmup: int = 100, weight_decay: float = 1e-4) -> optax.GradientTransformation:
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, max(steps // 10, 1)), max(steps, 2),
-                                                end_value=lr * 0.05)
+class DeadlineReached(E4TError):
+  """A stage stopped at `run`'s time limit, its state checkpointed: running again resumes it."""
+
+
+def _platform() -> str:
+  device = jax.devices()[0]
+  return f'{device.platform} ({device.device_kind})'
+
+
+def _adamw(lr: float, steps: int, warmup: int = 100, weight_decay: float = 1e-4,
+           schedule: str = 'cosine') -> optax.GradientTransformation:
+  if schedule == 'constant':  # its warm-up does not depend on `steps` either: a run cut at k steps is the k-step run
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+  else:
+    warmup = min(warmup, max(steps // 10, 1))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, 2), end_value=lr * 0.05)
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
 
 
@@ -185,7 +230,8 @@ def fit_step(loss_fn: Callable[[Any, dict, jax.Array], jax.Array], optimizer: op
 
 def fit(loss_fn: Callable[[Any, dict, jax.Array], jax.Array], params: Any, batches: Callable[[int], dict], *,
         steps: int, lr: float, seed: int, desc: str, ema_decay: float = 0.0, checkpoint: Path | None = None,
-        checkpoint_every: int = 250) -> tuple[Any, list[float]]:
+        checkpoint_every: int = 250, schedule: str = 'cosine', deadline: float | None = None,
+        stop_at: float | None = None) -> tuple[Any, list[float]]:
   """Adam(W) with warm-up + cosine decay on `loss_fn(params, batch, key)`; one jitted step.
 
   ema_decay: keep an exponential moving average of the params, with the usual warm-up
@@ -193,9 +239,17 @@ def fit(loss_fn: Callable[[Any, dict, jax.Array], jax.Array], params: Any, batch
   checkpoint: a file where the whole state (params, EMA, optimizer, step, losses) is saved atomically
     every `checkpoint_every` steps; a run that finds it resumes from it, bit-equal to an uninterrupted
     run (batches and keys depend on the step only). The caller deletes it once the result is saved.
-  Returns (params, or their EMA when ema_decay > 0; the loss every 25 steps).
+  schedule: 'cosine' (decays over `steps`) or 'constant' (the peak rate after warm-up).
+  deadline: a `time.time()` after which the run checkpoints and raises `DeadlineReached` (at a step's end).
+  stop_at: with schedule 'constant' only, a `time.time()` after which the run ends as finished, early: a
+    constant schedule does not depend on `steps`, so this is the run of `steps` = the steps it ran.
+  Returns (params, or their EMA when ema_decay > 0; the loss every 25 steps and at the last step, whose
+  index + 1 is the number of steps run).
   """
-  optimizer = _adamw(lr, steps)
+  if stop_at is not None and schedule != 'constant':
+    raise ConfigError(f"{desc}: a time-boxed run (stop_at) needs schedule='constant' (got {schedule!r}): "
+                      'a decaying schedule depends on the step count.')
+  optimizer = _adamw(lr, steps, schedule=schedule)
   step = jax.jit(fit_step(loss_fn, optimizer, ema_decay))
   state = (params, params if ema_decay else None, optimizer.init(params))
   start, losses = 0, []
@@ -215,12 +269,23 @@ def fit(loss_fn: Callable[[Any, dict, jax.Array], jax.Array], params: Any, batch
     for i in range(start, steps):
       params, ema, opt_state, loss = step(params, ema, opt_state, batches(i), jax.random.fold_in(base_key, i),
                                           jnp.float32(i))
-      if i % 25 == 0 or i == steps - 1:
+      now = time.time() if (deadline or stop_at) else 0.0
+      last = i == steps - 1 or (stop_at is not None and now >= stop_at)
+      if i % 25 == 0 or last:
         losses.append((i, float(loss)))
         progress.set_postfix(loss=f'{losses[-1][1]:.4f}')
       progress.update(1)
-      if checkpoint is not None and (i + 1) % checkpoint_every == 0 and i + 1 < steps:
+      if last:
+        if i < steps - 1:
+          _log(f'{desc}: the time limit ends the run at step {i + 1} of {steps} (constant schedule: finished)')
+        break
+      if checkpoint is not None and (i + 1) % checkpoint_every == 0:
         _save_fit_state(checkpoint, (params, ema, opt_state), i + 1, losses)
+      if deadline is not None and now >= deadline:
+        if checkpoint is not None:
+          _save_fit_state(checkpoint, (params, ema, opt_state), i + 1, losses)
+        raise DeadlineReached(f'{desc} stopped at the time limit at step {i + 1} of {steps}'
+                              + (f' (checkpointed in {checkpoint})' if checkpoint is not None else ''))
   return (ema if ema_decay else params), losses
 
 
@@ -257,8 +322,8 @@ class _Stages:
 
 
 # ----------------------------------------------------------------------------- stage 1: the data pool
-def render_pool(size: int, seed: int) -> dict[str, np.ndarray]:
-  return synthetic.SyntheticFaces(size, seed=seed).render_all(progress='render pool')
+def render_pool(size: int, seed: int, workers: int = 0) -> dict[str, np.ndarray]:
+  return synthetic.SyntheticFaces(size, seed=seed).render_all(progress='render pool', workers=workers)
 
 
 def _captions(context: np.ndarray, subject: str, identity: np.ndarray | None = None) -> list[str]:
@@ -279,7 +344,7 @@ def _batch_indices(pool_size: int, batch: int, seed: int, salt: int) -> Callable
 
 # ----------------------------------------------------------------------------- stage 2: VAE
 def train_vae(config: DemoTrainConfig, vae_config: VAEConfig, pool: dict,
-              checkpoint: Path | None = None) -> tuple[dict, dict]:
+              checkpoint: Path | None = None, deadline: float | None = None) -> tuple[dict, dict]:
   vae = AutoencoderKL(vae_config)
   params = _init(vae, config.seed + 2, jnp.zeros((1, 4, 4, 3)))
   pick = _batch_indices(len(pool['images']), config.vae_batch, config.seed, 2)
@@ -302,7 +367,7 @@ def train_vae(config: DemoTrainConfig, vae_config: VAEConfig, pool: dict,
     return {'images': _to_unit(pool['images'][pick(i), top:top + crop, left:left + crop])}
 
   params, losses = fit(loss_fn, params, batches, steps=config.vae_steps, lr=config.vae_lr, seed=config.seed + 2,
-                       desc='vae', checkpoint=checkpoint)
+                       desc='vae', checkpoint=checkpoint, checkpoint_every=config.checkpoint_every, deadline=deadline)
   # The latent scale: 1 / std of the posterior means over the pool (SD's scaling_factor is the same).
   encode = jax.jit(lambda p, x: vae.apply({'params': p}, x, method=AutoencoderKL.encode).mean)
   sample = np.concatenate([np.asarray(encode(params, _to_unit(pool['images'][i:i + 256])))
@@ -335,7 +400,7 @@ class _AttributeHeads(nn.Module):
 
 
 def train_vision(config: DemoTrainConfig, vision_config: CLIPVisionConfig, pool: dict,
-                 checkpoint: Path | None = None) -> tuple[dict, dict]:
+                 checkpoint: Path | None = None, deadline: float | None = None) -> tuple[dict, dict]:
   # Per-layer CLIP in the stages that draw their own init (`_init` draws by parameter name and order).
   model = _AttributeHeads(CLIPVisionTransformer(vision_config, with_projection=False, scan_layers=False))
   size = vision_config.image_size
@@ -355,7 +420,8 @@ def train_vision(config: DemoTrainConfig, vision_config: CLIPVisionConfig, pool:
     return {'images': _to_unit(pool['images'][index]), 'labels': labels[index]}
 
   params, losses = fit(loss_fn, params, batches, steps=config.vision_steps, lr=config.vision_lr,
-                       seed=config.seed + 3, desc='vision', checkpoint=checkpoint)
+                       seed=config.seed + 3, desc='vision', checkpoint=checkpoint,
+                       checkpoint_every=config.checkpoint_every, deadline=deadline)
   return params['vision'], {'losses': losses}
 
 
@@ -400,12 +466,16 @@ def t2i_problem(config: DemoTrainConfig, unet_config: UNetConfig, text_config: C
 
 
 def train_t2i(config: DemoTrainConfig, unet_config: UNetConfig, text_config: CLIPTextConfig, latents: tuple,
-              pool: dict, scaling_factor: float, checkpoint: Path | None = None) -> tuple[dict, dict]:
-  loss_fn, params, batches = t2i_problem(config, unet_config, text_config, latents, pool, scaling_factor)
+              pool: dict, scaling_factor: float, checkpoint: Path | None = None, deadline: float | None = None,
+              stop_at: float | None = None) -> tuple[dict, dict]:
+  """stop_at: with the 'constant' schedule, a time after which the stage ends early as finished."""
+  loss_fn, params, batches = t2i_problem(config, unet_config, text_config, latents, pool, scaling_factor,
+                                         dtype=jnp.dtype(config.t2i_dtype))
   params, losses = fit(loss_fn, params, batches, steps=config.t2i_steps, lr=config.t2i_lr, seed=config.seed + 4,
-                       desc='text-to-image', ema_decay=config.ema_decay,
-                       checkpoint=checkpoint)
-  return params, {'losses': losses}
+                       desc='text-to-image', ema_decay=config.ema_decay, checkpoint=checkpoint,
+                       checkpoint_every=config.checkpoint_every, schedule=config.t2i_schedule, deadline=deadline,
+                       stop_at=stop_at if config.t2i_schedule == 'constant' else None)
+  return params, {'losses': losses, 'steps': losses[-1][0] + 1}
 
 
 # ----------------------------------------------------------------------------- stage 5: E4T pretraining
@@ -428,6 +498,7 @@ def e4t_pretrain_config(config: DemoTrainConfig, ablation: str = ''):
   run.data.synthetic_records = 100_000
   run.data.shuffle_seed = config.seed
   run.data.random_flip = True
+  run.data.workers = config.e4t_data_workers
   run.train.num_steps = config.e4t_steps
   run.train.log_every = 25
   run.train.checkpoint_every = 200
@@ -453,21 +524,40 @@ def build_model(config: DemoTrainConfig, vae_params: dict, vae_summary: dict, vi
 
 
 def run(workdir: str | os.PathLike, config: DemoTrainConfig = DemoTrainConfig(), *,
-        install_to: str | os.PathLike | None = None, ablation: str = '') -> dict:
+        install_to: str | os.PathLike | None = None, ablation: str = '', render_workers: int = 0,
+        time_limit_s: float | None = None, reserve_s: float = 0.0, readout_from: str | os.PathLike | None = None
+        ) -> dict:
   """Runs (or resumes) every stage; returns the summary also written to `workdir/model/training.json`.
 
   ablation: '' or one of `ABLATIONS`: the E4T stage is trained without weight offsets or without the
-  embedding regularizer (into `workdir/e4t-<ablation>/`, model folder `workdir/model-<ablation>/`),
-  on the same base stages.
+    embedding regularizer (into `workdir/e4t-<ablation>/`, model folder `workdir/model-<ablation>/`),
+    on the same base stages.
+  render_workers: processes that render the data pool (the pool is the same for any number).
+  time_limit_s: seconds from now. The VAE, vision and text-to-image stages stop at a step's end once it
+    has passed, checkpointed, raising `DeadlineReached` (running again resumes). With the 'constant'
+    text-to-image schedule, that stage also ends early, as finished, `reserve_s` before the limit
+    (the time the E4T stage and the model folder need), and its step count is recorded in
+    training.json's config.
+  readout_from: a trained judge (`readout.safetensors`, e.g. the shipped model's) to use instead of
+    training one: the judge does not depend on the other stages, and reusing it keeps the scores of
+    two models comparable.
   """
   e4t_config(ablation)  # validates
-  if config.cpu_attention not in ('xla', 'xla_deferred'):
-    raise ConfigError(f"cpu_attention must be 'xla' or 'xla_deferred', got {config.cpu_attention!r}.")
+  config.validate()
+  if readout_from is not None:
+    from e4t_jax.lab import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.ReadoutModel.load(readout_from)  # a readable judge, or a one-line error, before any work
+  if time_limit_s is not None and not time_limit_s > 0:
+    raise ConfigError(f'the time limit must be positive, got {time_limit_s} s.')
+  limits = None if time_limit_s is None else (time.time() + time_limit_s, time.time() + time_limit_s - reserve_s)
   with layers.auto_cpu_attention(config.cpu_attention):
-    return _run(Path(workdir), config, install_to=install_to, ablation=ablation)
+    return _run(Path(workdir), config, install_to=install_to, ablation=ablation, render_workers=render_workers,
+                limits=limits, readout_from=readout_from)
 
 
-def _run(workdir: Path, config: DemoTrainConfig, *, install_to: str | os.PathLike | None, ablation: str) -> dict:
+def _run(workdir: Path, config: DemoTrainConfig, *, install_to: str | os.PathLike | None, ablation: str,
+         render_workers: int = 0, limits: tuple[float, float] | None = None,
+         readout_from: str | os.PathLike | None = None) -> dict:
   from e4t_jax.e4t import io as io_lib  # pylint: disable=g-import-not-at-top
   from e4t_jax.train import loop  # pylint: disable=g-import-not-at-top
   stages = _Stages(workdir)
@@ -481,15 +571,26 @@ def _run(workdir: Path, config: DemoTrainConfig, *, install_to: str | os.PathLik
     _log(f'{name}: {timings[name]:.0f}s')
     return out
 
+  deadline, stop_at = limits if limits is not None else (None, None)
   pool_path = stages.dir / 'pool.npz'
-  if not pool_path.is_file():
-    pool = timed('pool', lambda: render_pool(config.pool_size, config.seed))
+  loaded: dict[str, dict] = {}
+
+  def pool() -> dict[str, np.ndarray]:
+    """The data pool, rendered on first use (a finished run's later invocations need none)."""
+    if 'pool' in loaded:
+      return loaded['pool']
+    if pool_path.is_file():
+      with np.load(pool_path) as stored:
+        loaded['pool'] = {k: stored[k] for k in stored.files}
+      return loaded['pool']
+    loaded['pool'] = timed('pool', lambda: render_pool(config.pool_size, config.seed, render_workers))
     tmp = pool_path.with_suffix('.tmp.npz')
-    np.savez(tmp, **pool)
+    np.savez(tmp, **loaded['pool'])
     os.replace(tmp, pool_path)
-    atomic_write_bytes(stages.dir / 'pool.json', [json.dumps({'seconds': timings['pool']}).encode()])
-  with np.load(pool_path) as stored:
-    pool = {k: stored[k] for k in stored.files}
+    atomic_write_bytes(stages.dir / 'pool.json',
+                       [json.dumps({'seconds': timings['pool'], 'platform': 'host (numpy)',
+                                    'workers': render_workers}).encode()])
+    return loaded['pool']
 
   state = lambda name: stages.dir / f'{name}.state.npz'  # mid-stage checkpoints, deleted once a stage is saved
 
@@ -499,37 +600,49 @@ def _run(workdir: Path, config: DemoTrainConfig, *, install_to: str | os.PathLik
       return stages.load(name)
     params, summary = timed(name, fn)
     summary['seconds'] = timings[name]
+    summary['platform'] = _platform()
     stages.save(name, params, summary)
     state(name).unlink(missing_ok=True)  # the stage's result is on disk: its mid-stage checkpoint goes
     return params, summary
 
-  vae_params, vae_summary = stage('vae', lambda: train_vae(config, vae_config, pool, state('vae')))
-  vision_params, _ = stage('vision', lambda: train_vision(config, vision_config, pool, state('vision')))
-
-  def t2i():
-    vae = AutoencoderKL(vae_config)
-    latents = encode_pool(vae, vae_params, pool['images'])
-    return train_t2i(config, unet_config, text_config, latents, pool, vae_summary['scaling_factor'], state('t2i'))
-
-  t2i_params, _ = stage('t2i', t2i)
-
   suffix = f'-{ablation}' if ablation else ''
   e4t_dir = workdir / f'e4t{suffix}'
   if not (e4t_dir / 'model' / 'e4t.json').is_file():
+    # (Once the E4T stage's model is saved, the earlier stages' params are in it: none is loaded.)
+    vae_params, vae_summary = stage('vae', lambda: train_vae(config, vae_config, pool(), state('vae'), deadline))
+    vision_params, _ = stage('vision', lambda: train_vision(config, vision_config, pool(), state('vision'),
+                                                            deadline))
+
+    def t2i():
+      vae = AutoencoderKL(vae_config)
+      latents = encode_pool(vae, vae_params, pool()['images'])
+      return train_t2i(config, unet_config, text_config, latents, pool(), vae_summary['scaling_factor'],
+                       state('t2i'), deadline, stop_at)
+
+    t2i_params, _ = stage('t2i', t2i)
     model = build_model(config, vae_params, vae_summary, vision_params, t2i_params, ablation)
     run_config = e4t_pretrain_config(config, ablation)
     e4t_summary = timed('e4t', lambda: loop.train_and_evaluate(run_config, e4t_dir, model=model))
     e4t_summary = {k: v for k, v in e4t_summary.items() if isinstance(v, (int, float, bool))}
     atomic_write_bytes(stages.dir / f'e4t{suffix}.json',
-                       [json.dumps(dict(e4t_summary, seconds=timings['e4t']), indent=2).encode()])
+                       [json.dumps(dict(e4t_summary, seconds=timings['e4t'], platform=_platform()), indent=2).encode()])
+  trained_steps = stages.load_summary('t2i').get('steps', config.t2i_steps)
+  if trained_steps != config.t2i_steps:  # a time-boxed constant-schedule stage
+    config = dataclasses.replace(config, t2i_steps=trained_steps)  # what was trained, for training.json
 
   from e4t_jax.lab import evaluate  # pylint: disable=g-import-not-at-top
   readout_path = stages.dir / 'readout.safetensors'
+  if not readout_path.is_file() and readout_from is not None:
+    shutil.copyfile(readout_from, readout_path.with_name('readout.tmp.safetensors'))
+    os.replace(readout_path.with_name('readout.tmp.safetensors'), readout_path)
+    atomic_write_bytes(stages.dir / 'readout.json',
+                       [json.dumps({'seconds': 0.0, 'platform': f'copied from {readout_from}'}).encode()])
   if not readout_path.is_file():
     readout = timed('readout', lambda: evaluate.train_readout(
         num_steps=config.readout_steps, num_records=config.readout_pool, seed=config.seed))
     readout.save(readout_path)
-    atomic_write_bytes(stages.dir / 'readout.json', [json.dumps({'seconds': timings['readout']}).encode()])
+    atomic_write_bytes(stages.dir / 'readout.json',
+                       [json.dumps({'seconds': timings['readout'], 'platform': _platform()}).encode()])
 
   model = io_lib.load_model(e4t_dir / 'model')
   demo_config = dataclasses.replace(model.config, tuning_prompt=e4t_config(ablation).tuning_prompt)
@@ -542,11 +655,13 @@ def _run(workdir: Path, config: DemoTrainConfig, *, install_to: str | os.PathLik
   out = workdir / f'model{suffix}'
   io_lib.save_model(model_lib.E4TModel(model.modules, params), out)
   shutil.copyfile(readout_path, out / 'readout.safetensors')
-  previous = {}  # seconds of the stages finished by earlier invocations
+  previous, platforms = {}, {}  # seconds and machines of the stages (earlier invocations' too)
   for name in STAGES:
     if stages.done(name):
       previous[name] = stages.load_summary(name).get('seconds')
+      platforms[name] = stages.load_summary(name).get('platform')
   summary = {'config': dataclasses.asdict(config), 'stage_seconds': {**previous, **timings},
+             'stage_platform': platforms,
              'bytes': sum(p.stat().st_size for p in out.rglob('*') if p.is_file())}
   atomic_write_bytes(out / 'training.json', [json.dumps(summary, indent=2).encode()])
   _log(f'model folder {out} ({summary["bytes"] / 1e6:.1f} MB)')
