@@ -52,9 +52,14 @@ def test_demo_train_smoke_every_stage_resume_and_ablation(tmp_path, capsys):
   assert summary['bytes'] > 0
 
 
-def test_demo_train_refuses_installing_an_ablation(tmp_path, capsys):
+def test_demo_train_refuses_bad_flags_before_any_work(tmp_path, capsys):
   code = cli.main(['demo-train', '--workdir', str(tmp_path), '--ablation', 'no_offsets', '--install'])
   assert code == 2 and 'ships the main model only' in capsys.readouterr().err
+  code = cli.main(['demo-train', '--workdir', str(tmp_path), '--reserve', '60'])
+  assert code == 2 and 'give --time-limit too' in capsys.readouterr().err
+  code = cli.main(['demo-train', '--workdir', str(tmp_path), '--readout-from', str(tmp_path / 'judge.safetensors')])
+  assert code == 2 and 'judge.safetensors: no such file' in capsys.readouterr().err
+  assert not (tmp_path / 'stages').exists()  # refused before any work
 
 
 def test_e4t_config_rejects_unknown_ablation():

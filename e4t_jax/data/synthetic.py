@@ -377,7 +377,9 @@ class SyntheticFaces:
 
     progress: a bar label on stderr (None: silent).
     workers: render in this many processes (0 or 1: in this one). A record depends on its index only,
-      so the arrays are the same for every worker count.
+      so the arrays are the same for every worker count. The workers are spawned (the parent may hold
+      JAX's threads, which a forked child must not inherit): a script that asks for workers runs its
+      code under `if __name__ == '__main__':`, as Python's multiprocessing requires.
     """
     from e4t_jax.progress import progress_bar  # pylint: disable=g-import-not-at-top
     if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
@@ -389,7 +391,6 @@ class SyntheticFaces:
         import concurrent.futures  # pylint: disable=g-import-not-at-top
         import multiprocessing  # pylint: disable=g-import-not-at-top
         chunk = max(1, min(1024, -(-n // (4 * workers))))
-        # 'spawn': the parent may hold JAX's threads, which a forked child must not inherit.
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
           for start, part in zip(range(0, n, chunk),
                                  pool.map(self._render_range, [(a, min(a + chunk, n)) for a in range(0, n, chunk)])):

@@ -121,9 +121,9 @@ class DemoTrainConfig:
     recorded). smoke: the smoke sizes with the accelerator's schedule and dtype (tests, CPU)."""
     values = dict(t2i_schedule='constant', t2i_dtype='bfloat16', ema_decay=0.999, e4t_data_workers=2)
     if not smoke:
-      values.update(pool_size=64_000, vae_steps=6_000, vae_batch=64, vision_steps=3_000, vision_batch=128,
-                    t2i_steps=200_000, t2i_batch=256, e4t_steps=1_000, e4t_batch=32, e4t_data_workers=8,
-                    checkpoint_every=2_000)
+      values.update(pool_size=64_000, vae_steps=3_000, vae_batch=64, vision_steps=1_500, vision_batch=128,
+                    t2i_steps=200_000, t2i_batch=512, t2i_lr=1e-3, e4t_steps=1_000, e4t_batch=32,
+                    e4t_data_workers=8, checkpoint_every=2_000)
     values.update(overrides)
     return cls.smoke(**values) if smoke else cls(**values)
 
