@@ -232,7 +232,7 @@ def fit(loss_fn: Callable[[Any, dict, jax.Array], jax.Array], params: Any, batch
         steps: int, lr: float, seed: int, desc: str, ema_decay: float = 0.0, checkpoint: Path | None = None,
         checkpoint_every: int = 250, schedule: str = 'cosine', deadline: float | None = None,
         stop_at: float | None = None) -> tuple[Any, list[float]]:
-  """Adam(W) with warm-up + cosine decay on `loss_fn(params, batch, key)`; one jitted step.
+  """Adam(W) with warm-up + cosine decay (or a constant rate) on `loss_fn(params, batch, key)`; one jitted step.
 
   ema_decay: keep an exponential moving average of the params, with the usual warm-up
     (decay min(ema_decay, (1 + t) / (10 + t)) at step t, so that the random init is forgotten early).
@@ -269,7 +269,7 @@ def fit(loss_fn: Callable[[Any, dict, jax.Array], jax.Array], params: Any, batch
     for i in range(start, steps):
       params, ema, opt_state, loss = step(params, ema, opt_state, batches(i), jax.random.fold_in(base_key, i),
                                           jnp.float32(i))
-      now = time.time() if (deadline or stop_at) else 0.0
+      now = time.time() if deadline is not None or stop_at is not None else 0.0
       last = i == steps - 1 or (stop_at is not None and now >= stop_at)
       if i % 25 == 0 or last:
         losses.append((i, float(loss)))
