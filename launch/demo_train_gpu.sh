@@ -16,7 +16,7 @@
 #   e4t demo-train --workdir runs/demo-gpu --preset accelerator --install   # the model folder, no training
 # A run stopped by its limit (rc 3) resumes: RESUME=folder-of-the-parts bash launch/demo_train_gpu.sh.
 #
-# Env: OUT (outputs/demo_train_gpu), WORK (/tmp/e4t-demo-train), LIMIT (seconds for demo-train, 510),
+# Run from the repository root. Env: OUT (outputs/demo_train_gpu), WORK (/tmp/e4t-demo-train), LIMIT (seconds for demo-train, 510),
 # RESERVE (seconds of LIMIT kept for the E4T stage and the model folder, 180), GRACE (45: after LIMIT + GRACE
 # seconds demo-train is stopped, so that packing still happens inside the 10-minute command), RESUME, PYTHON (python3),
 # T2I_STEPS (the text-to-image maximum; default the preset's).
