@@ -1,6 +1,9 @@
 """Scaling probe (issue 17): continue the shipped demo model's text-to-image stage (U-Net + text encoder, from its
 float16 weights, fresh AdamW) for STEPS more steps and score `described` and `coarse` on the `e4t eval` protocol every
-CHUNK steps. A measurement, not a training path: usage `python scripts/t2i_continue.py STEPS LR CHUNK OUT.json`."""
+CHUNK steps. A measurement, not a training path:
+  python scripts/t2i_continue.py STEPS LR CHUNK OUT.json [FIELD=VALUE ...]
+FIELD=VALUE: DemoTrainConfig overrides of the stage's loss and batches (e.g. t2i_min_snr_gamma=5)."""
+import dataclasses
 import json, sys, time
 import numpy as np, jax, jax.numpy as jnp
 import e4t_jax
@@ -10,7 +13,12 @@ from e4t_jax.models import clip as clip_lib
 from e4t_jax.models.vae import AutoencoderKL
 steps, lr, chunk = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 out = sys.argv[4]
-config = D.DemoTrainConfig()
+overrides = dict(arg.split('=', 1) for arg in sys.argv[5:])
+fields = {f.name: f.type for f in dataclasses.fields(D.DemoTrainConfig)}
+config = D.DemoTrainConfig(**{k: type(getattr(D.DemoTrainConfig(), k))(v) for k, v in overrides.items() if k in fields})
+assert set(overrides) <= set(fields), f'unknown fields {set(overrides) - set(fields)}'
+config.validate()
+print('config overrides', overrides, flush=True)
 model = e4t_jax.load_demo()
 readout = E.ReadoutModel.load(e4t_jax.DEMO_MODEL_DIR / 'readout.safetensors')
 unet_config, vae_config, text_config, _ = D.architecture(config)

@@ -161,6 +161,27 @@ def test_accelerator_preset_and_bad_settings():
   gpu = demo_train.DemoTrainConfig.accelerator()
   assert gpu.t2i_schedule == 'constant' and gpu.t2i_dtype == 'bfloat16' and gpu.pool_size > demo_train.DemoTrainConfig().pool_size
   assert demo_train.architecture(gpu) == demo_train.architecture(demo_train.DemoTrainConfig())  # the same networks
-  for field, value in (('t2i_schedule', 'linear'), ('t2i_dtype', 'float16'), ('checkpoint_every', 0)):
+  for field, value in (('t2i_schedule', 'linear'), ('t2i_dtype', 'float16'), ('checkpoint_every', 0),
+                       ('t2i_min_snr_gamma', -1.0)):
     with pytest.raises(ConfigError, match=field):
       demo_train.DemoTrainConfig.smoke(**{field: value}).validate()
+
+
+def test_min_snr_gamma_reweights_the_text_to_image_loss():
+  """gamma > 0 cuts the low-noise steps' weight (a smaller loss on the same batch); a gamma above every
+  step's SNR weighs all steps 1, i.e. the plain loss."""
+  import jax
+  pool = demo_train.render_pool(16, seed=0)
+  rng = np.random.default_rng(0)
+  means = rng.normal(size=(16, 16, 16, 4)).astype(np.float32)
+  latents = (means, np.full_like(means, 0.1))
+
+  def loss(gamma):
+    config = demo_train.DemoTrainConfig.smoke(t2i_batch=8, t2i_min_snr_gamma=gamma)
+    unet_config, _, text_config, _ = demo_train.architecture(config)
+    loss_fn, params, batches = demo_train.t2i_problem(config, unet_config, text_config, latents, pool, 0.5)
+    return float(loss_fn(params, batches(0), jax.random.key(3)))
+
+  plain = loss(0.0)
+  assert loss(5.0) < plain
+  assert loss(1e9) == pytest.approx(plain, rel=1e-5)

@@ -119,6 +119,27 @@ def test_sample_timesteps_and_snr():
     schedule_lib.sample_timesteps(jax.random.key(0), 4, schedule, min_t=10, max_t=10)
 
 
+@pytest.mark.parametrize('prediction_type', schedule_lib.PREDICTION_TYPES)
+def test_min_snr_weight_caps_the_x0_weight_at_gamma(prediction_type):
+  """Weighted target MSE == min(SNR, γ) × the x0 MSE of the same prediction, for every prediction type."""
+  schedule = schedule_lib.NoiseSchedule.from_config({**SD1_CONFIG, 'prediction_type': prediction_type})
+  k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+  x0, noise = jax.random.normal(k1, (6, 4, 4, 3)), jax.random.normal(k2, (6, 4, 4, 3))
+  t = jnp.array([1, 60, 150, 400, 700, 998])  # SNR from ~1000 to ~0.005: both sides of gamma
+  x_t = schedule_lib.add_noise(schedule, x0, noise, t)
+  output = schedule_lib.training_target(schedule, x0, noise, t) + 0.1 * jax.random.normal(k3, x0.shape)
+  x0_hat, _ = schedule_lib.predicted_x0_and_eps(schedule, output, x_t, t)
+  target_mse = jnp.mean((output - schedule_lib.training_target(schedule, x0, noise, t)) ** 2, axis=(1, 2, 3))
+  x0_mse = jnp.mean((x0_hat - x0) ** 2, axis=(1, 2, 3))
+  gamma = 5.0
+  weight = schedule_lib.min_snr_weight(schedule, t, gamma)
+  ratio = schedule_lib.snr(schedule, t)
+  np.testing.assert_allclose(weight * target_mse, jnp.minimum(ratio, gamma) * x0_mse, rtol=2e-3)
+  if prediction_type == 'epsilon':  # high-noise steps keep their weight, low-noise ones are cut
+    np.testing.assert_allclose(weight[3:], 1.0)
+    assert float(weight[0]) < 0.01
+
+
 @pytest.mark.parametrize('config', [
     {'beta_schedule': 'sigmoid'}, {'beta_schedule': 'cosine'}, {'prediction_type': 'flow_prediction'},
     {'num_train_timesteps': 0}])

@@ -184,3 +184,22 @@ def snr(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
   """Signal-to-noise ratio ᾱ_t / (1-ᾱ_t) at `t`, float32 with t's shape (0 at a zero-terminal-SNR end)."""
   alpha_bar = alphas_cumprod_at(schedule, t, jnp.ndim(t))
   return alpha_bar / (1 - alpha_bar)
+
+
+def min_snr_weight(schedule: NoiseSchedule, t: jax.Array, gamma: float) -> jax.Array:
+  """Min-SNR-γ loss weight (Hang et al. 2023) for the MSE on `training_target`, float32 with t's shape.
+
+  In x0 terms every prediction type's MSE is an x0 error weighted by SNR(t) (ε), SNR+1 (v) or 1 (x0):
+  ε-prediction weighs the content stage (SNR ≪ 1: layout, colours) ~100x less than the clean-up stage
+  (SNR ≫ 1). Min-SNR-γ caps the x0 weight at γ, i.e. multiplies the target's MSE by min(SNR, γ) / SNR (ε),
+  min(SNR, γ) / (SNR + 1) (v) or min(SNR, γ) (x0). A zero-SNR step (zero terminal SNR) weighs 1 under ε.
+  """
+  ratio = snr(schedule, t)
+  capped = jnp.minimum(ratio, gamma)
+  if schedule.prediction_type == 'epsilon':
+    return jnp.where(ratio > 0, capped / jnp.maximum(ratio, 1e-20), 1.0)
+  if schedule.prediction_type == 'v_prediction':
+    return capped / (ratio + 1.0)
+  if schedule.prediction_type == 'sample':
+    return capped
+  raise ConfigError(f'prediction_type {schedule.prediction_type!r} is not one of {PREDICTION_TYPES}.')

@@ -89,6 +89,10 @@ class DemoTrainConfig:
   # (`run(time_limit_s=...)`) may end the stage early as a finished stage, with the steps it ran recorded.
   t2i_schedule: str = 'cosine'
   t2i_dtype: str = 'float32'  # the U-Net's compute dtype in this stage (params and loss stay float32)
+  # Min-SNR-γ weighting of the text-to-image loss (`schedule.min_snr_weight`): ε-prediction's plain MSE weighs the
+  # content stage (high noise: layout, colours, which the captions decide) ~100x less than the clean-up stage.
+  # 0: the plain MSE (the shipped model).
+  t2i_min_snr_gamma: float = 0.0
   caption_dropout: float = 0.1
   identity_caption_rate: float = 0.75  # base captions that also put the identity into words
   ema_decay: float = 0.998
@@ -134,6 +138,8 @@ class DemoTrainConfig:
       raise ConfigError(f't2i_schedule must be one of {SCHEDULES}, got {self.t2i_schedule!r}.')
     if self.t2i_dtype not in ('float32', 'bfloat16'):
       raise ConfigError(f"t2i_dtype must be 'float32' or 'bfloat16', got {self.t2i_dtype!r}.")
+    if self.t2i_min_snr_gamma < 0:
+      raise ConfigError(f't2i_min_snr_gamma must be >= 0 (0: the plain loss), got {self.t2i_min_snr_gamma}.')
     if self.checkpoint_every < 1:
       raise ConfigError(f'checkpoint_every must be >= 1, got {self.checkpoint_every}.')
 
@@ -452,7 +458,11 @@ def t2i_problem(config: DemoTrainConfig, unet_config: UNetConfig, text_config: C
     t = schedule_lib.sample_timesteps(k_t, x0.shape[0], schedule)
     context = text.apply({'params': params['text_encoder']}, batch['input_ids']).last_hidden_state
     prediction = unet.apply({'params': params['unet']}, schedule_lib.add_noise(schedule, x0, noise, t), t, context)
-    return jnp.mean((prediction - schedule_lib.training_target(schedule, x0, noise, t)) ** 2)
+    squared_error = (prediction - schedule_lib.training_target(schedule, x0, noise, t)) ** 2
+    if not config.t2i_min_snr_gamma:
+      return jnp.mean(squared_error)
+    weight = schedule_lib.min_snr_weight(schedule, t, config.t2i_min_snr_gamma)  # [batch]
+    return jnp.mean(weight * jnp.mean(squared_error, axis=(1, 2, 3)))
 
   def batches(i):
     index = pick(i)
