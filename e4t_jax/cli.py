@@ -412,6 +412,12 @@ def _cmd_demo_train(args: argparse.Namespace) -> int:
         seed=args.seed)
   if args.t2i_steps is not None:
     config = dataclasses.replace(config, t2i_steps=args.t2i_steps)
+  if args.t2i_round:
+    config = dataclasses.replace(config, t2i_rounds=config.t2i_rounds + tuple(
+        demo_train.T2IRound.parse(text) for text in args.t2i_round))
+  if args.base_from is not None and not (Path(args.base_from) / 'training.json').is_file():
+    raise InputError(f'--base-from {args.base_from}: no training.json; pass a model folder written by '
+                     f'e4t demo-train (the shipped one: {e4t_jax.DEMO_MODEL_DIR}).')
   if args.install and args.ablation:
     raise ConfigError('--install ships the main model only; train an ablation without --install.')
   if args.reserve is not None and args.time_limit is None:
@@ -423,7 +429,7 @@ def _cmd_demo_train(args: argparse.Namespace) -> int:
   try:
     demo_train.run(args.workdir, config, install_to=e4t_jax.DEMO_MODEL_DIR if args.install else None,
                    ablation=args.ablation, render_workers=args.render_workers, time_limit_s=args.time_limit,
-                   reserve_s=args.reserve or 0.0, readout_from=args.readout_from)
+                   reserve_s=args.reserve or 0.0, readout_from=args.readout_from, base_from=args.base_from)
   except demo_train.DeadlineReached as e:
     print(f'e4t: {printable(e)}; run the same command again to resume.', file=sys.stderr)
     return 3
@@ -568,6 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
   demo_train.add_argument('--readout-from', default=None, metavar='READOUT',
                           help="use this trained judge (e.g. the shipped model's readout.safetensors) instead of "
                                'training one: scores stay comparable across models')
+  demo_train.add_argument('--t2i-round', action='append', default=[], metavar='STEPS:LR[:GAMMA]',
+                          help='a continuation round of the text-to-image stage after the preset\'s own rounds '
+                               '(from its float16 weights, fresh AdamW; GAMMA: min-SNR loss weighting); repeatable')
+  demo_train.add_argument('--base-from', default=None, metavar='MODEL',
+                          help='continue this demo-train model folder (e.g. the shipped one): its stages are '
+                               'reused and only the --t2i-round rounds it lacks and the E4T stage train')
   demo_train.add_argument('--seed', type=_seed, default=0)
   demo_train.add_argument('--ablation', default='',
                           choices=['', 'no_offsets', 'no_embedding_reg', 'weak_embedding_reg'],

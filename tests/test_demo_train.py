@@ -51,6 +51,33 @@ def test_demo_train_smoke_every_stage_resume_and_ablation(tmp_path, capsys):
   summary = json.loads((workdir / 'model-no_offsets' / 'training.json').read_text())
   assert summary['bytes'] > 0
 
+  # A continuation round (issue 17): seeded from the model folder, only the round and the E4T stage train...
+  seeded = tmp_path / 'seeded'
+  assert cli.main(['demo-train', '--workdir', str(seeded), '--smoke', '--base-from', str(model_dir),
+                   '--t2i-round', '2:1e-3:1']) == 0
+  err = capsys.readouterr().err
+  assert 'text-to-image round 1' in err and 'train read-out' not in err and 'train VAE' not in err
+  summary = json.loads((seeded / 'model' / 'training.json').read_text())
+  assert summary['config']['t2i_rounds'] == [{'steps': 2, 'lr': 1e-3, 'min_snr_gamma': 1.0,
+                                              'cpu_attention': 'xla_deferred'}]
+  assert 't2i-round1' in summary['stage_seconds'] and summary['stage_platform']['vae'] == f'from {model_dir}'
+  # ...and train the same bits as the round after this run's own (float32) stages, i.e. from scratch.
+  scratch = tmp_path / 'scratch'
+  (scratch / 'stages').mkdir(parents=True)
+  for path in (workdir / 'stages').glob('*'):
+    if path.name.split('.')[0] in ('pool', 'vae', 'vision', 't2i'):
+      (scratch / 'stages' / path.name).write_bytes(path.read_bytes())
+  assert cli.main(['demo-train', '--workdir', str(scratch), '--smoke', '--t2i-round', '2:1e-3:1',
+                   '--readout-from', str(model_dir / 'readout.safetensors')]) == 0
+  from e4t_jax.fileio import read_safetensors
+  for name in ('base/unet/diffusion_pytorch_model.safetensors', 'base/text_encoder/model.safetensors',
+               'trainable.safetensors'):
+    ours, theirs = read_safetensors(seeded / 'model' / name), read_safetensors(scratch / 'model' / name)
+    assert all(np.array_equal(ours[k], theirs[k]) for k in ours), name
+  before = read_safetensors(model_dir / 'base/unet/diffusion_pytorch_model.safetensors')
+  after = read_safetensors(seeded / 'model' / 'base/unet/diffusion_pytorch_model.safetensors')
+  assert not all(np.array_equal(before[k], after[k]) for k in before)  # the round trained
+
 
 def test_demo_train_refuses_bad_flags_before_any_work(tmp_path, capsys):
   code = cli.main(['demo-train', '--workdir', str(tmp_path), '--ablation', 'no_offsets', '--install'])
@@ -59,6 +86,16 @@ def test_demo_train_refuses_bad_flags_before_any_work(tmp_path, capsys):
   assert code == 2 and 'give --time-limit too' in capsys.readouterr().err
   code = cli.main(['demo-train', '--workdir', str(tmp_path), '--readout-from', str(tmp_path / 'judge.safetensors')])
   assert code == 2 and 'judge.safetensors: no such file' in capsys.readouterr().err
+  code = cli.main(['demo-train', '--workdir', str(tmp_path), '--t2i-round', '500'])
+  assert code == 2 and 'STEPS:LR' in capsys.readouterr().err
+  code = cli.main(['demo-train', '--workdir', str(tmp_path), '--base-from', str(tmp_path / 'nomodel')])
+  assert code == 2 and 'no training.json' in capsys.readouterr().err
+  import e4t_jax
+  code = cli.main(['demo-train', '--workdir', str(tmp_path), '--base-from', str(e4t_jax.DEMO_MODEL_DIR)])
+  assert code == 2 and 'adds at least one' in capsys.readouterr().err
+  code = cli.main(['demo-train', '--workdir', str(tmp_path), '--smoke', '--base-from', str(e4t_jax.DEMO_MODEL_DIR),
+                   '--t2i-round', '2:1e-3'])
+  assert code == 2 and 'the same settings are needed' in capsys.readouterr().err  # smoke sizes != the shipped
   assert not (tmp_path / 'stages').exists()  # refused before any work
 
 

@@ -15,6 +15,10 @@ architecture classes as Stable Diffusion (only the sizes differ):
               word-embedding space learns to hold identities, which is what E4T and textual inversion
               build on. Captions are dropped 10% of the time (classifier-free guidance). Prompts for
               personalization and evaluation never describe the identity.
+     t2i-roundK  (optional, `DemoTrainConfig.t2i_rounds`) continuation rounds of stage 4: each starts from the
+              previous text-to-image weights as the model ships them (float16), with a fresh AdamW, so that
+              a shipped model is the checkpoint of a longer CPU training spread over sessions
+              (`--base-from MODEL` continues a model folder without retraining its stages)
   5. e4t      E4T domain pretraining on top (`train.loop.train_and_evaluate`, the same code as a pod run):
               the encoder and the weight offsets, prompts = the images' captions with the placeholder
   6. readout  the evaluation judge (`e4t_jax.evaluate`), a separate CNN trained on other records
@@ -28,6 +32,7 @@ The model folder is written to `workdir/model/` (and, with `--install`, copied i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -69,6 +74,38 @@ TEXT_LENGTH = 40  # tokens; the longest caption (identity in words + context) is
 
 # ----------------------------------------------------------------------------- configuration
 @dataclasses.dataclass(frozen=True)
+class T2IRound:
+  """A continuation round of the text-to-image stage (issue 17: CPU training that goes further across
+  sessions). It starts from the previous text-to-image weights rounded to float16 (as the model ships them:
+  a shipped model is the round's whole starting point) and the pool encoded by the float16 VAE, with a fresh
+  AdamW (warm-up, then cosine decay to 5% over `steps`), the EMA, and the next `steps` batches and EMA
+  steps of the stage's stream."""
+  steps: int
+  lr: float
+  min_snr_gamma: float = 0.0  # `DemoTrainConfig.t2i_min_snr_gamma` for this round
+  cpu_attention: str = 'xla_deferred'  # what attention 'auto' runs on CPU in this round (~1.5x faster than 'xla')
+
+  @classmethod
+  def parse(cls, text: str) -> 'T2IRound':
+    """'STEPS:LR[:GAMMA]' (the CLI's --t2i-round), validated."""
+    parts = text.split(':')
+    try:
+      if not 2 <= len(parts) <= 3:
+        raise ValueError
+      round_ = cls(int(parts[0]), float(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0)
+    except ValueError:
+      raise ConfigError(f'--t2i-round {text!r}: expected STEPS:LR[:MIN_SNR_GAMMA], e.g. 6000:2e-4:1.') from None
+    round_.validate()
+    return round_
+
+  def validate(self) -> None:
+    if self.steps < 1 or not self.lr > 0 or self.min_snr_gamma < 0:
+      raise ConfigError(f'a text-to-image round needs steps >= 1, lr > 0 and min_snr_gamma >= 0, got {self}.')
+    if self.cpu_attention not in ('xla', 'xla_deferred'):
+      raise ConfigError(f"a round's cpu_attention must be 'xla' or 'xla_deferred', got {self.cpu_attention!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
 class DemoTrainConfig:
   """Sizes and schedules of `e4t demo-train` (the defaults are the shipped model's)."""
   seed: int = 0
@@ -93,6 +130,7 @@ class DemoTrainConfig:
   # content stage (high noise: layout, colours, which the captions decide) ~100x less than the clean-up stage.
   # 0: the plain MSE (the shipped model).
   t2i_min_snr_gamma: float = 0.0
+  t2i_rounds: tuple[T2IRound, ...] = ()  # continuation rounds after the stage (`T2IRound`); () ships the stage
   caption_dropout: float = 0.1
   identity_caption_rate: float = 0.75  # base captions that also put the identity into words
   ema_decay: float = 0.998
@@ -140,6 +178,8 @@ class DemoTrainConfig:
       raise ConfigError(f"t2i_dtype must be 'float32' or 'bfloat16', got {self.t2i_dtype!r}.")
     if self.t2i_min_snr_gamma < 0:
       raise ConfigError(f't2i_min_snr_gamma must be >= 0 (0: the plain loss), got {self.t2i_min_snr_gamma}.')
+    for round_ in self.t2i_rounds:
+      round_.validate()
     if self.checkpoint_every < 1:
       raise ConfigError(f'checkpoint_every must be >= 1, got {self.checkpoint_every}.')
 
@@ -237,7 +277,7 @@ def fit_step(loss_fn: Callable[[Any, dict, jax.Array], jax.Array], optimizer: op
 def fit(loss_fn: Callable[[Any, dict, jax.Array], jax.Array], params: Any, batches: Callable[[int], dict], *,
         steps: int, lr: float, seed: int, desc: str, ema_decay: float = 0.0, checkpoint: Path | None = None,
         checkpoint_every: int = 250, schedule: str = 'cosine', deadline: float | None = None,
-        stop_at: float | None = None) -> tuple[Any, list[float]]:
+        stop_at: float | None = None, step_offset: int = 0) -> tuple[Any, list[float]]:
   """Adam(W) with warm-up + cosine decay (or a constant rate) on `loss_fn(params, batch, key)`; one jitted step.
 
   ema_decay: keep an exponential moving average of the params, with the usual warm-up
@@ -249,6 +289,8 @@ def fit(loss_fn: Callable[[Any, dict, jax.Array], jax.Array], params: Any, batch
   deadline: a `time.time()` after which the run checkpoints and raises `DeadlineReached` (at a step's end).
   stop_at: with schedule 'constant' only, a `time.time()` after which the run ends as finished, early: a
     constant schedule does not depend on `steps`, so this is the run of `steps` = the steps it ran.
+  step_offset: step i of this run takes batch `batches(step_offset + i)` and EMA step `step_offset + i` (a
+    continuation of a run of `step_offset` steps); its keys and learning rates are its own (fold_in(seed, i)).
   Returns (params, or their EMA when ema_decay > 0; the loss every 25 steps and at the last step, whose
   index + 1 is the number of steps run).
   """
@@ -273,8 +315,8 @@ def fit(loss_fn: Callable[[Any, dict, jax.Array], jax.Array], params: Any, batch
   base_key = jax.random.key(seed)
   with progress_bar(steps, desc, initial=start) as progress:
     for i in range(start, steps):
-      params, ema, opt_state, loss = step(params, ema, opt_state, batches(i), jax.random.fold_in(base_key, i),
-                                          jnp.float32(i))
+      params, ema, opt_state, loss = step(params, ema, opt_state, batches(step_offset + i),
+                                          jax.random.fold_in(base_key, i), jnp.float32(step_offset + i))
       now = time.time() if deadline is not None or stop_at is not None else 0.0
       last = i == steps - 1 or (stop_at is not None and now >= stop_at)
       if i % 25 == 0 or last:
@@ -488,6 +530,37 @@ def train_t2i(config: DemoTrainConfig, unet_config: UNetConfig, text_config: CLI
   return params, {'losses': losses, 'steps': losses[-1][0] + 1}
 
 
+def as_shipped(params: Any) -> Any:
+  """float32 params as the model folder stores them (float16) and loading reads them back (float32)."""
+  return jax.tree.map(lambda x: np.asarray(np.asarray(x, np.float16), np.float32), jax.device_get(params))
+
+
+def round_names(config: DemoTrainConfig) -> tuple[str, ...]:
+  """The text-to-image stage and its continuation rounds, in order: ('t2i', 't2i-round1', ...)."""
+  return ('t2i',) + tuple(f't2i-round{k}' for k in range(1, len(config.t2i_rounds) + 1))
+
+
+def continue_t2i(config: DemoTrainConfig, index: int, unet_config: UNetConfig, text_config: CLIPTextConfig,
+                 latents: tuple, pool: dict, scaling_factor: float, start: dict, checkpoint: Path | None = None,
+                 deadline: float | None = None) -> tuple[dict, dict]:
+  """Round `index` (1-based) of `config.t2i_rounds` from `start` (the previous stage's float32 params, which
+  it rounds to float16 first). `latents`: the pool encoded by the float16 VAE. Returns (EMA params, summary)."""
+  round_ = config.t2i_rounds[index - 1]
+  offset = config.t2i_steps + sum(r.steps for r in config.t2i_rounds[:index - 1])
+  round_config = dataclasses.replace(config, t2i_min_snr_gamma=round_.min_snr_gamma)
+  with layers.auto_cpu_attention(round_.cpu_attention):
+    loss_fn, init, batches = t2i_problem(round_config, unet_config, text_config, latents, pool, scaling_factor,
+                                         dtype=jnp.dtype(config.t2i_dtype))
+    start = as_shipped(start)
+    if jax.tree.structure(start) != jax.tree.structure(init):
+      raise ConfigError(f'text-to-image round {index}: the starting weights are not this architecture\'s.')
+    params, losses = fit(loss_fn, start, batches, steps=round_.steps, lr=round_.lr,
+                         seed=config.seed + 4 + 1000 * index, desc=f'text-to-image round {index}',
+                         ema_decay=config.ema_decay, checkpoint=checkpoint, checkpoint_every=config.checkpoint_every,
+                         deadline=deadline, step_offset=offset)
+  return params, {'losses': losses, 'steps': round_.steps, 'offset': offset}
+
+
 # ----------------------------------------------------------------------------- stage 5: E4T pretraining
 def e4t_pretrain_config(config: DemoTrainConfig, ablation: str = ''):
   """The `e4t_jax/configs/base.py` run config of the E4T stage (synthetic faces with their captions)."""
@@ -520,6 +593,57 @@ def e4t_pretrain_config(config: DemoTrainConfig, ablation: str = ''):
 
 
 # ----------------------------------------------------------------------------- driver
+# Fields that do not change the stages a model folder holds (VAE, vision tower, text-to-image): a model may be
+# continued under other values of these.
+_NOT_BASE_FIELDS = ('t2i_rounds', 'e4t_steps', 'e4t_batch', 'e4t_lr', 'e4t_data_workers', 'readout_steps',
+                    'readout_pool', 'checkpoint_every')
+
+
+def seed_stages(workdir: str | os.PathLike, model_dir: str | os.PathLike, config: DemoTrainConfig) -> list[str]:
+  """Writes the stages that a model folder trained by `e4t demo-train` holds into `workdir/stages/` (its VAE,
+  vision tower and last text-to-image weights, float16 as shipped, and its judge), so that `run` trains only
+  the text-to-image rounds `config` adds and the E4T stage. The model must have been trained under `config`
+  (every recorded base field equal) with a proper prefix of its rounds. Returns the stage names written."""
+  from e4t_jax.e4t import io as io_lib  # pylint: disable=g-import-not-at-top
+  from e4t_jax.errors import InputError  # pylint: disable=g-import-not-at-top
+  model_dir = Path(model_dir)
+  training_path = model_dir / 'training.json'
+  if not training_path.is_file():
+    raise InputError(f'--base-from {model_dir}: no training.json; pass a model folder written by e4t demo-train.')
+  recorded = json.loads(training_path.read_text())['config']
+  base_rounds = tuple(T2IRound(**r) for r in recorded.get('t2i_rounds', ()))
+  if config.t2i_rounds[:len(base_rounds)] != base_rounds or len(config.t2i_rounds) <= len(base_rounds):
+    raise ConfigError(f'--base-from {model_dir}: its text-to-image rounds {list(base_rounds)} must be the first of '
+                      f'this run\'s {list(config.t2i_rounds)}, which adds at least one (--t2i-round STEPS:LR[:GAMMA]).')
+  mine = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as training.json has them
+  for key, value in recorded.items():
+    if key not in _NOT_BASE_FIELDS and key in mine and mine[key] != value:
+      raise ConfigError(f'--base-from {model_dir}: it was trained with {key}={value}, this run has {mine[key]}; '
+                        'the same settings are needed to continue it.')
+  model = io_lib.load_model(model_dir)
+  float32 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(tree))
+  stages = _Stages(Path(workdir))
+  origin = f'from {model_dir}'
+  seconds = json.loads(training_path.read_text()).get('stage_seconds', {})
+  stages.save('vae', float32(model.params['vae']), {'scaling_factor': model.modules.vae.config.scaling_factor,
+                                                    'seconds': seconds.get('vae'), 'platform': origin})
+  stages.save('vision', clip_lib.unstack_layers(float32(model.params['image_encoder'])),
+              {'seconds': seconds.get('vision'), 'platform': origin})
+  names = round_names(config)[:len(base_rounds) + 1]
+  for name in names[:-1]:  # finished, their weights not kept: only the last is read
+    atomic_write_bytes(stages.dir / f'{name}.json', [json.dumps(
+        {'seconds': seconds.get(name), 'platform': origin, 'weights': 'not kept'}).encode()])
+  stages.save(names[-1], {'unet': float32(model.params['unet']),
+                          'text_encoder': clip_lib.unstack_layers(float32(model.params['text_encoder']))},
+              {'steps': recorded.get('t2i_steps', config.t2i_steps) if len(names) == 1 else base_rounds[-1].steps,
+               'seconds': seconds.get(names[-1]), 'platform': origin})
+  shutil.copyfile(model_dir / 'readout.safetensors', stages.dir / 'readout.tmp.safetensors')
+  os.replace(stages.dir / 'readout.tmp.safetensors', stages.dir / 'readout.safetensors')
+  atomic_write_bytes(stages.dir / 'readout.json', [json.dumps(
+      {'seconds': seconds.get('readout'), 'platform': origin}).encode()])
+  return ['vae', 'vision', *names, 'readout']
+
+
 def build_model(config: DemoTrainConfig, vae_params: dict, vae_summary: dict, vision_params: dict,
                 t2i_params: dict, ablation: str = '') -> model_lib.E4TModel:
   unet_config, vae_config, text_config, vision_config = architecture(config)
@@ -535,8 +659,8 @@ def build_model(config: DemoTrainConfig, vae_params: dict, vae_summary: dict, vi
 
 def run(workdir: str | os.PathLike, config: DemoTrainConfig = DemoTrainConfig(), *,
         install_to: str | os.PathLike | None = None, ablation: str = '', render_workers: int = 0,
-        time_limit_s: float | None = None, reserve_s: float = 0.0, readout_from: str | os.PathLike | None = None
-        ) -> dict:
+        time_limit_s: float | None = None, reserve_s: float = 0.0, readout_from: str | os.PathLike | None = None,
+        base_from: str | os.PathLike | None = None) -> dict:
   """Runs (or resumes) every stage; returns the summary also written to `workdir/model/training.json`.
 
   ablation: '' or one of `ABLATIONS`: the E4T stage is trained without weight offsets or without the
@@ -551,6 +675,9 @@ def run(workdir: str | os.PathLike, config: DemoTrainConfig = DemoTrainConfig(),
   readout_from: a trained judge (`readout.safetensors`, e.g. the shipped model's) to use instead of
     training one: the judge does not depend on the other stages, and reusing it keeps the scores of
     two models comparable.
+  base_from: a model folder trained by this command under `config` less its last text-to-image rounds
+    (e.g. the shipped model): its stages are seeded into the work folder (`seed_stages`, the judge too)
+    and only the added rounds and the E4T stage train.
   """
   e4t_config(ablation)  # validates
   config.validate()
@@ -560,6 +687,8 @@ def run(workdir: str | os.PathLike, config: DemoTrainConfig = DemoTrainConfig(),
   if time_limit_s is not None and not time_limit_s > 0:
     raise ConfigError(f'the time limit must be positive, got {time_limit_s} s.')
   limits = None if time_limit_s is None else (time.time() + time_limit_s, time.time() + time_limit_s - reserve_s)
+  if base_from is not None and not (Path(workdir) / 'stages' / 'vae.json').is_file():
+    _log(f'seeded {", ".join(seed_stages(workdir, base_from, config))} from {base_from}')
   with layers.auto_cpu_attention(config.cpu_attention):
     return _run(Path(workdir), config, install_to=install_to, ablation=ablation, render_workers=render_workers,
                 limits=limits, readout_from=readout_from)
@@ -629,7 +758,21 @@ def _run(workdir: Path, config: DemoTrainConfig, *, install_to: str | os.PathLik
       return train_t2i(config, unet_config, text_config, latents, pool(), vae_summary['scaling_factor'],
                        state('t2i'), deadline, stop_at)
 
-    t2i_params, _ = stage('t2i', t2i)
+    # The stage and its rounds in order; only the last finished one's weights are read (a model folder
+    # seeded by `seed_stages` holds only its last).
+    names = round_names(config)
+    done = [k for k, name in enumerate(names) if stages.done(name)]
+    t2i_params, _ = stage(names[done[-1]] if done else 't2i', t2i)  # trains 't2i' or loads the last done
+    if len(names) > 1:  # with rounds, what follows the base stages reads them as shipped (float16), so that a
+      # run seeded from a model folder (`seed_stages`) and one from scratch train the same bits
+      vae_params, vision_params = as_shipped(vae_params), as_shipped(vision_params)
+    shipped_latents = None
+    for index in range(done[-1] + 1 if done else 1, len(names)):
+      if shipped_latents is None:  # the rounds read the pool through the VAE as it ships (float16)
+        shipped_latents = encode_pool(AutoencoderKL(vae_config), vae_params, pool()['images'])
+      t2i_params, _ = stage(names[index], functools.partial(
+          continue_t2i, config, index, unet_config, text_config, shipped_latents, pool(),
+          vae_summary['scaling_factor'], t2i_params, state(names[index]), deadline))
     model = build_model(config, vae_params, vae_summary, vision_params, t2i_params, ablation)
     run_config = e4t_pretrain_config(config, ablation)
     e4t_summary = timed('e4t', lambda: loop.train_and_evaluate(run_config, e4t_dir, model=model))
@@ -666,7 +809,7 @@ def _run(workdir: Path, config: DemoTrainConfig, *, install_to: str | os.PathLik
   io_lib.save_model(model_lib.E4TModel(model.modules, params), out)
   shutil.copyfile(readout_path, out / 'readout.safetensors')
   previous, platforms = {}, {}  # seconds and machines of the stages (earlier invocations' too)
-  for name in STAGES:
+  for name in STAGES[:3] + round_names(config) + STAGES[4:]:
     if stages.done(name):
       previous[name] = stages.load_summary(name).get('seconds')
       platforms[name] = stages.load_summary(name).get('platform')
