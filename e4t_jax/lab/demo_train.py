@@ -160,8 +160,10 @@ class DemoTrainConfig:
     """One GPU's sizes (`launch/demo_train_gpu.sh`, issue 17): the same stages and code, a 5x larger
     pool, larger batches, the U-Net in bfloat16, and a text-to-image stage with a constant rate after
     warm-up, run for as many steps as the time limit leaves (up to t2i_steps; the count it ran is
-    recorded). smoke: the smoke sizes with the accelerator's schedule and dtype (tests, CPU)."""
-    values = dict(t2i_schedule='constant', t2i_dtype='bfloat16', ema_decay=0.999, e4t_data_workers=2)
+    recorded), with min-SNR-1 loss weighting (the CPU continuation probes' best recipe, docs/reproduction.md).
+    smoke: the smoke sizes with the accelerator's schedule, dtype and loss (tests, CPU)."""
+    values = dict(t2i_schedule='constant', t2i_dtype='bfloat16', t2i_min_snr_gamma=1.0, ema_decay=0.999,
+                  e4t_data_workers=2)
     if not smoke:
       values.update(pool_size=64_000, vae_steps=3_000, vae_batch=64, vision_steps=1_500, vision_batch=128,
                     t2i_steps=200_000, t2i_batch=512, t2i_lr=1e-3, e4t_steps=1_000, e4t_batch=32,
