@@ -613,15 +613,15 @@ def seed_stages(workdir: str | os.PathLike, model_dir: str | os.PathLike, config
   if not training_path.is_file():
     raise InputError(f'--base-from {model_dir}: no training.json; pass a model folder written by e4t demo-train.')
   recorded = json.loads(training_path.read_text())['config']
-  base_rounds = tuple(T2IRound(**r) for r in recorded.get('t2i_rounds', ()))
-  if config.t2i_rounds[:len(base_rounds)] != base_rounds or len(config.t2i_rounds) <= len(base_rounds):
-    raise ConfigError(f'--base-from {model_dir}: its text-to-image rounds {list(base_rounds)} must be the first of '
-                      f'this run\'s {list(config.t2i_rounds)}, which adds at least one (--t2i-round STEPS:LR[:GAMMA]).')
   mine = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as training.json has them
   for key, value in recorded.items():
     if key not in _NOT_BASE_FIELDS and key in mine and mine[key] != value:
       raise ConfigError(f'--base-from {model_dir}: it was trained with {key}={value}, this run has {mine[key]}; '
                         'the same settings are needed to continue it.')
+  base_rounds = tuple(T2IRound(**r) for r in recorded.get('t2i_rounds', ()))
+  if config.t2i_rounds[:len(base_rounds)] != base_rounds or len(config.t2i_rounds) <= len(base_rounds):
+    raise ConfigError(f'--base-from {model_dir}: its text-to-image rounds {list(base_rounds)} must be the first of '
+                      f'this run\'s {list(config.t2i_rounds)}, which adds at least one (--t2i-round STEPS:LR[:GAMMA]).')
   model = io_lib.load_model(model_dir)
   float32 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(tree))
   stages = _Stages(Path(workdir))
