@@ -130,7 +130,9 @@ class DemoTrainConfig:
   # content stage (high noise: layout, colours, which the captions decide) ~100x less than the clean-up stage.
   # 0: the plain MSE (the shipped model).
   t2i_min_snr_gamma: float = 0.0
-  t2i_rounds: tuple[T2IRound, ...] = ()  # continuation rounds after the stage (`T2IRound`); () ships the stage
+  # Continuation rounds after the stage (`T2IRound`). The shipped model has one: 6,000 steps at 5e-4 with
+  # min-SNR-1 weighting (2026-12-07, docs/reproduction.md), trained from the 4,000-step stage's float16 weights.
+  t2i_rounds: tuple[T2IRound, ...] = (T2IRound(6_000, 5e-4, 1.0),)
   caption_dropout: float = 0.1
   identity_caption_rate: float = 0.75  # base captions that also put the identity into words
   ema_decay: float = 0.998
@@ -151,7 +153,7 @@ class DemoTrainConfig:
   def smoke(cls, **overrides) -> 'DemoTrainConfig':
     """A seconds-long run of every stage (tests)."""
     values = dict(pool_size=64, vae_steps=3, vae_batch=4, vae_crop=16, vision_steps=3, vision_batch=8, t2i_steps=3, t2i_batch=4,
-                  e4t_steps=2, e4t_batch=2, readout_steps=3, readout_pool=32, unet_channels=(16, 32))
+                  t2i_rounds=(), e4t_steps=2, e4t_batch=2, readout_steps=3, readout_pool=32, unet_channels=(16, 32))
     values.update(overrides)
     return cls(**values)
 
@@ -162,8 +164,8 @@ class DemoTrainConfig:
     warm-up, run for as many steps as the time limit leaves (up to t2i_steps; the count it ran is
     recorded), with min-SNR-1 loss weighting (the CPU continuation probes' best recipe, docs/reproduction.md).
     smoke: the smoke sizes with the accelerator's schedule, dtype and loss (tests, CPU)."""
-    values = dict(t2i_schedule='constant', t2i_dtype='bfloat16', t2i_min_snr_gamma=1.0, ema_decay=0.999,
-                  e4t_data_workers=2)
+    values = dict(t2i_schedule='constant', t2i_dtype='bfloat16', t2i_min_snr_gamma=1.0, t2i_rounds=(),
+                  ema_decay=0.999, e4t_data_workers=2)
     if not smoke:
       values.update(pool_size=64_000, vae_steps=3_000, vae_batch=64, vision_steps=1_500, vision_batch=128,
                     t2i_steps=200_000, t2i_batch=512, t2i_lr=1e-3, e4t_steps=1_000, e4t_batch=32,
@@ -683,6 +685,7 @@ def run(workdir: str | os.PathLike, config: DemoTrainConfig = DemoTrainConfig(),
   """
   e4t_config(ablation)  # validates
   config.validate()
+  workdir = Path(workdir).absolute()  # orbax (the E4T stage's checkpoints) refuses relative paths
   if readout_from is not None:
     from e4t_jax.lab import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.ReadoutModel.load(readout_from)  # a readable judge, or a one-line error, before any work
