@@ -31,7 +31,7 @@ EXAMPLES = """examples:
   e4t convert concept-to-diffusers concepts/me.e4t.safetensors --out me-diffusers/
   e4t bench personalize --config tiny --baseline torch --json bench.json
   e4t eval --methods e4t:0,e4t:5,ti:500 --identities 50 --out results.json   # identity / prompt-fidelity scores
-  e4t demo-train --workdir runs/demo --install     # retrain the embedded demo model from scratch (~1 h, 2 CPUs)
+  e4t demo-train --workdir runs/demo --install     # retrain the embedded demo model from scratch (~2 h, 2 CPUs)
 
 A model is an e4t model folder (written by `e4t pretrain` / e4t_jax.save_model); without --model the
 embedded demo model is used. Bad input gives one line on stderr and exit code 2.
