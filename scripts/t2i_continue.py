@@ -47,11 +47,13 @@ def score(label, ema):
           {k: round(v, 2) for k, v in r['identity_attributes'].items()}, flush=True)
   with open(out, 'w') as f:
     json.dump(results, f, indent=1)
-base_key = jax.random.key(config.seed + 4 + 1000)  # a new key stream: steps 4000 + i of the stage
+# The next round of the shipped model's stage, as `demo_train.continue_t2i` numbers it (keys, batches, EMA steps).
+offset, index = config.t2i_steps + sum(r.steps for r in config.t2i_rounds), len(config.t2i_rounds) + 1
+base_key = jax.random.key(config.seed + 4 + 1000 * index)
 t = time.time()
 params, ema, opt_state = state
 for i in range(steps):
-  params, ema, opt_state, loss = step(params, ema, opt_state, batches(4000 + i), jax.random.fold_in(base_key, i), jnp.float32(4000 + i))
+  params, ema, opt_state, loss = step(params, ema, opt_state, batches(offset + i), jax.random.fold_in(base_key, i), jnp.float32(offset + i))
   if i % 100 == 0:
     print('step', i, float(loss), round(time.time() - t), 's', flush=True)
   if (i + 1) % chunk == 0 or i + 1 == steps:
