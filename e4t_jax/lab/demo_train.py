@@ -605,7 +605,7 @@ _NOT_BASE_FIELDS = ('t2i_rounds', 'e4t_steps', 'e4t_batch', 'e4t_lr', 'e4t_data_
 
 def seed_stages(workdir: str | os.PathLike, model_dir: str | os.PathLike, config: DemoTrainConfig) -> list[str]:
   """Writes the stages that a model folder trained by `e4t demo-train` holds into `workdir/stages/` (its VAE,
-  vision tower and last text-to-image weights, float16 as shipped, and its judge), so that `run` trains only
+  vision tower and last text-to-image weights, float16 as shipped; `run` reuses its judge), so that `run` trains only
   the text-to-image rounds `config` adds and the E4T stage. The model must have been trained under `config`
   (every recorded base field equal) with a proper prefix of its rounds. Returns the stage names written."""
   from e4t_jax.e4t import io as io_lib  # pylint: disable=g-import-not-at-top
@@ -614,7 +614,8 @@ def seed_stages(workdir: str | os.PathLike, model_dir: str | os.PathLike, config
   training_path = model_dir / 'training.json'
   if not training_path.is_file():
     raise InputError(f'--base-from {model_dir}: no training.json; pass a model folder written by e4t demo-train.')
-  recorded = json.loads(training_path.read_text())['config']
+  training = json.loads(training_path.read_text())
+  recorded = training['config']
   mine = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as training.json has them
   for key, value in recorded.items():
     if key not in _NOT_BASE_FIELDS and key in mine and mine[key] != value:
@@ -628,7 +629,7 @@ def seed_stages(workdir: str | os.PathLike, model_dir: str | os.PathLike, config
   float32 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(tree))
   stages = _Stages(Path(workdir))
   origin = f'from {model_dir}'
-  seconds = json.loads(training_path.read_text()).get('stage_seconds', {})
+  seconds = training.get('stage_seconds', {})
   stages.save('vae', float32(model.params['vae']), {'scaling_factor': model.modules.vae.config.scaling_factor,
                                                     'seconds': seconds.get('vae'), 'platform': origin})
   stages.save('vision', clip_lib.unstack_layers(float32(model.params['image_encoder'])),
@@ -641,11 +642,7 @@ def seed_stages(workdir: str | os.PathLike, model_dir: str | os.PathLike, config
                           'text_encoder': clip_lib.unstack_layers(float32(model.params['text_encoder']))},
               {'steps': recorded.get('t2i_steps', config.t2i_steps) if len(names) == 1 else base_rounds[-1].steps,
                'seconds': seconds.get(names[-1]), 'platform': origin})
-  shutil.copyfile(model_dir / 'readout.safetensors', stages.dir / 'readout.tmp.safetensors')
-  os.replace(stages.dir / 'readout.tmp.safetensors', stages.dir / 'readout.safetensors')
-  atomic_write_bytes(stages.dir / 'readout.json', [json.dumps(
-      {'seconds': seconds.get('readout'), 'platform': origin}).encode()])
-  return ['vae', 'vision', *names, 'readout']
+  return ['vae', 'vision', *names]
 
 
 def build_model(config: DemoTrainConfig, vae_params: dict, vae_summary: dict, vision_params: dict,
@@ -680,22 +677,24 @@ def run(workdir: str | os.PathLike, config: DemoTrainConfig = DemoTrainConfig(),
     training one: the judge does not depend on the other stages, and reusing it keeps the scores of
     two models comparable.
   base_from: a model folder trained by this command under `config` less its last text-to-image rounds
-    (e.g. the shipped model): its stages are seeded into the work folder (`seed_stages`, the judge too)
-    and only the added rounds and the E4T stage train.
+    (e.g. the shipped model): its stages are seeded into the work folder (`seed_stages`), its judge is
+    the `readout_from` unless one is given, and only the added rounds and the E4T stage train.
   """
   e4t_config(ablation)  # validates
   config.validate()
   workdir = Path(workdir).absolute()  # orbax (the E4T stage's checkpoints) refuses relative paths
+  if base_from is not None and readout_from is None:
+    readout_from = Path(base_from) / 'readout.safetensors'
   if readout_from is not None:
     from e4t_jax.lab import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.ReadoutModel.load(readout_from)  # a readable judge, or a one-line error, before any work
   if time_limit_s is not None and not time_limit_s > 0:
     raise ConfigError(f'the time limit must be positive, got {time_limit_s} s.')
   limits = None if time_limit_s is None else (time.time() + time_limit_s, time.time() + time_limit_s - reserve_s)
-  if base_from is not None and not (Path(workdir) / 'stages' / 'vae.json').is_file():
+  if base_from is not None and not (workdir / 'stages' / 'vae.json').is_file():
     _log(f'seeded {", ".join(seed_stages(workdir, base_from, config))} from {base_from}')
   with layers.auto_cpu_attention(config.cpu_attention):
-    return _run(Path(workdir), config, install_to=install_to, ablation=ablation, render_workers=render_workers,
+    return _run(workdir, config, install_to=install_to, ablation=ablation, render_workers=render_workers,
                 limits=limits, readout_from=readout_from)
 
 
