@@ -418,8 +418,13 @@ def _cmd_demo_train(args: argparse.Namespace) -> int:
   if args.base_from is not None and not (Path(args.base_from) / 'training.json').is_file():
     raise InputError(f'--base-from {args.base_from}: no training.json; pass a model folder written by '
                      f'e4t demo-train (the shipped one: {e4t_jax.DEMO_MODEL_DIR}).')
-  if args.install and args.ablation:
-    raise ConfigError('--install ships the main model only; train an ablation without --install.')
+  if args.e4t_set:
+    config = demo_train.with_e4t_settings(config, args.e4t_set)
+    if not args.variant:
+      raise ConfigError('--e4t-set trains an E4T stage beside the main one: name it with --variant NAME '
+                        '(its model goes to WORKDIR/model-NAME/).')
+  if args.install and (args.ablation or args.variant):
+    raise ConfigError('--install ships the main model only; train an ablation or a variant without --install.')
   if args.reserve is not None and args.time_limit is None:
     raise ConfigError('--reserve is the part of --time-limit kept for the E4T stage: give --time-limit too.')
   if args.readout_from is not None and not Path(args.readout_from).is_file():
@@ -429,7 +434,8 @@ def _cmd_demo_train(args: argparse.Namespace) -> int:
   try:
     demo_train.run(args.workdir, config, install_to=e4t_jax.DEMO_MODEL_DIR if args.install else None,
                    ablation=args.ablation, render_workers=args.render_workers, time_limit_s=args.time_limit,
-                   reserve_s=args.reserve or 0.0, readout_from=args.readout_from, base_from=args.base_from)
+                   reserve_s=args.reserve or 0.0, readout_from=args.readout_from, base_from=args.base_from,
+                   variant=args.variant)
   except demo_train.DeadlineReached as e:
     print(f'e4t: {printable(e)}; run the same command again to resume.', file=sys.stderr)
     return 3
@@ -585,6 +591,12 @@ def build_parser() -> argparse.ArgumentParser:
                           choices=['', 'no_offsets', 'no_embedding_reg', 'weak_embedding_reg'],
                           help='retrain only the E4T stage without weight offsets / the embedding regularizer, '
                                'or with the regularizer at a tenth')
+  demo_train.add_argument('--e4t-set', action='append', default=[], metavar='NAME=VALUE',
+                          help='an E4T stage setting (steps, batch, lr, lambda_embedding, min_snr_gamma, loss_mask, '
+                               'data_workers) for a --variant; repeatable')
+  demo_train.add_argument('--variant', default='', metavar='NAME',
+                          help='train the E4T stage again on the same base stages into WORKDIR/e4t-NAME and '
+                               'WORKDIR/model-NAME (with --e4t-set)')
   demo_train.set_defaults(func=_cmd_demo_train)
 
   prepare = sub.add_parser('prepare', help='pack an image folder into ArrayRecord shards for pretraining')

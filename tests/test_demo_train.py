@@ -51,6 +51,15 @@ def test_demo_train_smoke_every_stage_resume_and_ablation(tmp_path, capsys):
   summary = json.loads((workdir / 'model-no_offsets' / 'training.json').read_text())
   assert summary['bytes'] > 0
 
+  # A variant: the E4T stage again with other settings (min-SNR-1, the face mask), the base stages reused.
+  assert cli.main(['demo-train', '--workdir', str(workdir), '--smoke', '--variant', 'snr1', '--e4t-set',
+                   'min_snr_gamma=1', '--e4t-set', 'loss_mask=true']) == 0
+  assert 't2i: done before' in capsys.readouterr().err
+  variant = e4t_jax.load(workdir / 'model-snr1')
+  assert variant.config.min_snr_gamma == 1.0 and variant.config.use_loss_mask
+  summary = json.loads((workdir / 'model-snr1' / 'training.json').read_text())
+  assert summary['config']['e4t_min_snr_gamma'] == 1.0 and summary['config']['e4t_loss_mask'] is True
+
   # A continuation round (issue 17): seeded from the model folder, only the round and the E4T stage train...
   seeded = tmp_path / 'seeded'
   assert cli.main(['demo-train', '--workdir', str(seeded), '--smoke', '--base-from', str(model_dir),
@@ -82,6 +91,16 @@ def test_demo_train_smoke_every_stage_resume_and_ablation(tmp_path, capsys):
 def test_demo_train_refuses_bad_flags_before_any_work(tmp_path, capsys):
   code = cli.main(['demo-train', '--workdir', str(tmp_path), '--ablation', 'no_offsets', '--install'])
   assert code == 2 and 'ships the main model only' in capsys.readouterr().err
+  code = cli.main(['demo-train', '--workdir', str(tmp_path), '--variant', 'v', '--install'])
+  assert code == 2 and 'ships the main model only' in capsys.readouterr().err
+  code = cli.main(['demo-train', '--workdir', str(tmp_path), '--e4t-set', 'steps=10'])
+  assert code == 2 and '--variant NAME' in capsys.readouterr().err
+  code = cli.main(['demo-train', '--workdir', str(tmp_path), '--e4t-set', 'depth=3', '--variant', 'v'])
+  assert code == 2 and 'NAME one of' in capsys.readouterr().err
+  code = cli.main(['demo-train', '--workdir', str(tmp_path), '--e4t-set', 'steps=0', '--variant', 'v'])
+  assert code == 2 and 'steps, batch >= 1' in capsys.readouterr().err
+  code = cli.main(['demo-train', '--workdir', str(tmp_path), '--variant', 'a/b'])
+  assert code == 2 and 'names folders' in capsys.readouterr().err
   code = cli.main(['demo-train', '--workdir', str(tmp_path), '--reserve', '60'])
   assert code == 2 and 'give --time-limit too' in capsys.readouterr().err
   code = cli.main(['demo-train', '--workdir', str(tmp_path), '--readout-from', str(tmp_path / 'judge.safetensors')])

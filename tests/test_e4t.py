@@ -115,6 +115,30 @@ def test_masked_loss_ignores_masked_out_positions():
   assert float(objective.masked_mse(changed, target)) > float(objective.masked_mse(prediction, target))
 
 
+def test_min_snr_weighting_of_the_e4t_loss(tiny):
+  """γ > 0 weighs each row's diffusion error by min(SNR, γ) / SNR (ε); γ above every SNR is the plain loss."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from e4t_jax.diffusion import schedule as schedule_lib  # pylint: disable=g-import-not-at-top
+  batch, key = _batch(tiny), jax.random.key(5)
+
+  def loss_with(gamma):
+    modules = dataclasses.replace(tiny.modules, config=dataclasses.replace(tiny.config, min_snr_gamma=gamma))
+    return objective.e4t_loss(modules, tiny.params, batch, key)[1]['diffusion_loss']
+
+  plain = float(loss_with(0.0))
+  draws = objective.draw_noise(tiny.modules, key, jnp.zeros((2, 1, 1, 1)))
+  snr = schedule_lib.snr(tiny.modules.schedule, draws.timesteps)
+  np.testing.assert_allclose(float(loss_with(float(jnp.max(snr)) * 2)), plain, rtol=1e-6)
+  gamma = float(jnp.min(snr)) / 2  # below every row's SNR: every row is weighted by gamma / SNR < 1
+  assert float(loss_with(gamma)) < plain
+  prediction, target = jax.random.normal(key, (2, 4, 4, 4)), jax.random.normal(jax.random.key(1), (2, 4, 4, 4))
+  rows = jnp.mean(jnp.square(prediction - target), axis=(1, 2, 3))
+  np.testing.assert_allclose(objective.masked_mse(prediction, target, example_weights=jnp.array([1.0, 0.25])),
+                             (rows[0] + 0.25 * rows[1]) / 2, rtol=1e-6)
+  with pytest.raises(ConfigError, match='min_snr_gamma'):
+    dataclasses.replace(tiny.config, min_snr_gamma=-1.0)
+
+
 def test_gradients_reach_only_trainable_params_and_optimizer_state_is_trainable_only(tiny, training):
   optimizer, train_step = training
   state, frozen = step_lib.create_train_state(tiny, optimizer)

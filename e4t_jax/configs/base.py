@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.e4t.coarse_prompt = 'a photo of a {coarse}'
   config.e4t.templates = COMMON_TEMPLATES
   config.e4t.use_loss_mask = False     # weight the diffusion loss by the data's masks
+  config.e4t.min_snr_gamma = 0.0       # min-SNR-γ loss weighting (0: the paper's plain MSE)
   config.e4t.trainable_patterns = ()   # regexes over 'image_encoder/...' paths that train too
 
   config.encoder = ml_collections.ConfigDict()

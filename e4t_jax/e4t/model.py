@@ -53,6 +53,8 @@ class E4TConfig:
   # Regexes over 'image_encoder/...' param paths that are trained too (e.g. r'encoder/layers_3[01]/').
   trainable_patterns: Sequence[str] = ()
   use_loss_mask: bool = False
+  # Min-SNR-γ weighting of the diffusion loss (`schedule.min_snr_weight`); 0: the paper's plain MSE.
+  min_snr_gamma: float = 0.0
   # Personalization's default prompt ('{}' = the placeholder), in the domain's caption style.
   tuning_prompt: str = 'a photo of {}'
 
@@ -64,6 +66,8 @@ class E4TConfig:
       raise ConfigError(f'e4t.embedding_scale must be > 0, got {self.embedding_scale}.')
     if self.lambda_embedding < 0 or self.lambda_offsets < 0:
       raise ConfigError('e4t regularization weights must be >= 0.')
+    if self.min_snr_gamma < 0:
+      raise ConfigError(f'e4t.min_snr_gamma must be >= 0 (0: the plain loss), got {self.min_snr_gamma}.')
 
 
 @dataclasses.dataclass(frozen=True)

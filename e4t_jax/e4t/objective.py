@@ -5,7 +5,7 @@ tuning:
   features = U-Net_W(z_t, t, text("a photo of a <coarse>"))[contracting path]   (pass 1, frozen)
   f = Encoder(CLIP(image), features) ;  w* = w_coarse + s f
   ε̂ = U-Net_{W+ΔW}(z_t, t, text(prompt with w*))                               (pass 2)
-  loss = ‖ε̂ − target‖² (· mask)  +  λ_emb ‖f‖²  +  λ_w Σ‖ΔW‖²
+  loss = ‖ε̂ − target‖² (· mask) (· min-SNR-γ weight)  +  λ_emb ‖f‖²  +  λ_w Σ‖ΔW‖²
 
 The embedding regularizer is on the encoder's offset f, not on w* (the reference penalizes the whole
 embedding, which pulls w* towards zero instead of towards the coarse word).
@@ -35,9 +35,13 @@ def latent_mask(mask: jax.Array, latent_size: int) -> jax.Array:
   return jnp.mean(mask, axis=(2, 4))[..., None]
 
 
-def masked_mse(prediction: jax.Array, target: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-  """Mean squared error over the positions the weights keep ([batch, h, w, 1] in [0, 1], or None)."""
+def masked_mse(prediction: jax.Array, target: jax.Array, weights: jax.Array | None = None,
+               example_weights: jax.Array | None = None) -> jax.Array:
+  """Mean squared error over the positions the weights keep ([batch, h, w, 1] in [0, 1], or None);
+  example_weights ([batch], e.g. min-SNR-γ) scale each row's squared errors."""
   squared_error = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
+  if example_weights is not None:
+    squared_error = squared_error * example_weights.astype(jnp.float32).reshape((-1,) + (1,) * (squared_error.ndim - 1))
   if weights is None:
     return jnp.mean(squared_error)
   weights = jnp.broadcast_to(weights, squared_error.shape)
@@ -143,7 +147,12 @@ def e4t_loss(modules, params: Mapping[str, Any], batch: Mapping[str, jax.Array],
   target = schedule_lib.training_target(modules.schedule, latents, noise, timesteps)
 
   mask = batch.get('mask') if (config.use_loss_mask if loss_mask is None else loss_mask) else None
-  diffusion_loss = masked_mse(prediction, target, None if mask is None else latent_mask(mask, latents.shape[1]))
+  # Min-SNR-γ (config.min_snr_gamma > 0): the high-noise steps, where the identity is decided, are not
+  # outweighed by the clean-up steps (`schedule.min_snr_weight`).
+  example_weights = (schedule_lib.min_snr_weight(modules.schedule, timesteps, config.min_snr_gamma)
+                     if config.min_snr_gamma > 0 else None)
+  diffusion_loss = masked_mse(prediction, target, None if mask is None else latent_mask(mask, latents.shape[1]),
+                              example_weights)
   embedding_reg = jnp.mean(jnp.sum(jnp.square(offset), axis=-1))
   offsets_reg = offsets_lib.offsets_l2(params['weight_offsets'])
   loss = diffusion_loss + config.lambda_embedding * embedding_reg + config.lambda_offsets * offsets_reg

@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -140,6 +141,9 @@ class DemoTrainConfig:
   e4t_batch: int = 16
   e4t_lr: float = 1e-3
   e4t_data_workers: int = 0  # grain processes rendering the E4T stage's records (0: in the training process)
+  e4t_lambda_embedding: float = 0.01  # λ_emb on the encoder's offset (the paper's / reference's value)
+  e4t_min_snr_gamma: float = 0.0  # min-SNR-γ weighting of the E4T stage's diffusion loss (0: the paper's MSE)
+  e4t_loss_mask: bool = False  # weight the E4T stage's diffusion loss by the face mask
   readout_steps: int = 3_000
   readout_pool: int = 16_000
   unet_channels: tuple[int, ...] = (48, 96)
@@ -188,6 +192,35 @@ class DemoTrainConfig:
       raise ConfigError(f'checkpoint_every must be >= 1, got {self.checkpoint_every}.')
 
 
+def with_e4t_settings(config: DemoTrainConfig, settings: list[str]) -> DemoTrainConfig:
+  """`config` with E4T-stage fields set from 'NAME=VALUE' texts (the CLI's --e4t-set; NAME is a
+  DemoTrainConfig field without its 'e4t_' prefix, e.g. 'steps=2000', 'min_snr_gamma=1', 'loss_mask=true')."""
+  fields = {f.name[4:]: f for f in dataclasses.fields(DemoTrainConfig) if f.name.startswith('e4t_')}
+  values = {}
+  for text in settings:
+    name, sep, value = text.partition('=')
+    name = name.strip().removeprefix('e4t_')
+    if not sep or name not in fields:
+      raise ConfigError(f'--e4t-set {text!r}: expected NAME=VALUE with NAME one of {sorted(fields)}.')
+    kind = type(getattr(config, fields[name].name))
+    try:
+      if kind is bool:
+        if value.lower() not in ('true', 'false', '1', '0'):
+          raise ValueError(value)
+        parsed = value.lower() in ('true', '1')
+      else:
+        parsed = kind(value)
+    except ValueError:
+      raise ConfigError(f'--e4t-set {text!r}: {value!r} is not a {kind.__name__}.') from None
+    values[fields[name].name] = parsed
+  config = dataclasses.replace(config, **values)
+  if config.e4t_steps < 1 or config.e4t_batch < 1 or not config.e4t_lr > 0 or config.e4t_lambda_embedding < 0 \
+      or config.e4t_min_snr_gamma < 0 or config.e4t_data_workers < 0:
+    raise ConfigError(f'--e4t-set {settings}: steps, batch >= 1, lr > 0, lambda_embedding, min_snr_gamma and '
+                      'data_workers >= 0.')
+  return config
+
+
 def architecture(config: DemoTrainConfig) -> tuple[UNetConfig, VAEConfig, CLIPTextConfig, CLIPVisionConfig]:
   """The demo model's networks: Stable Diffusion's and CLIP's classes at toy sizes."""
   c0, c1 = config.unet_channels
@@ -208,16 +241,18 @@ def architecture(config: DemoTrainConfig) -> tuple[UNetConfig, VAEConfig, CLIPTe
 ABLATIONS = ('no_offsets', 'no_embedding_reg', 'weak_embedding_reg')
 
 
-def e4t_config(ablation: str = '') -> model_lib.E4TConfig:
-  """The demo's E4T settings; an ablation drops the weight offsets or the embedding regularizer (or
-  weakens the regularizer tenfold)."""
+def e4t_config(ablation: str = '', config: 'DemoTrainConfig | None' = None) -> model_lib.E4TConfig:
+  """The demo's E4T settings (`config`'s e4t_* fields; default: the shipped recipe's); an ablation drops
+  the weight offsets or the embedding regularizer (or weakens the regularizer tenfold)."""
+  config_ = DemoTrainConfig() if config is None else config
   if ablation not in ('', *ABLATIONS):
     raise ConfigError(f'ablation {ablation!r} is not one of {ABLATIONS}.')
   # embedding_scale 1: the demo's text encoder is trained from scratch and its token embeddings have
   # norm ~0.16 (CLIP's init), so the reference's s = 0.1 (sized for SD's CLIP) leaves w* stuck at the
   # coarse word (a first run: |s f| ~ 0.001 after 700 steps).
   config = model_lib.E4TConfig(coarse_word=synthetic.COARSE_WORD, coarse_prompt='a {coarse}', tuning_prompt='a {}',
-                               embedding_scale=1.0,
+                               embedding_scale=1.0, lambda_embedding=config_.e4t_lambda_embedding,
+                               min_snr_gamma=config_.e4t_min_snr_gamma, use_loss_mask=config_.e4t_loss_mask,
                                encoder=EncoderConfig(hidden_dim=128, clip_layers=(-1, -2)),
                                offsets=OffsetsConfig(rank=4, targets=() if ablation == 'no_offsets' else
                                                      OffsetsConfig().targets))
@@ -575,9 +610,12 @@ def e4t_pretrain_config(config: DemoTrainConfig, ablation: str = ''):
   run.e4t.coarse_prompt = 'a {coarse}'
   run.encoder.hidden_dim = 128
   run.encoder.clip_layers = (-1, -2)
-  run.e4t.lambda_embedding = e4t_config(ablation).lambda_embedding
-  run.e4t.embedding_scale = e4t_config(ablation).embedding_scale
-  run.offsets.targets = tuple(e4t_config(ablation).offsets.targets)
+  method = e4t_config(ablation, config)
+  run.e4t.lambda_embedding = method.lambda_embedding
+  run.e4t.embedding_scale = method.embedding_scale
+  run.e4t.min_snr_gamma = method.min_snr_gamma
+  run.e4t.use_loss_mask = method.use_loss_mask
+  run.offsets.targets = tuple(method.offsets.targets)
   run.optimizer.learning_rate = config.e4t_lr
   run.optimizer.warmup_steps = min(100, max(config.e4t_steps // 10, 1))
   run.optimizer.global_batch_size = config.e4t_batch
@@ -599,8 +637,8 @@ def e4t_pretrain_config(config: DemoTrainConfig, ablation: str = ''):
 # ----------------------------------------------------------------------------- driver
 # Fields that do not change the stages a model folder holds (VAE, vision tower, text-to-image): a model may be
 # continued under other values of these.
-_NOT_BASE_FIELDS = ('t2i_rounds', 'e4t_steps', 'e4t_batch', 'e4t_lr', 'e4t_data_workers', 'readout_steps',
-                    'readout_pool', 'checkpoint_every')
+_NOT_BASE_FIELDS = ('t2i_rounds', 'e4t_steps', 'e4t_batch', 'e4t_lr', 'e4t_data_workers', 'e4t_lambda_embedding',
+                    'e4t_min_snr_gamma', 'e4t_loss_mask', 'readout_steps', 'readout_pool', 'checkpoint_every')
 
 
 def seed_stages(workdir: str | os.PathLike, model_dir: str | os.PathLike, config: DemoTrainConfig) -> list[str]:
@@ -655,18 +693,20 @@ def build_model(config: DemoTrainConfig, vae_params: dict, vae_summary: dict, vi
                        {'unet': t2i_params['unet'], 'vae': vae_params,
                         'text_encoder': clip_lib.stack_layers(t2i_params['text_encoder'])})
   vision = CLIPVisionTransformer(vision_config, with_projection=False, scan_layers=False)  # init_e4t stacks it
-  return model_lib.init_e4t(jax.random.key(config.seed + 6), e4t_config(ablation), sd, vision, vision_params)
+  return model_lib.init_e4t(jax.random.key(config.seed + 6), e4t_config(ablation, config), sd, vision, vision_params)
 
 
 def run(workdir: str | os.PathLike, config: DemoTrainConfig = DemoTrainConfig(), *,
         install_to: str | os.PathLike | None = None, ablation: str = '', render_workers: int = 0,
         time_limit_s: float | None = None, reserve_s: float = 0.0, readout_from: str | os.PathLike | None = None,
-        base_from: str | os.PathLike | None = None) -> dict:
+        base_from: str | os.PathLike | None = None, variant: str = '') -> dict:
   """Runs (or resumes) every stage; returns the summary also written to `workdir/model/training.json`.
 
   ablation: '' or one of `ABLATIONS`: the E4T stage is trained without weight offsets or without the
     embedding regularizer (into `workdir/e4t-<ablation>/`, model folder `workdir/model-<ablation>/`),
     on the same base stages.
+  variant: a name for an E4T stage trained with other e4t_* settings of `config` on the same base stages
+    (`workdir/e4t-<variant>/`, `workdir/model-<variant>/`; with an ablation: `-<ablation>-<variant>`).
   render_workers: processes that render the data pool (the pool is the same for any number).
   time_limit_s: seconds from now. The VAE, vision and text-to-image stages stop at a step's end once it
     has passed, checkpointed, raising `DeadlineReached` (running again resumes). With the 'constant'
@@ -680,8 +720,10 @@ def run(workdir: str | os.PathLike, config: DemoTrainConfig = DemoTrainConfig(),
     (e.g. the shipped model): its stages are seeded into the work folder (`seed_stages`), its judge is
     the `readout_from` unless one is given, and only the added rounds and the E4T stage train.
   """
-  e4t_config(ablation)  # validates
+  e4t_config(ablation, config)  # validates
   config.validate()
+  if variant and not re.fullmatch(r'[A-Za-z0-9_.=+]+', variant):
+    raise ConfigError(f'variant {variant!r}: use letters, digits and _ . = + (it names folders).')
   workdir = Path(workdir).absolute()  # orbax (the E4T stage's checkpoints) refuses relative paths
   if base_from is not None and readout_from is None:
     readout_from = Path(base_from) / 'readout.safetensors'
@@ -695,12 +737,12 @@ def run(workdir: str | os.PathLike, config: DemoTrainConfig = DemoTrainConfig(),
     _log(f'seeded {", ".join(seed_stages(workdir, base_from, config))} from {base_from}')
   with layers.auto_cpu_attention(config.cpu_attention):
     return _run(workdir, config, install_to=install_to, ablation=ablation, render_workers=render_workers,
-                limits=limits, readout_from=readout_from)
+                limits=limits, readout_from=readout_from, variant=variant)
 
 
 def _run(workdir: Path, config: DemoTrainConfig, *, install_to: str | os.PathLike | None, ablation: str,
          render_workers: int = 0, limits: tuple[float, float] | None = None,
-         readout_from: str | os.PathLike | None = None) -> dict:
+         readout_from: str | os.PathLike | None = None, variant: str = '') -> dict:
   from e4t_jax.e4t import io as io_lib  # pylint: disable=g-import-not-at-top
   from e4t_jax.train import loop  # pylint: disable=g-import-not-at-top
   stages = _Stages(workdir)
@@ -748,7 +790,7 @@ def _run(workdir: Path, config: DemoTrainConfig, *, install_to: str | os.PathLik
     state(name).unlink(missing_ok=True)  # the stage's result is on disk: its mid-stage checkpoint goes
     return params, summary
 
-  suffix = f'-{ablation}' if ablation else ''
+  suffix = ''.join(f'-{name}' for name in (ablation, variant) if name)
   e4t_dir = workdir / f'e4t{suffix}'
   if not (e4t_dir / 'model' / 'e4t.json').is_file():
     # (Once the E4T stage's model is saved, the earlier stages' params are in it: none is loaded.)
@@ -802,7 +844,7 @@ def _run(workdir: Path, config: DemoTrainConfig, *, install_to: str | os.PathLik
                        [json.dumps({'seconds': timings['readout'], 'platform': _platform()}).encode()])
 
   model = io_lib.load_model(e4t_dir / 'model')
-  demo_config = dataclasses.replace(model.config, tuning_prompt=e4t_config(ablation).tuning_prompt)
+  demo_config = dataclasses.replace(model.config, tuning_prompt=e4t_config(ablation, config).tuning_prompt)
   model = model_lib.E4TModel(dataclasses.replace(model.modules, config=demo_config), model.params)
   # The frozen networks ship in float16 (as Stable Diffusion's fp16 variant does): half the bytes;
   # loading casts them back to float32. The trained encoder and offsets stay float32.

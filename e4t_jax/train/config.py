@@ -297,7 +297,8 @@ def run_config(config: ml_collections.ConfigDict) -> RunConfig:
           lambda_embedding=e4t.lambda_embedding, lambda_offsets=e4t.lambda_offsets, coarse_prompt=e4t.coarse_prompt,
           encoder=EncoderConfig(**config.encoder.to_dict()),
           offsets=OffsetsConfig(**dict(config.offsets.to_dict(), targets=tuple(config.offsets.targets))),
-          trainable_patterns=tuple(e4t.trainable_patterns), use_loss_mask=e4t.use_loss_mask),
+          trainable_patterns=tuple(e4t.trainable_patterns), use_loss_mask=e4t.use_loss_mask,
+          min_snr_gamma=e4t.get('min_snr_gamma', 0.0)),
       templates=tuple(e4t.templates), optimizer=OptimizerConfig(**optimizer), global_batch_size=global_batch_size,
       data=DataConfig(**config.data.to_dict()), train=LoopConfig(**config.train.to_dict()),
       mesh=MeshConfig(**config.mesh.to_dict()), as_json=config.to_json())
