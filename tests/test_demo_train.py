@@ -51,14 +51,16 @@ def test_demo_train_smoke_every_stage_resume_and_ablation(tmp_path, capsys):
   summary = json.loads((workdir / 'model-no_offsets' / 'training.json').read_text())
   assert summary['bytes'] > 0
 
-  # A variant: the E4T stage again with other settings (min-SNR-1, the face mask), the base stages reused.
-  assert cli.main(['demo-train', '--workdir', str(workdir), '--smoke', '--variant', 'snr1', '--e4t-set',
-                   'min_snr_gamma=1', '--e4t-set', 'loss_mask=true']) == 0
+  # A variant: the E4T stage again with other settings (the paper's plain, unmasked loss), the base stages reused.
+  assert model.config.min_snr_gamma == 1.0 and model.config.use_loss_mask  # the demo's recipe
+  assert cli.main(['demo-train', '--workdir', str(workdir), '--smoke', '--variant', 'plain', '--e4t-set',
+                   'min_snr_gamma=0', '--e4t-set', 'loss_mask=false', '--e4t-set', 'lambda_embedding=0.01']) == 0
   assert 't2i: done before' in capsys.readouterr().err
-  variant = e4t_jax.load(workdir / 'model-snr1')
-  assert variant.config.min_snr_gamma == 1.0 and variant.config.use_loss_mask
-  summary = json.loads((workdir / 'model-snr1' / 'training.json').read_text())
-  assert summary['config']['e4t_min_snr_gamma'] == 1.0 and summary['config']['e4t_loss_mask'] is True
+  variant = e4t_jax.load(workdir / 'model-plain')
+  assert variant.config.min_snr_gamma == 0.0 and not variant.config.use_loss_mask
+  assert variant.config.lambda_embedding == 0.01
+  summary = json.loads((workdir / 'model-plain' / 'training.json').read_text())
+  assert summary['config']['e4t_min_snr_gamma'] == 0.0 and summary['config']['e4t_loss_mask'] is False
 
   # A continuation round (issue 17): seeded from the model folder, only the round and the E4T stage train...
   seeded = tmp_path / 'seeded'
@@ -69,7 +71,10 @@ def test_demo_train_smoke_every_stage_resume_and_ablation(tmp_path, capsys):
   summary = json.loads((seeded / 'model' / 'training.json').read_text())
   assert summary['config']['t2i_rounds'] == [{'steps': 2, 'lr': 1e-3, 'min_snr_gamma': 1.0,
                                               'cpu_attention': 'xla_deferred'}]
-  assert 't2i-round1' in summary['stage_seconds'] and summary['stage_platform']['vae'] == f'from {model_dir}'
+  base_platforms = json.loads((model_dir / 'training.json').read_text())['stage_platform']
+  assert 't2i-round1' in summary['stage_seconds']
+  assert summary['stage_platform']['vae'] == f"{base_platforms['vae']}; seeded from {model_dir}"  # where it ran
+  assert summary['stage_platform']['readout'].startswith(base_platforms['readout'])
   # ...and train the same bits as the round after this run's own (float32) stages, i.e. from scratch.
   scratch = tmp_path / 'scratch'
   (scratch / 'stages').mkdir(parents=True)

@@ -116,7 +116,9 @@ class DemoTrainConfig:
   vae_crop: int = 32
   vae_lr: float = 2e-3
   vae_kl_weight: float = 1e-4
-  vision_steps: int = 600
+  # 3,000 since 2026-12-08: at 600 steps the tower's features carried skin colour and little else (a linear
+  # probe per attribute: head at chance; scripts/vision_probe.py), so no encoder on top could read an identity.
+  vision_steps: int = 3_000
   vision_batch: int = 64
   vision_lr: float = 1e-3
   t2i_steps: int = 4_000
@@ -131,19 +133,21 @@ class DemoTrainConfig:
   # content stage (high noise: layout, colours, which the captions decide) ~100x less than the clean-up stage.
   # 0: the plain MSE (the shipped model).
   t2i_min_snr_gamma: float = 0.0
-  # Continuation rounds after the stage (`T2IRound`). The shipped model has one: 6,000 steps at 5e-4 with
-  # min-SNR-1 weighting (2026-12-07, docs/reproduction.md), trained from the 4,000-step stage's float16 weights.
-  t2i_rounds: tuple[T2IRound, ...] = (T2IRound(6_000, 5e-4, 1.0),)
+  # Continuation rounds after the stage (`T2IRound`). The shipped model has two, each 6,000 steps at 5e-4 with
+  # min-SNR-1 weighting (2026-12-07 and 2026-12-08, docs/reproduction.md), each from the previous float16 weights.
+  t2i_rounds: tuple[T2IRound, ...] = (T2IRound(6_000, 5e-4, 1.0), T2IRound(6_000, 5e-4, 1.0))
   caption_dropout: float = 0.1
   identity_caption_rate: float = 0.75  # base captions that also put the identity into words
   ema_decay: float = 0.998
-  e4t_steps: int = 700
+  e4t_steps: int = 1_500
   e4t_batch: int = 16
   e4t_lr: float = 1e-3
   e4t_data_workers: int = 0  # grain processes rendering the E4T stage's records (0: in the training process)
-  e4t_lambda_embedding: float = 0.01  # λ_emb on the encoder's offset (the paper's / reference's value)
-  e4t_min_snr_gamma: float = 0.0  # min-SNR-γ weighting of the E4T stage's diffusion loss (0: the paper's MSE)
-  e4t_loss_mask: bool = False  # weight the E4T stage's diffusion loss by the face mask
+  # λ_emb on the encoder's offset. The paper's 0.01 held f to a third of a word's norm here, where the diffusion
+  # loss itself is ~0.04 (skin colour 0.54 vs 0.85 at 0.001, prompt fidelity unchanged: docs/reproduction.md).
+  e4t_lambda_embedding: float = 0.001
+  e4t_min_snr_gamma: float = 1.0  # min-SNR-γ weighting of the E4T stage's diffusion loss (0: the paper's MSE)
+  e4t_loss_mask: bool = True  # weight the E4T stage's diffusion loss by the face mask (the paper's faces: no)
   readout_steps: int = 3_000
   readout_pool: int = 16_000
   unet_channels: tuple[int, ...] = (48, 96)
@@ -666,20 +670,22 @@ def seed_stages(workdir: str | os.PathLike, model_dir: str | os.PathLike, config
   model = io_lib.load_model(model_dir)
   float32 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(tree))
   stages = _Stages(Path(workdir))
-  origin = f'from {model_dir}'
+  # Where each stage ran, carried over from the model's record (so that a model continued over sessions keeps it).
+  platforms = training.get('stage_platform', {})
+  origin = lambda name: f'{platforms[name]}; seeded from {model_dir}' if platforms.get(name) else f'from {model_dir}'
   seconds = training.get('stage_seconds', {})
   stages.save('vae', float32(model.params['vae']), {'scaling_factor': model.modules.vae.config.scaling_factor,
-                                                    'seconds': seconds.get('vae'), 'platform': origin})
+                                                    'seconds': seconds.get('vae'), 'platform': origin('vae')})
   stages.save('vision', clip_lib.unstack_layers(float32(model.params['image_encoder'])),
-              {'seconds': seconds.get('vision'), 'platform': origin})
+              {'seconds': seconds.get('vision'), 'platform': origin('vision')})
   names = round_names(config)[:len(base_rounds) + 1]
   for name in names[:-1]:  # finished, their weights not kept: only the last is read
     atomic_write_bytes(stages.dir / f'{name}.json', [json.dumps(
-        {'seconds': seconds.get(name), 'platform': origin, 'weights': 'not kept'}).encode()])
+        {'seconds': seconds.get(name), 'platform': origin(name), 'weights': 'not kept'}).encode()])
   stages.save(names[-1], {'unet': float32(model.params['unet']),
                           'text_encoder': clip_lib.unstack_layers(float32(model.params['text_encoder']))},
               {'steps': recorded.get('t2i_steps', config.t2i_steps) if len(names) == 1 else base_rounds[-1].steps,
-               'seconds': seconds.get(names[-1]), 'platform': origin})
+               'seconds': seconds.get(names[-1]), 'platform': origin(names[-1])})
   return ['vae', 'vision', *names]
 
 
@@ -834,8 +840,13 @@ def _run(workdir: Path, config: DemoTrainConfig, *, install_to: str | os.PathLik
   if not readout_path.is_file() and readout_from is not None:
     shutil.copyfile(readout_from, readout_path.with_name('readout.tmp.safetensors'))
     os.replace(readout_path.with_name('readout.tmp.safetensors'), readout_path)
-    atomic_write_bytes(stages.dir / 'readout.json',
-                       [json.dumps({'seconds': 0.0, 'platform': f'copied from {readout_from}'}).encode()])
+    # A model folder's judge keeps its record (training.json beside it); any other file is recorded as a copy.
+    record = Path(readout_from).with_name('training.json')
+    record = json.loads(record.read_text()) if record.is_file() else {}
+    trained = record.get('stage_platform', {}).get('readout')
+    atomic_write_bytes(stages.dir / 'readout.json', [json.dumps(
+        {'seconds': record.get('stage_seconds', {}).get('readout', 0.0) if trained else 0.0,
+         'platform': f'{trained}; copied from {readout_from}' if trained else f'copied from {readout_from}'}).encode()])
   if not readout_path.is_file():
     readout = timed('readout', lambda: evaluate.train_readout(
         num_steps=config.readout_steps, num_records=config.readout_pool, seed=config.seed))
