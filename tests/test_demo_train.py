@@ -75,6 +75,10 @@ def test_demo_train_smoke_every_stage_resume_and_ablation(tmp_path, capsys):
   assert 't2i-round1' in summary['stage_seconds']
   assert summary['stage_platform']['vae'] == f"{base_platforms['vae']}; seeded from {model_dir}"  # where it ran
   assert summary['stage_platform']['readout'].startswith(base_platforms['readout'])
+  # A model whose vision stage had other settings is continued too: that stage trains again (it feeds E4T only).
+  other_vision = demo_train.DemoTrainConfig.smoke(vision_steps=4, t2i_rounds=(demo_train.T2IRound(2, 1e-3, 1.0),))
+  assert demo_train.seed_stages(tmp_path / 'revision', model_dir, other_vision) == ['vae', 't2i']
+  assert not (tmp_path / 'revision' / 'stages' / 'vision.json').exists()
   # ...and train the same bits as the round after this run's own (float32) stages, i.e. from scratch.
   scratch = tmp_path / 'scratch'
   (scratch / 'stages').mkdir(parents=True)

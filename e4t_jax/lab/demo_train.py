@@ -641,7 +641,10 @@ def e4t_pretrain_config(config: DemoTrainConfig, ablation: str = ''):
 # ----------------------------------------------------------------------------- driver
 # Fields that do not change the stages a model folder holds (VAE, vision tower, text-to-image): a model may be
 # continued under other values of these.
-_NOT_BASE_FIELDS = ('t2i_rounds', 'e4t_steps', 'e4t_batch', 'e4t_lr', 'e4t_data_workers', 'e4t_lambda_embedding',
+# The CLIP vision stage's fields: it feeds only the E4T stage, so a model may be continued under other values of
+# these; its vision stage is then trained again instead of seeded.
+_VISION_FIELDS = ('vision_steps', 'vision_batch', 'vision_lr')
+_NOT_BASE_FIELDS = _VISION_FIELDS + ('t2i_rounds', 'e4t_steps', 'e4t_batch', 'e4t_lr', 'e4t_data_workers', 'e4t_lambda_embedding',
                     'e4t_min_snr_gamma', 'e4t_loss_mask', 'readout_steps', 'readout_pool', 'checkpoint_every')
 
 
@@ -649,7 +652,8 @@ def seed_stages(workdir: str | os.PathLike, model_dir: str | os.PathLike, config
   """Writes the stages that a model folder trained by `e4t demo-train` holds into `workdir/stages/` (its VAE,
   vision tower and last text-to-image weights, float16 as shipped; `run` reuses its judge), so that `run` trains only
   the text-to-image rounds `config` adds and the E4T stage. The model must have been trained under `config`
-  (every recorded base field equal) with a proper prefix of its rounds. Returns the stage names written."""
+  (every recorded base field equal) with a proper prefix of its rounds; where its vision stage's settings differ,
+  that stage is not seeded (`run` trains it). Returns the stage names written."""
   from e4t_jax.e4t import io as io_lib  # pylint: disable=g-import-not-at-top
   from e4t_jax.errors import InputError  # pylint: disable=g-import-not-at-top
   model_dir = Path(model_dir)
@@ -676,8 +680,10 @@ def seed_stages(workdir: str | os.PathLike, model_dir: str | os.PathLike, config
   seconds = training.get('stage_seconds', {})
   stages.save('vae', float32(model.params['vae']), {'scaling_factor': model.modules.vae.config.scaling_factor,
                                                     'seconds': seconds.get('vae'), 'platform': origin('vae')})
-  stages.save('vision', clip_lib.unstack_layers(float32(model.params['image_encoder'])),
-              {'seconds': seconds.get('vision'), 'platform': origin('vision')})
+  same_vision = all(recorded.get(key, mine[key]) == mine[key] for key in _VISION_FIELDS)
+  if same_vision:
+    stages.save('vision', clip_lib.unstack_layers(float32(model.params['image_encoder'])),
+                {'seconds': seconds.get('vision'), 'platform': origin('vision')})
   names = round_names(config)[:len(base_rounds) + 1]
   for name in names[:-1]:  # finished, their weights not kept: only the last is read
     atomic_write_bytes(stages.dir / f'{name}.json', [json.dumps(
@@ -686,7 +692,7 @@ def seed_stages(workdir: str | os.PathLike, model_dir: str | os.PathLike, config
                           'text_encoder': clip_lib.unstack_layers(float32(model.params['text_encoder']))},
               {'steps': recorded.get('t2i_steps', config.t2i_steps) if len(names) == 1 else base_rounds[-1].steps,
                'seconds': seconds.get(names[-1]), 'platform': origin(names[-1])})
-  return ['vae', 'vision', *names]
+  return ['vae', *(['vision'] if same_vision else []), *names]
 
 
 def build_model(config: DemoTrainConfig, vae_params: dict, vae_summary: dict, vision_params: dict,
