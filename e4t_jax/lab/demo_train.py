@@ -644,8 +644,9 @@ def e4t_pretrain_config(config: DemoTrainConfig, ablation: str = ''):
 # The CLIP vision stage's fields: it feeds only the E4T stage, so a model may be continued under other values of
 # these; its vision stage is then trained again instead of seeded.
 _VISION_FIELDS = ('vision_steps', 'vision_batch', 'vision_lr')
-_NOT_BASE_FIELDS = _VISION_FIELDS + ('t2i_rounds', 'e4t_steps', 'e4t_batch', 'e4t_lr', 'e4t_data_workers', 'e4t_lambda_embedding',
-                    'e4t_min_snr_gamma', 'e4t_loss_mask', 'readout_steps', 'readout_pool', 'checkpoint_every')
+_NOT_BASE_FIELDS = _VISION_FIELDS + ('t2i_rounds', 'e4t_steps', 'e4t_batch', 'e4t_lr', 'e4t_data_workers',
+                                     'e4t_lambda_embedding', 'e4t_min_snr_gamma', 'e4t_loss_mask', 'readout_steps',
+                                     'readout_pool', 'checkpoint_every')
 
 
 def seed_stages(workdir: str | os.PathLike, model_dir: str | os.PathLike, config: DemoTrainConfig) -> list[str]:
