@@ -194,6 +194,12 @@ class DemoTrainConfig:
       round_.validate()
     if self.checkpoint_every < 1:
       raise ConfigError(f'checkpoint_every must be >= 1, got {self.checkpoint_every}.')
+    if self.e4t_steps < 1 or self.e4t_batch < 1 or not self.e4t_lr > 0 or self.e4t_lambda_embedding < 0 \
+        or self.e4t_min_snr_gamma < 0 or self.e4t_data_workers < 0:
+      raise ConfigError('the E4T stage needs steps, batch >= 1, lr > 0 and lambda_embedding, min_snr_gamma, '
+                        f'data_workers >= 0; got steps={self.e4t_steps}, batch={self.e4t_batch}, lr={self.e4t_lr}, '
+                        f'lambda_embedding={self.e4t_lambda_embedding}, min_snr_gamma={self.e4t_min_snr_gamma}, '
+                        f'data_workers={self.e4t_data_workers}.')
 
 
 def with_e4t_settings(config: DemoTrainConfig, settings: list[str]) -> DemoTrainConfig:
@@ -218,10 +224,10 @@ def with_e4t_settings(config: DemoTrainConfig, settings: list[str]) -> DemoTrain
       raise ConfigError(f'--e4t-set {text!r}: {value!r} is not a {kind.__name__}.') from None
     values[fields[name].name] = parsed
   config = dataclasses.replace(config, **values)
-  if config.e4t_steps < 1 or config.e4t_batch < 1 or not config.e4t_lr > 0 or config.e4t_lambda_embedding < 0 \
-      or config.e4t_min_snr_gamma < 0 or config.e4t_data_workers < 0:
-    raise ConfigError(f'--e4t-set {settings}: steps, batch >= 1, lr > 0, lambda_embedding, min_snr_gamma and '
-                      'data_workers >= 0.')
+  try:
+    config.validate()
+  except ConfigError as e:
+    raise ConfigError(f'--e4t-set {" ".join(settings)}: {e}') from None
   return config
 
 
