@@ -3,7 +3,6 @@ float16 weights, fresh AdamW) for STEPS more steps and score `described` and `co
 CHUNK steps. A measurement, not a training path:
   python scripts/t2i_continue.py STEPS LR CHUNK OUT.json [FIELD=VALUE ...]
 FIELD=VALUE: DemoTrainConfig overrides of the stage's loss and batches (e.g. t2i_min_snr_gamma=5)."""
-import dataclasses
 import json, sys, time
 import numpy as np, jax, jax.numpy as jnp
 import e4t_jax
@@ -13,11 +12,8 @@ from e4t_jax.models import clip as clip_lib
 from e4t_jax.models.vae import AutoencoderKL
 steps, lr, chunk = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 out = sys.argv[4]
-overrides = dict(arg.split('=', 1) for arg in sys.argv[5:])
-fields = {f.name: f.type for f in dataclasses.fields(D.DemoTrainConfig)}
-config = D.DemoTrainConfig(**{k: type(getattr(D.DemoTrainConfig(), k))(v) for k, v in overrides.items() if k in fields})
-assert set(overrides) <= set(fields), f'unknown fields {set(overrides) - set(fields)}'
-config.validate()
+overrides = sys.argv[5:]
+config = D.with_overrides(D.DemoTrainConfig(), overrides)
 print('config overrides', overrides, flush=True)
 model = e4t_jax.load_demo()
 readout = E.ReadoutModel.load(e4t_jax.DEMO_MODEL_DIR / 'readout.safetensors')

@@ -13,7 +13,6 @@ chance here cannot reach w*. A measurement, not a training path:
       # stages/pool.npz (else the pool is rendered)
 """
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -26,7 +25,6 @@ import numpy as np
 import e4t_jax
 from e4t_jax.data import synthetic
 from e4t_jax.e4t.encoder import pooled_clip_features
-from e4t_jax.fileio import write_safetensors
 from e4t_jax.lab import demo_train as D
 from e4t_jax.models.clip import CLIPVisionTransformer, clip_preprocess
 
@@ -65,7 +63,7 @@ def main(argv):
   parser.add_argument('--train', type=int, default=None, metavar='STEPS')
   parser.add_argument('--pool', default=None)
   parser.add_argument('overrides', nargs='*', metavar='FIELD=VALUE')
-  args = parser.parse_args(argv)
+  args = parser.parse_intermixed_args(argv)
   clip_layers = D.e4t_config().encoder.clip_layers
   result = {'clip_layers': list(clip_layers)}
   if args.train is None:
@@ -73,23 +71,14 @@ def main(argv):
     result['model'] = args.model or 'e4t_jax/assets/demo_model'
     tower, params = model.modules.image_encoder, model.params['image_encoder']
   else:
-    defaults = D.DemoTrainConfig()
-    overrides = dict(text.split('=', 1) for text in args.overrides)
-    config = dataclasses.replace(defaults, vision_steps=args.train,
-                                 **{k: type(getattr(defaults, k))(v) for k, v in overrides.items()})
+    config = D.with_overrides(D.DemoTrainConfig(vision_steps=args.train), args.overrides)
     _, _, _, vision_config = D.architecture(config)
-    if args.pool:
-      with np.load(args.pool) as stored:
-        pool = {k: stored[k] for k in stored.files}
-    else:
-      pool = D.render_pool(config.pool_size, config.seed)
+    pool = D.load_pool(Path(args.pool)) if args.pool else D.render_pool(config.pool_size, config.seed)
     start = time.time()
     params, summary = D.train_vision(config, vision_config, pool)
-    result.update(vision_steps=args.train, overrides=overrides, seconds=round(time.time() - start, 1),
+    result.update(vision_steps=args.train, overrides=args.overrides, seconds=round(time.time() - start, 1),
                   final_loss=float(np.mean([v for _, v in summary['losses'][-50:]])))
-    from flax import traverse_util
-    write_safetensors(Path(args.out).with_suffix('.safetensors'),
-                      {'/'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()})
+    D.write_params(Path(args.out).with_suffix('.safetensors'), params)
     tower = CLIPVisionTransformer(vision_config, with_projection=False, scan_layers=False)
   result['probe'] = probe(tower, params, clip_layers)
   Path(args.out).write_text(json.dumps(result, indent=2))

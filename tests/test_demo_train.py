@@ -137,6 +137,22 @@ def test_e4t_config_rejects_unknown_ablation():
   assert demo_train.e4t_config('no_offsets').offsets.targets == () and base.offsets.targets
 
 
+def test_overrides_parse_each_fields_type_and_validate():
+  from e4t_jax.errors import ConfigError
+  config = demo_train.with_overrides(demo_train.DemoTrainConfig(), [
+      'vision_steps=7', 'e4t_loss_mask=false', 'cpu_attention=xla_deferred', 'vae_lr=1e-4'])
+  assert (config.vision_steps, config.e4t_loss_mask, config.cpu_attention, config.vae_lr) == (
+      7, False, 'xla_deferred', 1e-4)
+  assert demo_train.with_e4t_settings(config, ['e4t_steps=9', 'lr=0.5']).e4t_steps == 9
+  for bad, message in (('t2i_rounds=2', 'NAME one of'), ('vision_steps=many', "is not a int"),
+                       ('e4t_loss_mask=maybe', 'is not a bool'), ('cpu_attention=fast', 'cpu_attention'),
+                       ('e4t_batch=0', 'steps, batch >= 1')):
+    with pytest.raises(ConfigError, match=message):
+      demo_train.with_overrides(demo_train.DemoTrainConfig(), [bad])
+  with pytest.raises(ConfigError, match='NAME one of'):  # --e4t-set reaches the E4T fields only
+    demo_train.with_e4t_settings(config, ['vision_steps=3'])
+
+
 def test_a_training_stage_is_deterministic():
   config = demo_train.DemoTrainConfig.smoke(vision_steps=2)
   pool = demo_train.render_pool(16, seed=0)

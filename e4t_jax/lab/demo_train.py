@@ -202,17 +202,20 @@ class DemoTrainConfig:
                         f'data_workers={self.e4t_data_workers}.')
 
 
-def with_e4t_settings(config: DemoTrainConfig, settings: list[str]) -> DemoTrainConfig:
-  """`config` with E4T-stage fields set from 'NAME=VALUE' texts (the CLI's --e4t-set; NAME is a
-  DemoTrainConfig field without its 'e4t_' prefix, e.g. 'steps=2000', 'min_snr_gamma=1', 'loss_mask=true')."""
-  fields = {f.name[4:]: f for f in dataclasses.fields(DemoTrainConfig) if f.name.startswith('e4t_')}
+def with_overrides(config: DemoTrainConfig, texts: list[str], *, prefix: str = '',
+                   flag: str = 'override') -> DemoTrainConfig:
+  """`config` with fields set from 'NAME=VALUE' texts, validated. NAME is a DemoTrainConfig field (its `prefix`
+  may be left out; only fields with the prefix are accepted); VALUE is parsed as the field's current type
+  (bools: true/false/1/0). `flag` names the source in errors (e.g. '--e4t-set')."""
+  fields = {f.name.removeprefix(prefix): f.name for f in dataclasses.fields(DemoTrainConfig)
+            if f.name.startswith(prefix) and isinstance(getattr(config, f.name), (int, float, str))}
   values = {}
-  for text in settings:
+  for text in texts:
     name, sep, value = text.partition('=')
-    name = name.strip().removeprefix('e4t_')
+    name = name.strip().removeprefix(prefix)
     if not sep or name not in fields:
-      raise ConfigError(f'--e4t-set {text!r}: expected NAME=VALUE with NAME one of {sorted(fields)}.')
-    kind = type(getattr(config, fields[name].name))
+      raise ConfigError(f'{flag} {text!r}: expected NAME=VALUE with NAME one of {sorted(fields)}.')
+    kind = type(getattr(config, fields[name]))
     try:
       if kind is bool:
         if value.lower() not in ('true', 'false', '1', '0'):
@@ -221,14 +224,36 @@ def with_e4t_settings(config: DemoTrainConfig, settings: list[str]) -> DemoTrain
       else:
         parsed = kind(value)
     except ValueError:
-      raise ConfigError(f'--e4t-set {text!r}: {value!r} is not a {kind.__name__}.') from None
-    values[fields[name].name] = parsed
+      raise ConfigError(f'{flag} {text!r}: {value!r} is not a {kind.__name__}.') from None
+    values[fields[name]] = parsed
   config = dataclasses.replace(config, **values)
   try:
     config.validate()
   except ConfigError as e:
-    raise ConfigError(f'--e4t-set {" ".join(settings)}: {e}') from None
+    raise ConfigError(f'{flag} {" ".join(texts)}: {e}') from None
   return config
+
+
+def with_e4t_settings(config: DemoTrainConfig, settings: list[str]) -> DemoTrainConfig:
+  """`config` with E4T-stage fields set from 'NAME=VALUE' texts (the CLI's --e4t-set; NAME is a
+  DemoTrainConfig field without its 'e4t_' prefix, e.g. 'steps=2000', 'min_snr_gamma=1', 'loss_mask=true')."""
+  return with_overrides(config, settings, prefix='e4t_', flag='--e4t-set')
+
+
+def write_params(path: Path, params: Any) -> None:
+  """A params tree as one safetensors file of '/'-joined names (`read_params` reads it back)."""
+  flat = traverse_util.flatten_dict(jax.device_get(params), sep='/')
+  write_safetensors(path, {k: np.asarray(v) for k, v in flat.items()})
+
+
+def read_params(path: Path) -> Any:
+  return traverse_util.unflatten_dict({k: np.array(v) for k, v in read_safetensors(path).items()}, sep='/')
+
+
+def load_pool(path: Path) -> dict[str, np.ndarray]:
+  """A data pool saved by `run` (WORKDIR/stages/pool.npz)."""
+  with np.load(path) as stored:
+    return {k: stored[k] for k in stored.files}
 
 
 def architecture(config: DemoTrainConfig) -> tuple[UNetConfig, VAEConfig, CLIPTextConfig, CLIPVisionConfig]:
@@ -405,17 +430,14 @@ class _Stages:
     return (self.dir / f'{name}.json').is_file()
 
   def save(self, name: str, params: Any, summary: dict) -> None:
-    flat = traverse_util.flatten_dict(jax.device_get(params), sep='/')
-    write_safetensors(self.dir / f'{name}.safetensors', {k: np.asarray(v) for k, v in flat.items()})
+    write_params(self.dir / f'{name}.safetensors', params)
     atomic_write_bytes(self.dir / f'{name}.json', [json.dumps(summary, indent=2).encode()])
 
   def load_summary(self, name: str) -> dict:
     return json.loads((self.dir / f'{name}.json').read_text())
 
   def load(self, name: str) -> tuple[Any, dict]:
-    params = traverse_util.unflatten_dict(
-        {k: np.array(v) for k, v in read_safetensors(self.dir / f'{name}.safetensors').items()}, sep='/')
-    return params, json.loads((self.dir / f'{name}.json').read_text())
+    return read_params(self.dir / f'{name}.safetensors'), self.load_summary(name)
 
 
 # ----------------------------------------------------------------------------- stage 1: the data pool
@@ -784,8 +806,7 @@ def _run(workdir: Path, config: DemoTrainConfig, *, install_to: str | os.PathLik
     if 'pool' in loaded:
       return loaded['pool']
     if pool_path.is_file():
-      with np.load(pool_path) as stored:
-        loaded['pool'] = {k: stored[k] for k in stored.files}
+      loaded['pool'] = load_pool(pool_path)
       return loaded['pool']
     loaded['pool'] = timed('pool', lambda: render_pool(config.pool_size, config.seed, render_workers))
     tmp = pool_path.with_suffix('.tmp.npz')
