@@ -88,6 +88,13 @@ def test_train_and_evaluate_smoke(straight_run, tiny_e4t):
   assert model.config.coarse_word == 'face'
 
 
+def test_a_prebuilt_model_must_have_the_runs_e4t_settings(tmp_path, tiny_e4t):
+  # The loss follows the model's E4T config, the data (masks) the run's: a mismatch is refused before any work.
+  with pytest.raises(ConfigError, match='use_loss_mask'):
+    loop.train_and_evaluate(tiny_config('--config.e4t.use_loss_mask=true'), tmp_path / 'run', model=tiny_e4t)
+  assert not (tmp_path / 'run').exists()
+
+
 def test_preempt_and_resume_is_bit_exact(straight_run, tmp_path, tiny_e4t):
   straight_dir, _, straight = straight_run
   first = BatchRecorder(stop_at=2)

@@ -243,6 +243,18 @@ class PreemptionWatcher:
 
 
 # ----------------------------------------------------------------------------- the run
+def check_model_matches_run(model: model_lib.E4TModel, run: config_lib.RunConfig) -> None:
+  """A prebuilt model's E4T settings must be the run's: the loss reads the model's (`model.modules.config`)
+  while the data (masks, placeholder prompts) follows the run's. Only the tuning stage's prompt may differ."""
+  ours, theirs = model.modules.config, run.e4t
+  differing = [f.name for f in dataclasses.fields(ours)
+               if f.name != 'tuning_prompt' and getattr(ours, f.name) != getattr(theirs, f.name)]
+  if differing:
+    raise ConfigError(f'train_and_evaluate(model=...): the model\'s E4T config differs from the run\'s e4t config in '
+                      f'{", ".join(differing)} (the loss would follow one, the data the other); build the model '
+                      'from this run config, or set these fields in the run config as the model has them.')
+
+
 def train_and_evaluate(config: config_lib.RunConfig | ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                        step_hooks: Sequence[StepHook] = (), model: model_lib.E4TModel | None = None
                        ) -> dict[str, Any]:
@@ -261,6 +273,8 @@ def train_and_evaluate(config: config_lib.RunConfig | ml_collections.ConfigDict,
   workdir = os.fspath(workdir)
   run = config if isinstance(config, config_lib.RunConfig) else config_lib.run_config(config)
   del config
+  if model is not None:
+    check_model_matches_run(model, run)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   rules = run.mesh.logical_axis_rules
   global_batch = run.global_batch_size
