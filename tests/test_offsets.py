@@ -1,4 +1,9 @@
 """Low-rank weight offsets: identity at init, functional merge, cheap exact L2."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,3 +79,32 @@ def test_bad_config_is_a_clear_error():
     offsets_lib.OffsetsConfig(mode='mystery')
   with pytest.raises(ConfigError, match='match no'):
     offsets_lib.target_paths(_fake_unet_params(jax.random.key(0)), offsets_lib.OffsetsConfig(targets=('nothing',)))
+
+
+_MANY_SHAPES_FACTORIZED = textwrap.dedent("""
+    import os, sys
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpus[0], cpus[-1]})  # XLA:CPU sizes its intra-op pool by these: 2 threads
+    import jax, jax.numpy as jnp, numpy as np
+    from e4t_jax.e4t import offsets
+    shapes = [(10, 864, 96), (10, 432, 48), (8, 96, 288), (6, 192, 96), (4, 1728, 96), (12, 64, 64)]
+    rng = np.random.default_rng(0)
+    deltas = {f'{i}/{j}': jnp.asarray(rng.standard_normal(s[1:]), jnp.float32)
+              for i, s in enumerate(shapes) for j in range(s[0])}
+    for method in offsets.FACTORIZATIONS:
+      factorize = jax.jit(lambda d: offsets.low_rank_factors_many(d, 16, method))
+      for _ in range(4):
+        jax.block_until_ready(factorize(deltas))
+    print('ok')
+""")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason='needs 2 CPUs for a 2-thread pool')
+def test_factorizing_many_shapes_does_not_deadlock_a_two_thread_pool():
+  # jaxlib's CPU SVD / eigh kernels block their pool thread while their batch runs on the same pool: two of
+  # them at once on a 2-thread pool waited on each other forever (paper mode hung mid-evaluation; this script
+  # hung at its first call). low_rank_factors_many orders them one after another.
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  result = subprocess.run([sys.executable, '-c', _MANY_SHAPES_FACTORIZED], env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr[-2000:]

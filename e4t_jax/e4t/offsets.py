@@ -135,9 +135,17 @@ def low_rank_factors_many(deltas: Mapping[str, jax.Array], rank: int,
   groups: dict[tuple[int, int], list[str]] = {}
   for path, delta in deltas.items():
     groups.setdefault((math.prod(delta.shape[:-1]), delta.shape[-1]), []).append(path)
-  factors = {}
+  factors, previous = {}, None
   for shape, paths in groups.items():
     matrices = jnp.stack([deltas[p].reshape(shape).astype(jnp.float32) for p in paths])
+    if previous is not None:
+      # One factorization at a time: jaxlib's CPU LAPACK kernels (SVD, eigh) split their batch over XLA:CPU's
+      # intra-op thread pool and block the calling pool thread until it is done, so two of them that XLA runs
+      # concurrently can take every thread of a small pool and wait on each other forever (jaxlib 0.10.2, a
+      # 2-thread pool: paper mode hung mid-evaluation; tests/test_offsets.py). XLA:CPU orders its ops by the
+      # buffers they read (an optimization_barrier orders nothing there), so each shape's matrices read one
+      # element of the previous shape's result (times zero, which XLA keeps for floats: 0 * inf is NaN).
+      matrices = matrices + 0.0 * previous.reshape(-1)[0]
     r = min(rank, *shape)
     if method == 'randomized':
       down, up = randomized_factors(matrices, r)
@@ -145,6 +153,7 @@ def low_rank_factors_many(deltas: Mapping[str, jax.Array], rank: int,
       u, s, vt = jnp.linalg.svd(matrices, full_matrices=False)
       root = jnp.sqrt(s[:, :r])
       down, up = u[:, :, :r] * root[:, None, :], root[:, :, None] * vt[:, :r]
+    previous = up
     factors.update({p: {'down': down[i], 'up': up[i]} for i, p in enumerate(paths)})
   return {p: factors[p] for p in deltas}  # in the given order
 
